@@ -1,0 +1,117 @@
+"""Model zoo: CIFAR networks as block chains that split exactly between blocks.
+
+>>> model = get_model("resnet18", width=0.25)
+>>> variables = model.init(jax.random.key(0))
+>>> ir = model.edge(variables, images, p=3)          # blocks 1..3 on the device
+>>> logits = model.cloud(variables, ir, p=3)         # == model.full(variables, images)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxpart_jax.models.metadata import ModelInfo, derive_info
+from maxpart_jax.models.layers import Chain
+from maxpart_jax.models.mobilenet import mobilenet_v1
+from maxpart_jax.models.resnet import resnet18, resnet50
+from maxpart_jax.models.vgg import vgg11
+from maxpart_jax.quant import QuantPolicy
+
+Variables = dict[str, Any]
+
+MODELS: dict[str, Callable[..., Chain]] = {
+    "vgg11": vgg11,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "mobilenet_v1": mobilenet_v1,
+}
+ALIASES = {"mobilenet": "mobilenet_v1"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitModel:
+  """A Flax block chain with its metadata and pure edge / cloud / full functions.
+
+  Attributes:
+    name: registry name of the architecture.
+    chain: the Linen module; ``variables`` are its ``params`` and ``batch_stats``.
+    input_shape: per-example input shape (H, W, C).
+  """
+
+  name: str
+  chain: Chain
+  input_shape: tuple[int, int, int] = (32, 32, 3)
+
+  @functools.cached_property
+  def info(self) -> ModelInfo:
+    """Block / layer metadata traced from ``chain`` (computed once)."""
+    return derive_info(self.chain, self.input_shape)
+
+  @functools.cached_property
+  def _apply_jit(self) -> Callable[..., Any]:
+    return jax.jit(self.chain.apply, static_argnames=("train", "start", "stop", "mutable"))
+
+  def init(self, key: jax.Array) -> Variables:
+    """Fresh variables (``params`` and ``batch_stats``) for this model."""
+    x = jnp.zeros((1, *self.input_shape), jnp.float32)
+    return dict(jax.jit(self.chain.init)(key, x))
+
+  def apply(self, variables: Variables, x: jax.Array, *, train: bool = False, start: int = 0,
+            stop: int | None = None, policy: QuantPolicy | None = None) -> Any:
+    """Runs blocks ``start..stop-1`` (jitted; inlined when called under an outer jit).
+
+    With ``train=True`` batch norm uses batch statistics and the result is
+    ``(output, {"batch_stats": ...})``, as with Linen's ``mutable``.
+    """
+    if start == 0:
+      self.check_images(x)
+    mutable = ("batch_stats",) if train else False
+    return self._apply_jit(variables, x, train=train, start=start, stop=stop, policy=policy,
+                           mutable=mutable)
+
+  def full(self, variables: Variables, x: jax.Array) -> jax.Array:
+    """Logits of the whole float model (inference mode)."""
+    return self.apply(variables, x)
+
+  def edge(self, variables: Variables, x: jax.Array, p: int,
+           policy: QuantPolicy | None = None) -> jax.Array:
+    """The IR after blocks ``1..p``; quantized as ``policy`` says if one is given."""
+    return self.apply(variables, x, stop=self.info.check_split(p), policy=policy)
+
+  def cloud(self, variables: Variables, ir: jax.Array, p: int) -> jax.Array:
+    """Logits from the IR of split ``p`` (the cloud runs in float)."""
+    p = self.info.check_split(p)
+    expected = self.info.blocks[p - 1].out_shape
+    if tuple(ir.shape[1:]) != expected:
+      raise ValueError(f"IR shape {tuple(ir.shape[1:])} does not match split p={p} of "
+                       f"{self.name}, which expects {expected}")
+    return self.apply(variables, ir, start=p)
+
+  def check_images(self, x: jax.Array) -> None:
+    """Raises ``ValueError`` for a batch that is not (N, *input_shape) finite floats."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+      raise ValueError(f"{self.name} expects images of shape (N, {', '.join(map(str, self.input_shape))}),"
+                       f" got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{self.name} expects float images (normalized), got dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
+      raise ValueError(f"images passed to {self.name} contain NaN or inf")
+
+
+def available_models() -> list[str]:
+  """Names accepted by :func:`get_model` (aliases included)."""
+  return sorted([*MODELS, *ALIASES])
+
+
+def get_model(name: str, **kwargs: Any) -> SplitModel:
+  """Builds a registered model; ``kwargs`` go to its builder (width, num_classes, ...)."""
+  key = ALIASES.get(name, name)
+  if key not in MODELS:
+    raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+  return SplitModel(key, MODELS[key](**kwargs))

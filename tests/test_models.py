@@ -1,0 +1,163 @@
+"""Models, block metadata and the exact edge / cloud split (SPEC §2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxpart_jax.models import available_models, get_model
+from maxpart_jax.models.mobilenet import MOBILENET_V1_CIFAR
+
+ARCHS = ["vgg11", "resnet18", "resnet50", "mobilenet_v1"]
+
+
+def _tiny(name):
+  kwargs = dict(width=0.125)
+  if name == "resnet50":
+    kwargs["stage_sizes"] = (1, 1, 1, 1)
+  return get_model(name, **kwargs)
+
+
+def _valid_macs(layer):
+  """MACs over kernel taps that fall inside the (unpadded) input, as XLA counts them."""
+  if layer.kind == "dense":
+    return layer.macs
+  k, pad = layer.kernel[0], layer.kernel[0] // 2
+  (h, w, c), (ho, wo, co) = layer.in_shape, layer.out_shape
+
+  def taps(n_in, n_out):
+    return sum(0 <= o * layer.stride - pad + t < n_in for o in range(n_out) for t in range(k))
+
+  return taps(h, ho) * taps(w, wo) * c * co // layer.groups
+
+
+# Published totals for the CIFAR variants, convolution layers only.
+@pytest.mark.parametrize("name,macs_m,params_m", [
+    ("resnet18", 555.4, 11.16), ("resnet50", 1297.8, 23.45), ("mobilenet_v1", 46.3, 3.19)])
+def test_known_totals(name, macs_m, params_m):
+  convs = [l for l in get_model(name).info.layers if l.kind != "dense"]
+  assert sum(l.macs for l in convs) / 1e6 == pytest.approx(macs_m, abs=0.05)
+  assert sum(l.params for l in convs) / 1e6 == pytest.approx(params_m, abs=0.005)
+
+
+def test_vgg11_macs_by_hand():
+  # CIFAR VGG11: (channels, input resolution) of the 8 convs; 3x3 kernels, stride 1.
+  convs = [(3, 64, 32), (64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4),
+           (512, 512, 4), (512, 512, 2), (512, 512, 2)]
+  info = get_model("vgg11").info
+  assert [l.macs for l in info.layers[:-1]] == [9 * ci * co * r * r for ci, co, r in convs]
+  assert info.layers[-1].macs == 512 * 100 and info.layers[-1].params == 512 * 100 + 100
+
+
+@pytest.mark.parametrize("name,blocks,layers,first_out,last_out", [
+    ("vgg11", 9, 9, (16, 16, 64), (1, 1, 512)),
+    ("resnet18", 10, 21, (32, 32, 64), (4, 4, 512)),
+    ("resnet50", 18, 54, (32, 32, 64), (4, 4, 2048)),
+    ("mobilenet_v1", 15, 28, (32, 32, 32), (2, 2, 1024))])
+def test_structure(name, blocks, layers, first_out, last_out):
+  info = get_model(name).info
+  assert (info.num_blocks, info.num_layers) == (blocks, layers)
+  assert info.blocks[0].out_shape == first_out and info.blocks[-2].out_shape == last_out
+  assert info.blocks[0].label == "stem" or name == "vgg11"
+  assert info.blocks[-1].label == "head" and info.layers[-1].kind == "dense"
+  # By default only the first conv and the classifier are unquantizable.
+  assert [l.id for l in info.layers if not l.quantizable] == [0, layers - 1]
+
+
+def test_resnet_projection_and_stride_placement():
+  info = get_model("resnet50").info
+  projections = [l for l in info.layers if l.name.endswith("proj")]
+  assert len(projections) == 4 and all(l.kernel == (1, 1) for l in projections)
+  strided = [l for l in info.layers if l.stride == 2]
+  # Stride on the 3x3 conv (and its projection) of the first block of stages 2-4.
+  assert sorted((l.kernel, info.blocks[l.block].label) for l in strided) == sorted(
+      [((3, 3), f"layer{s}.0") for s in (2, 3, 4)] + [((1, 1), f"layer{s}.0") for s in (2, 3, 4)])
+
+
+def test_mobilenet_matches_spec():
+  info = get_model("mobilenet_v1").info
+  dw = [l for l in info.layers if l.kind == "depthwise_conv"]
+  pw = [l for l in info.layers if l.kind == "conv" and l.kernel == (1, 1)]
+  assert len(dw) == len(pw) == 13
+  assert [(l.out_shape[-1], l.stride) for l in pw] == [(c, 1) for c, _ in MOBILENET_V1_CIFAR]
+  assert [l.stride for l in dw] == [s for _, s in MOBILENET_V1_CIFAR]
+  assert all(l.groups == l.in_shape[-1] and l.params == 9 * l.in_shape[-1] for l in dw)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_metadata_params_match_variables(name):
+  model = _tiny(name)
+  params = jax.eval_shape(model.init, jax.random.key(0))["params"]
+  kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if path[-1].key == "kernel" or (path[-1].key == "bias" and "bn" not in path[-2].key)]
+  assert sum(l.params for l in model.info.layers) == sum(int(np.prod(k.shape)) for k in kernels)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_macs_against_xla_cost_analysis(name):
+  """XLA counts 2 flops per multiply-add over in-bounds taps, plus a few per element."""
+  model = get_model(name)
+  info = model.info
+  variables = jax.eval_shape(model.init, jax.random.key(0))
+  valid = sum(_valid_macs(l) for l in info.layers)
+  x = jax.ShapeDtypeStruct((1, *info.input_shape), jnp.float32)
+  flops = jax.jit(model.full).lower(variables, x).compile().cost_analysis()["flops"]
+  assert valid <= flops / 2 <= 1.025 * valid
+  for b in info.blocks:  # block by block, so no block's count can hide in the total
+    shape = info.input_shape if b.index == 0 else info.blocks[b.index - 1].out_shape
+    xb = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    run = lambda v, x, i=b.index: model.apply(v, x, start=i, stop=i + 1)
+    flops = jax.jit(run).lower(variables, xb).compile().cost_analysis()["flops"]
+    layers = [info.layers[i] for i in b.layer_ids]
+    elementwise = sum(np.prod(l.out_shape) for l in layers) + np.prod(shape)
+    extra = flops - 2 * sum(_valid_macs(l) for l in layers)
+    assert 0 <= extra <= 6 * elementwise, (b.label, extra, elementwise)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_split_is_exact(name):
+  model = _tiny(name)
+  variables = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  full = model.full(variables, x)
+  assert full.shape == (3, 100)
+  for p in range(1, model.info.max_split + 1):
+    ir = model.edge(variables, x, p)
+    assert ir.shape[1:] == model.info.blocks[p - 1].out_shape
+    # Equal up to float rounding: XLA fuses the two halves differently from the whole.
+    np.testing.assert_allclose(model.cloud(variables, ir, p), full, rtol=1e-5, atol=1e-5)
+
+
+def test_split_out_of_range_and_bad_inputs():
+  model = _tiny("resnet18")
+  variables = model.init(jax.random.key(0))
+  x = jnp.zeros((2, 32, 32, 3))
+  for p in (0, model.info.num_blocks, -1, 2.5):
+    with pytest.raises(ValueError, match="out of range: legal splits are 1..9"):
+      model.edge(variables, x, p)
+  with pytest.raises(ValueError, match=r"expects images of shape \(N, 32, 32, 3\)"):
+    model.full(variables, jnp.zeros((2, 28, 28, 3)))
+  with pytest.raises(ValueError, match="NaN or inf"):
+    model.full(variables, x.at[0, 0, 0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="float images"):
+    model.full(variables, jnp.zeros((2, 32, 32, 3), jnp.uint8))
+  with pytest.raises(ValueError, match="does not match split p=2"):
+    model.cloud(variables, model.edge(variables, x, 4), 2)
+
+
+def test_unknown_model_lists_available():
+  with pytest.raises(ValueError, match="unknown model 'vgg19'.*mobilenet_v1.*resnet18"):
+    get_model("vgg19")
+  assert get_model("mobilenet").name == "mobilenet_v1"
+  assert set(ARCHS) <= set(available_models())
+
+
+def test_train_mode_updates_batch_stats():
+  model = _tiny("resnet18")
+  variables = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 3 + 1
+  logits, updates = model.apply(variables, x, train=True)
+  assert logits.shape == (4, 100)
+  before = variables["batch_stats"]["blocks_0"]["bn"]["mean"]
+  after = updates["batch_stats"]["blocks_0"]["bn"]["mean"]
+  assert not np.allclose(before, after)
