@@ -34,6 +34,11 @@ def _step(c: jax.Array, bits: jax.Array) -> jax.Array:
   return jnp.where(c > 0, c / levels, 1.0)
 
 
+def _clip(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Clip with gradient 1 on the closed range ``[lo, hi]`` (``jnp.clip`` halves it at ties)."""
+  return jnp.where(x > hi, hi, jnp.where(x < lo, lo, x))
+
+
 def _ste(x_clipped: jax.Array, q: jax.Array) -> jax.Array:
   """Value of ``q`` with the gradient of ``x_clipped`` (straight-through)."""
   return x_clipped + jax.lax.stop_gradient(q - x_clipped)
@@ -50,7 +55,7 @@ def quantize_weights(w: jax.Array, bits: jax.Array, per_channel: bool = False) -
   axes = tuple(range(w.ndim - 1)) if per_channel else None
   c = jax.lax.stop_gradient(jnp.max(jnp.abs(w), axis=axes, keepdims=per_channel))
   s = _step(c, bits)
-  w_clipped = jnp.clip(w, -c, c)
+  w_clipped = _clip(w, -c, c)
   q = jnp.round(w_clipped / s) * s
   return jnp.where(bits >= FLOAT_BITS, w, _ste(w_clipped, q))
 
@@ -68,7 +73,7 @@ def quantize_activations(x: jax.Array, bits: jax.Array, signed: bool = False) ->
   ref = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
   c = jax.lax.stop_gradient(jnp.max(ref, axis=axes, keepdims=True))
   s = _step(c, bits)
-  x_clipped = jnp.clip(x, -c if signed else 0.0, c)
+  x_clipped = _clip(x, -c if signed else jnp.zeros_like(c), c)
   q = jnp.round(x_clipped / s) * s
   return jnp.where(bits >= FLOAT_BITS, x, _ste(x_clipped, q))
 

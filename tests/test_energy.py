@@ -1,0 +1,131 @@
+"""Analytic edge energy (SPEC §5) against hand computations, and the energy report CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.energy_report import energy_report
+from maxpart_jax.energy import DeviceConfig, edge_energy, population_energy
+from maxpart_jax.genome import Genome, uniform_genome
+from maxpart_jax.models import SplitModel, get_model
+from maxpart_jax.models.layers import Chain, ConvBN, Head
+
+
+def toy(quantize_ends=True):
+  """4x4x3 input -> conv3x3 3->4 -> conv3x3/2 4->2 -> avg-pool -> dense 2->3."""
+  chain = Chain((ConvBN(4, 0, quantizable=quantize_ends, signed_input=True), ConvBN(2, 1, strides=2),
+                 Head(3, 2, quantizable=quantize_ends)), ("a", "b", "head"))
+  return SplitModel("toy", chain, input_shape=(4, 4, 3))
+
+
+def test_toy_metadata_by_hand():
+  info = toy().info
+  assert [(l.macs, l.in_elems, l.params) for l in info.layers] == [
+      (9 * 3 * 4 * 16, 48, 108), (9 * 4 * 2 * 4, 64, 72), (2 * 3, 2, 9)]
+  assert list(info.block_out_elems) == [64, 8, 3]
+
+
+def test_two_layer_energy_by_hand():
+  info = toy().info
+  genome = Genome(p=jnp.int32(2), w_bits=jnp.array([4, 2, 8]), a_bits=jnp.array([8, 6, 8]))
+  # conv a (4-bit weights, 8-bit inputs): MACs, input reads, weight reads (pJ).
+  e_a = 1728 * (3.1 * 4 / 32 + 0.1) + 48 * 2.5 * 8 + 108 * 2.5 * 4  # 2882.4
+  e_b = 288 * (3.1 * 2 / 32 + 0.1) + 64 * 2.5 * 6 + 72 * 2.5 * 2  # 1404.6
+  tx = 8 * 6 * 100  # the 2x2x2 IR at layer b's 6 activation bits
+  energy = edge_energy(info, genome)
+  assert float(energy.compute_mj) == pytest.approx((e_a + e_b) * 1e-9, rel=1e-6)
+  assert float(energy.transmission_mj) == pytest.approx(tx * 1e-9, rel=1e-6)
+  assert float(energy.total_mj) == pytest.approx(9087.0e-9, rel=1e-6)
+  energy = edge_energy(info, genome.replace(p=jnp.int32(1)))  # layer b moves to the cloud
+  assert float(energy.total_mj) == pytest.approx((e_a + 64 * 8 * 100) * 1e-9, rel=1e-6)
+  assert float(edge_energy(info, genome, transmission=False).transmission_mj) == 0.0
+
+
+def test_unquantizable_first_layer_counts_at_32_bits():
+  info = toy(quantize_ends=False).info
+  energy = edge_energy(info, uniform_genome(info, 1, 4))
+  assert float(energy.compute_mj) == pytest.approx(
+      (1728 * 3.2 + 48 * 80 + 108 * 80) * 1e-9, rel=1e-6)
+  assert float(energy.transmission_mj) == pytest.approx(64 * 32 * 100 * 1e-9, rel=1e-6)
+
+
+def test_custom_device_constants():
+  info = toy().info
+  device = DeviceConfig(mac_pj_per_bit=1.0, mac_pj_offset=0.0, mem_pj_per_bit=0.0,
+                        tx_pj_per_bit=0.0)
+  energy = edge_energy(info, uniform_genome(info, 2, 8), device)
+  assert float(energy.total_mj) == pytest.approx((1728 + 288) * 8 * 1e-9, rel=1e-6)
+
+
+def test_population_matches_loop_and_jit():
+  info = get_model("resnet18").info
+  keys = jax.random.split(jax.random.key(0), 3)
+  n = 16
+  population = Genome(
+      p=jax.random.randint(keys[0], (n,), 1, info.max_split + 1),
+      w_bits=jnp.array([2, 4, 6, 8])[jax.random.randint(keys[1], (n, info.num_layers), 0, 4)],
+      a_bits=jnp.full((n, info.num_layers), 8))
+  batched = jax.jit(lambda g: population_energy(info, g))(population)
+  for i in range(n):
+    single = edge_energy(info, jax.tree.map(lambda x: x[i], population))
+    assert float(batched.total_mj[i]) == pytest.approx(float(single.total_mj), rel=1e-6)
+  # Independent numpy reference of Eq. 7-9 for the same population.
+  for i in range(n):
+    p, w = int(population.p[i]), np.asarray(population.w_bits[i], float)
+    on = (info.layer_block < p) & info.quantizable
+    wb, ab = np.where(on, w, 32), np.where(on, 8, 32)
+    layer = (info.layer_macs * (3.1 * wb / 32 + 0.1) + info.layer_in_elems * 2.5 * ab
+             + info.layer_params * 2.5 * wb)
+    ir_bits = ab[info.block_last_layer[p - 1]]
+    ref = layer[info.layer_block < p].sum() + info.block_out_elems[p - 1] * ir_bits * 100
+    assert float(batched.total_mj[i]) == pytest.approx(ref * 1e-9, rel=1e-5)
+
+
+def test_device_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="energy budget must be > 0"):
+    DeviceConfig(budget_mj=0.0)
+  with pytest.raises(ValueError, match="tx_pj_per_bit must be >= 0"):
+    DeviceConfig(tx_pj_per_bit=-1.0)
+  assert DeviceConfig.from_battery(10.0, 0.035).budget_mj == pytest.approx(0.35)
+  with pytest.raises(ValueError, match="alpha must be in"):
+    DeviceConfig.from_battery(10.0, 1.5)
+
+
+def test_energy_report_rows_and_budget():
+  model = get_model("resnet18")
+  report = energy_report(model, 8, 8, device=DeviceConfig(budget_mj=0.35))
+  rows = report["splits"]
+  assert [r["index"] for r in rows] == list(range(1, 10)) and rows[-1]["block"] == "layer4.1"
+  assert [r["layers"] for r in rows] == [1, 3, 5, 8, 10, 13, 15, 18, 20]
+  for r in rows:
+    g = uniform_genome(model.info, r["index"], 8)
+    assert r["total_mj"] == pytest.approx(float(edge_energy(model.info, g).total_mj), rel=1e-6)
+    assert r["total_mj"] == pytest.approx(r["compute_mj"] + r["transmission_mj"])
+  deepest = report["deepest_split_within_budget"]
+  assert rows[deepest - 1]["total_mj"] < 0.35
+  assert all(r["total_mj"] >= 0.35 for r in rows[deepest:])
+  assert energy_report(model, 32, 32, device=DeviceConfig(budget_mj=1e-6))[
+      "deepest_split_within_budget"] is None
+
+
+def test_energy_report_cli(tmp_path):
+  out = tmp_path / "r.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.energy_report", "--model=mobilenet", "--weight_bits=32",
+       "--transmission=false", "--budget_mj=0.35", f"--json={out}"],
+      capture_output=True, text=True, check=True)
+  report = json.loads(out.read_text())
+  assert set(report) >= {"model", "weight_bits", "act_bits", "budget_mj", "splits",
+                         "deepest_split_within_budget"}
+  assert report["act_bits"] == 32 and all(r["transmission_mj"] == 0 for r in report["splits"])
+  assert set(report["splits"][0]) == {"index", "block", "layers", "compute_mj",
+                                      "transmission_mj", "total_mj"}
+  assert "deepest split within budget: 13 (sep12)" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "experiments.energy_report", "--weight_bits=1"],
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "out of range: [1]" in bad.stderr
