@@ -109,8 +109,8 @@ DATASETS: dict[str, DatasetInfo] = {
 class Split:
   """One split in memory: ``images`` (N, 32, 32, 3) uint8, ``labels`` (N,) int32.
 
-    The arrays may be read-only views of the process-wide cache; copy before editing.
-    """
+  The arrays may be read-only views of the process-wide cache; copy before editing.
+  """
 
   images: np.ndarray
   labels: np.ndarray
@@ -123,8 +123,8 @@ class Split:
   def take(self, n: int, *, seed: int | None = None) -> Split:
     """The first ``n`` examples, or with ``seed`` a random subset of ``n`` in index order.
 
-        Use a seed when the source is sorted by class (the local test shards are).
-        """
+      Use a seed when the source is sorted by class (the local test shards are).
+      """
     if not 0 <= n <= len(self):
       raise ValueError(f"take(n={n}): n must be in [0, {len(self)}]")
     if seed is None:
@@ -155,14 +155,14 @@ def load_split(
 ) -> Split:
   """Loads one split (``train``, ``val``, ``test`` or ``train_full``) as numpy arrays.
 
-    Args:
-      split: which split; ``train`` and ``val`` partition ``train_full``.
-      dataset: a key of ``DATASETS``.
-      data_dir: folder of ``.npz`` shards; overrides ``MAXPART_DATA_DIR``. With
-        neither, tfds is used.
-      val_fraction: share of the training set held out as ``val``, in [0, 1).
-      seed: selects the hold-out; keep it fixed for a whole study.
-    """
+  Args:
+    split: which split; ``train`` and ``val`` partition ``train_full``.
+    dataset: a key of ``DATASETS``.
+    data_dir: folder of ``.npz`` shards; overrides ``MAXPART_DATA_DIR``. With
+      neither, tfds is used.
+    val_fraction: share of the training set held out as ``val``, in [0, 1).
+    seed: selects the hold-out; keep it fixed for a whole study.
+  """
   info = dataset_info(dataset)
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
@@ -188,8 +188,8 @@ def clear_cache() -> None:
 def normalize(images: np.ndarray, dataset: str = "cifar100") -> np.ndarray:
   """Per-channel standardization with the dataset's train statistics, as float32.
 
-    ``images`` are uint8 in [0, 255] or floats in [0, 1], channels last.
-    """
+  ``images`` are uint8 in [0, 255] or floats in [0, 1], channels last.
+  """
   info = dataset_info(dataset)
   if images.dtype == np.uint8:
     x = images.astype(np.float32) / 255.0
@@ -205,11 +205,11 @@ def normalize(images: np.ndarray, dataset: str = "cifar100") -> np.ndarray:
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Random crop of the zero-padded (by ``PAD``) image and random horizontal flip.
 
-    ``images`` is (N, H, W, C) of any dtype; the result has the same shape and
-    dtype. Draws, in this order: ``rng.integers(0, 2 * PAD + 1, size=(N, 2))``
-    (row, column offset of the crop in the padded image), then
-    ``rng.random(N) < 0.5`` (flip).
-    """
+  ``images`` is (N, H, W, C) of any dtype; the result has the same shape and
+  dtype. Draws, in this order: ``rng.integers(0, 2 * PAD + 1, size=(N, 2))``
+  (row, column offset of the crop in the padded image), then
+  ``rng.random(N) < 0.5`` (flip).
+  """
   if images.ndim != 4:
     raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
   n, h, w, _ = images.shape
@@ -244,11 +244,11 @@ def iterate_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of ``{"image": float32 (B, 32, 32, 3) normalized, "label": int32 (B,)}``.
 
-    With ``train`` the order is a permutation and the images are augmented, both
-    drawn from ``np.random.default_rng([seed, epoch])``; without it the order is
-    the split's and images are only normalized. ``drop_remainder`` defaults to
-    ``train``. Arguments are checked when this is called, not on the first batch.
-    """
+  With ``train`` the order is a permutation and the images are augmented, both
+  drawn from ``np.random.default_rng([seed, epoch])``; without it the order is
+  the split's and images are only normalized. ``drop_remainder`` defaults to
+  ``train``. Arguments are checked when this is called, not on the first batch.
+  """
   if drop_remainder is None:
     drop_remainder = train
   num_steps = steps_per_epoch(len(split), batch_size, drop_remainder)

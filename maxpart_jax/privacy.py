@@ -64,10 +64,10 @@ def to_grayscale(images: jax.Array) -> jax.Array:
 def standardize(x: jax.Array, method: str = "zscore") -> jax.Array:
   """Normalize one image over all its elements: z-score or min-max to [0, 1].
 
-    Removes the arbitrary scale and offset of activations before images are compared.
-    A constant image (see ``FLAT_RTOL``) maps to zeros instead of dividing by ~0. For a
-    batch, ``jax.vmap`` this function.
-    """
+  Removes the arbitrary scale and offset of activations before images are compared.
+  A constant image (see ``FLAT_RTOL``) maps to zeros instead of dividing by ~0. For a
+  batch, ``jax.vmap`` this function.
+  """
   return _normalize(x, method)[0]
 
 
@@ -81,10 +81,10 @@ def channel_distances(
 ) -> jax.Array:
   """Distance between each input and each of its IR channels, shape (B, C).
 
-    ``images`` (B, H, W, 3) in [0, 1]; ``ir`` (B, h, w, C) of any scale. Vmapped over
-    channels, then over the batch. See the module docstring for the metrics. For ``kl``,
-    ``classify_fn`` runs on all B * C channel images at once: chunk the batch to bound memory.
-    """
+  ``images`` (B, H, W, 3) in [0, 1]; ``ir`` (B, h, w, C) of any scale. Vmapped over
+  channels, then over the batch. See the module docstring for the metrics. For ``kl``,
+  ``classify_fn`` runs on all B * C channel images at once: chunk the batch to bound memory.
+  """
   images, ir = jnp.asarray(images), jnp.asarray(ir)
   _validate(images, ir, metric, normalization, classify_fn)
   dtype = jnp.result_type(images.dtype, ir.dtype, jnp.float32)
@@ -139,10 +139,10 @@ def privacy_score(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """P(x, IR) per image, shape (B,): the distance to the most input-like IR channel.
 
-    Higher is more private. With ``return_index`` also returns the (B,) index of that
-    channel, e.g. to show it next to the input. Jittable with ``metric``, ``normalization``,
-    ``classify_fn`` and ``return_index`` static.
-    """
+  Higher is more private. With ``return_index`` also returns the (B,) index of that
+  channel, e.g. to show it next to the input. Jittable with ``metric``, ``normalization``,
+  ``classify_fn`` and ``return_index`` static.
+  """
   distances = channel_distances(images,
                                 ir,
                                 metric,

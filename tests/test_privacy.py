@@ -90,7 +90,7 @@ def test_standardize_matches_numpy(method, reference):
 # ------------------------------------------------------------------------------- resizing
 def test_resize_is_bilinear_half_pixel_exact_on_linear_ramp():
   """A linear ramp IR, upsampled by different factors along each axis, is reproduced
-    exactly (clamped at the borders), so a gray input equal to that ramp scores 0."""
+  exactly (clamped at the borders), so a gray input equal to that ramp scores 0."""
   (h, w), (height, width) = (6, 10), (18, 20)
   ramp = 0.7 * np.arange(h)[:, None] - 0.3 * np.arange(w)[None, :]
   src_i = np.clip((np.arange(height) + 0.5) * h / height - 0.5, 0, h - 1)
@@ -231,7 +231,7 @@ def test_kl_matches_numpy_loop():
 
 def test_kl_is_zero_for_a_channel_that_shows_the_classifier_the_input():
   """A gray input spanning [0, 1] and an IR channel equal to it: after min-max scaling and
-    replication the classifier sees the input itself, so the KL is 0."""
+  replication the classifier sees the input itself, so the KL is 0."""
   rng = np.random.default_rng(9)
   gray = rng.random((2, 12, 12))
   gray[:, 0, 0], gray[:, -1, -1] = 0.0, 1.0

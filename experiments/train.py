@@ -1,0 +1,26 @@
+r"""Pre-trains a CIFAR model; resumes from ``--workdir`` after an interruption.
+
+  python -m experiments.train --config=experiments/configs/train.py:cpu --workdir=workdirs/cpu_resnet18
+
+Writes the model for the search to ``<workdir>/model``, plus ``results.json``
+(test accuracy, wall time), ``history.json`` and ``curves.png``.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from maxpart_jax.train import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/train.py:cpu",
+                                          "training config file and variant")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results go", required=True)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.info("config:\n%s", _CONFIG.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

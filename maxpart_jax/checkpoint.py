@@ -1,0 +1,105 @@
+"""Checkpoints: resumable training state and the pre-trained model the search loads.
+
+Training state goes through an orbax ``CheckpointManager`` (atomic: a step is
+written to a temporary folder and renamed when complete, so a killed run never
+leaves a half-written checkpoint behind). A finished model is saved as
+``<dir>/model.json`` (architecture name and builder arguments, dataset) next to
+``<dir>/variables`` (orbax), and :func:`load_model` rebuilds both and checks that
+they match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as py_logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from maxpart_jax.models import SplitModel, Variables, get_model
+
+
+class _DropOrbaxInfo(py_logging.Filter):
+  """Drops orbax's INFO chatter (a dozen lines per save) from the absl log."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+py_logging.getLogger("absl").addFilter(_DropOrbaxInfo())
+
+
+def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """A synchronous checkpoint manager for ``directory`` (created if missing)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int | None, Any]:
+  """``(step, state)`` of the newest checkpoint, or ``(None, like)`` if there is none."""
+  step = mngr.latest_step()
+  if step is None:
+    return None, like
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temporary file + rename), so readers never see half a file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def save_model(directory: str, model_spec: dict[str, Any], variables: Variables,
+               dataset: str) -> None:
+  """Saves a trained model: ``model.json`` (``{"name": ..., **builder kwargs}``) and variables."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, "variables"), jax.device_get(variables), force=True)
+  write_json(os.path.join(directory, "model.json"), {"model": model_spec, "dataset": dataset})
+
+
+def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:
+  """Loads what :func:`save_model` wrote: ``(model, variables, meta)``.
+
+  Raises ``FileNotFoundError`` if nothing is there and ``ValueError`` if the
+  stored variables do not fit the stored architecture.
+  """
+  directory = os.path.abspath(directory)
+  spec_path = os.path.join(directory, "model.json")
+  if not os.path.exists(spec_path):
+    raise FileNotFoundError(f"no pre-trained model at {directory} (missing model.json); "
+                            "train one with `python -m experiments.train`")
+  with open(spec_path) as f:
+    meta = json.load(f)
+  spec = dict(meta["model"])
+  model = get_model(spec.pop("name"), **spec)
+  expected = jax.eval_shape(model.init, jax.random.key(0))
+  with ocp.StandardCheckpointer() as ckpt:
+    stored = ckpt.metadata(os.path.join(directory, "variables"))
+    stored = getattr(stored, "item_metadata", stored)
+    check_variables_match(model, expected, stored, directory)
+    variables = ckpt.restore(os.path.join(directory, "variables"), expected)
+  return model, variables, meta
+
+
+def check_variables_match(model: SplitModel, expected: Any, stored: Any, where: str) -> None:
+  """Raises ``ValueError`` naming the first variable whose path or shape differs."""
+  exp = {jax.tree_util.keystr(k): tuple(v.shape)
+         for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {jax.tree_util.keystr(k): tuple(np.shape(v) if not hasattr(v, "shape") else v.shape)
+         for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+  if exp != got:
+    missing = sorted(set(exp) - set(got))[:3]
+    extra = sorted(set(got) - set(exp))[:3]
+    shape = [k for k in exp if k in got and exp[k] != got[k]][:3]
+    raise ValueError(
+        f"checkpoint at {where} does not match model {model.name}: missing {missing}, "
+        f"unexpected {extra}, shape mismatch {[(k, got[k], exp[k]) for k in shape]}")

@@ -1,0 +1,247 @@
+"""Pre-training: SGD with momentum, weight decay and a cosine schedule (optax).
+
+``train_and_evaluate(config, workdir)`` is the whole job; the absl script
+``experiments/train.py`` is a thin shell around it, so tests and notebooks call it
+directly. The run checkpoints every ``config.checkpoint_every_steps`` steps and at
+the end of every epoch, and a restarted run resumes from the newest checkpoint:
+the data order depends only on ``(seed, epoch)``, so a resumed run sees exactly
+the batches an uninterrupted one would.
+
+The steps are reusable: :func:`train_step` takes an optional quantization policy
+(fine-tuning with a fake-quantized edge) and :func:`evaluate` gives top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from maxpart_jax import checkpoint, data
+from maxpart_jax.models import SplitModel, Variables, get_model
+from maxpart_jax.quant import QuantPolicy
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data order."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> Variables:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{"name": ..., **builder kwargs}`` from ``config.model`` (JSON-friendly)."""
+  spec = config.model.to_dict()
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SplitModel:
+  """The model ``config.model`` names, with the dataset's number of classes."""
+  spec = dict(model_spec(config))
+  return get_model(spec.pop("name"), num_classes=num_classes, **spec)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """SGD (Nesterov) momentum, decoupled-from-BN weight decay, warmup + cosine learning rate."""
+  warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total_steps)
+  # Decay conv / dense kernels only: BN scales and biases are left alone.
+  mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key == "kernel", params)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross-entropy with optional label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def train_step(model: SplitModel, tx: optax.GradientTransformation, state: TrainState,
+               batch: dict[str, jax.Array], policy: QuantPolicy | None = None,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step with batch statistics; ``policy`` fake-quantizes the edge (STE)."""
+
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                  batch["image"], train=True, policy=policy)
+    return cross_entropy(logits, batch["label"], label_smoothing), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  changes, opt_state = tx.update(grads, state.opt_state, state.params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, changes),
+                        batch_stats=updates["batch_stats"], opt_state=opt_state)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  return state, {"loss": loss, "accuracy": accuracy}
+
+
+def evaluate(model: SplitModel, variables: Variables, split: data.Split, batch_size: int = 500,
+             policy: QuantPolicy | None = None) -> float:
+  """Top-1 accuracy of ``model`` on a whole split (inference-mode batch norm)."""
+  correct = 0
+  for batch in data.iterate_batches(split, batch_size, train=False):
+    correct += int(_count_correct(model, variables, batch["image"], batch["label"], policy))
+  return correct / len(split)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _count_correct(model, variables, images, labels, policy):
+  logits = model.apply(variables, images, policy=policy)
+  return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+
+class Progress:
+  """Periodic log lines with throughput and ETA for a loop of known length."""
+
+  def __init__(self, total: int, first: int = 0, every: int = 50, name: str = "step"):
+    self.total, self.first, self.every, self.name = total, first, every, name
+    self.start = time.time()
+
+  def __call__(self, done: int, extra: str = "") -> None:
+    """Logs after ``done`` of ``total`` units when due (and always at the end)."""
+    if done % self.every and done != self.total:
+      return
+    elapsed = time.time() - self.start
+    rate = (done - self.first) / max(elapsed, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    logging.info("%s %d/%d  %s  %.2f %s/s  elapsed %s  ETA %s", self.name, done, self.total,
+                 extra, rate, self.name, _hms(elapsed), _hms(eta))
+
+
+def _hms(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config.model`` on ``config.dataset``, resuming from ``workdir`` if possible.
+
+  Writes into ``workdir``: ``checkpoints/`` (resumable state), ``history.json``
+  (per-epoch loss and accuracy), ``model/`` (the final model for the search),
+  ``results.json`` (test / validation accuracy, wall time) and ``curves.png``.
+  Returns the results dict.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  train = data.load_split("train" if config.val_fraction > 0 else "train_full",
+                          dataset=config.dataset, data_dir=config.data_dir or None,
+                          val_fraction=config.val_fraction, seed=config.data_seed)
+  model = build_model(config, train.num_classes)
+  steps_per_epoch = data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True)
+  total_steps = steps_per_epoch * config.num_epochs
+  tx = make_optimizer(config, total_steps)
+  variables = model.init(jax.random.key(config.seed))
+  state = TrainState(step=jnp.int32(0), params=variables["params"],
+                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  history_path = os.path.join(workdir, "history.json")
+  restored, state = checkpoint.restore_latest(mngr, state)
+  history: dict[str, Any] = {"epochs": [], "train_seconds": 0.0}
+  if restored is not None:
+    history = _load_history(history_path, restored)
+    logging.info("resuming from step %d of %d", restored, total_steps)
+  step = int(state.step)
+  step_fn = jax.jit(functools.partial(train_step, model, tx,
+                                      label_smoothing=config.label_smoothing))
+  progress = Progress(total_steps, first=step, every=config.log_every_steps)
+  segment_start, sums = time.time(), np.zeros(2)
+
+  def save(step: int) -> None:
+    history["train_seconds"] += time.time() - segment_start
+    mngr.save(step, args=checkpoint.ocp.args.StandardSave(state))
+    checkpoint.write_json(history_path, {**history, "step": step})
+
+  for epoch in range(step // steps_per_epoch, config.num_epochs):
+    skip = step - epoch * steps_per_epoch
+    batches = data.iterate_batches(train, config.batch_size, train=True, seed=config.data_seed,
+                                   epoch=epoch)
+    for i, batch in enumerate(batches):
+      if i < skip:
+        continue
+      state, metrics = step_fn(state, batch)
+      step += 1
+      sums += np.array([float(metrics["loss"]), float(metrics["accuracy"])])
+      progress(step, f"epoch {epoch + 1}/{config.num_epochs} loss {float(metrics['loss']):.3f}")
+      if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
+        save(step)
+        segment_start = time.time()
+    seen = steps_per_epoch - skip
+    history["epochs"].append({"epoch": epoch + 1, "step": step, "train_loss": sums[0] / seen,
+                              "train_accuracy": sums[1] / seen})
+    sums[:] = 0
+    if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
+      history["epochs"][-1]["val_accuracy"] = _val_accuracy(config, model, state)
+    logging.info("epoch %d: %s", epoch + 1, history["epochs"][-1])
+    save(step)
+    segment_start = time.time()
+
+  checkpoint.save_model(os.path.join(workdir, "model"), model_spec(config), state.variables,
+                        config.dataset)
+  test = data.load_split("test", dataset=config.dataset, data_dir=config.data_dir or None)
+  results = {
+      "model": model_spec(config), "dataset": config.dataset, "epochs": config.num_epochs,
+      "steps": total_steps, "train_seconds": history["train_seconds"],
+      "test_accuracy": evaluate(model, state.variables, test),
+      "val_accuracy": _val_accuracy(config, model, state) if config.val_fraction > 0 else None,
+  }
+  checkpoint.write_json(os.path.join(workdir, "results.json"), results)
+  plot_history(history, os.path.join(workdir, "curves.png"), title=f"{model.name} {config.dataset}")
+  logging.info("done: %s", results)
+  return results
+
+
+def _val_accuracy(config: ml_collections.ConfigDict, model: SplitModel, state: TrainState) -> float:
+  val = data.load_split("val", dataset=config.dataset, data_dir=config.data_dir or None,
+                        val_fraction=config.val_fraction, seed=config.data_seed)
+  return evaluate(model, state.variables, val)
+
+
+def _load_history(path: str, step: int) -> dict[str, Any]:
+  """The history written with checkpoint ``step`` (entries after it are dropped)."""
+  if not os.path.exists(path):
+    return {"epochs": [], "train_seconds": 0.0}
+  with open(path) as f:
+    history = json.load(f)
+  history["epochs"] = [e for e in history["epochs"] if e["step"] <= step]
+  history.pop("step", None)
+  return history
+
+
+def plot_history(history: dict[str, Any], path: str, title: str = "") -> None:
+  """Loss and accuracy per epoch as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  epochs = [e["epoch"] for e in history["epochs"]]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+  ax1.plot(epochs, [e["train_loss"] for e in history["epochs"]], "o-", label="train loss")
+  ax1.set_xlabel("epoch"), ax1.set_ylabel("cross-entropy"), ax1.legend()
+  ax2.plot(epochs, [e["train_accuracy"] for e in history["epochs"]], "o-", label="train (augmented)")
+  val = [(e["epoch"], e["val_accuracy"]) for e in history["epochs"] if "val_accuracy" in e]
+  if val:
+    ax2.plot(*zip(*val), "s-", label="validation")
+  ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 accuracy"), ax2.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
