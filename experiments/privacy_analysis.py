@@ -117,12 +117,14 @@ def fig8_bits(resnet_dir: str, n: int, seed: int) -> tuple[dict[str, Any], plt.F
   images = _images(meta, n, seed)
   out: dict[str, Any] = {"model": meta["model"], "num_images": n, "bits": {}}
   fig, ax = plt.subplots(figsize=(6, 4))
+  styles = {2: "o-", 4: "s-", 8: "^-", FLOAT_BITS: "k:"}
   for bits in (2, 4, 8, FLOAT_BITS):
     genome = None if bits == FLOAT_BITS else uniform_genome(model.info, 1, bits)
     prof = profile.block_profile(model, variables, images, dataset=meta["dataset"], genome=genome)
     values = [b["privacy"] for b in prof["blocks"]]
     out["bits"][str(bits)] = values
-    ax.plot(range(1, len(values) + 1), values, "o-", label="float" if bits == FLOAT_BITS else f"{bits}-bit")
+    ax.plot(range(1, len(values) + 1), values, styles[bits], ms=5,
+            label="float" if bits == FLOAT_BITS else f"{bits}-bit")
   out["labels"] = [b["label"] for b in prof["blocks"]]
   ax.set_xticks(range(1, len(values) + 1), out["labels"], rotation=45)
   ax.set_ylabel("privacy (MSE)"), ax.legend()

@@ -1,0 +1,69 @@
+r"""Search configs: ``--config=experiments/configs/search.py:<variant>``.
+
+Variants:
+  resnet18, resnet50, mobilenet   the paper's settings (N=20, S=10, T=1000, prob_p=0.5,
+                                  prob_Π=0.3, λ1=λ2=0.1, E_b=0.35 mJ, R_w={2,4,6,8}, R_a={8},
+                                  one epoch of fine-tuning) on paper-size models, for GPU/TPU
+  quick                           a quarter-width ResNet18 on CIFAR-100 that searches in
+                                  minutes on a 2-core CPU (pre-trained first if needed)
+  smoke                           a tiny model and a few steps, for tests
+
+``search.num_tournaments`` (K) children are evaluated together per step; K = 1 is
+the paper's sequential algorithm. Override anything from the command line, e.g.
+``--config.search.num_tournaments=1 --config.fitness.budget_mj=0.3``.
+"""
+
+import ml_collections
+
+from experiments.configs import train as train_configs
+
+# (pre-training variant, model dir)
+PAPER = {
+    "resnet18": ("resnet18", "workdirs/paper_resnet18/model"),
+    "resnet50": ("resnet50", "workdirs/paper_resnet50/model"),
+    "mobilenet": ("mobilenet", "workdirs/paper_mobilenet/model"),
+}
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  """The search config of ``variant`` (default ``quick``)."""
+  variant = variant or "quick"
+  c = ml_collections.ConfigDict()
+  c.data_dir = ""  # a folder of .npz shards; empty: $MAXPART_DATA_DIR, else tfds
+  c.privacy_images = 256  # validation images the privacy score averages over
+  c.val_images = 0  # validation images for ε (0: the whole hold-out)
+  c.log_every_steps = 1
+  c.operator_modules = ""  # comma-separated modules that register extra operators
+
+  c.search = ml_collections.ConfigDict(dict(
+      pop_size=20, sample_size=10, iterations=1000, num_tournaments=8, prob_p=0.5,
+      prob_gene=0.3, w_bits=(2, 4, 6, 8), a_bits=(8,), seed=0, init="uniform",
+      sample="uniform", select="best", mutate="resample", crossover="none", replace="worst"))
+  c.fitness = ml_collections.ConfigDict(dict(
+      budget_mj=0.35, eps_bound=0.03, lambda_energy=0.1, lambda_accuracy=0.1, transmission=True,
+      finetune_steps=ml_collections.FieldReference(None, field_type=int), finetune_lr=1e-3,
+      finetune_momentum=0.9, batch_size=128, metric="mse", normalization="zscore",
+      per_channel=False, seed=0))
+
+  if variant in PAPER:
+    train_variant, c.model_dir = PAPER[variant]
+  elif variant == "quick":
+    train_variant, c.model_dir = "cpu_resnet18", "workdirs/cpu_resnet18/model"
+    c.search.update(pop_size=8, sample_size=4, iterations=32, num_tournaments=4)
+    # The quarter-width model needs about 1/14 of the paper-size energy: with E_b = 0.025 mJ,
+    # float32 fits no split, 8-bit uniform reaches block 4 and 4-bit block 7 (energy_report).
+    c.fitness.update(budget_mj=0.025, finetune_steps=20)
+    c.val_images = 1000
+    c.privacy_images = 128
+  elif variant == "smoke":
+    train_variant, c.model_dir = "smoke", "workdirs/smoke/model"
+    c.search.update(pop_size=4, sample_size=2, iterations=4, num_tournaments=2)
+    c.fitness.update(budget_mj=0.002, finetune_steps=2, batch_size=16)
+    c.val_images = 64
+    c.privacy_images = 8
+  else:
+    raise ValueError(f"unknown search config variant {variant!r}; choose from "
+                     f"{sorted([*PAPER, 'quick', 'smoke'])}")
+  c.pretrain = train_configs.get_config(train_variant)
+  c.pretrain.data_dir = c.get_ref("data_dir")
+  return c

@@ -1,0 +1,290 @@
+"""The search job: config in, best genome and its report out, resumable at every step.
+
+``run_search(config, workdir)`` validates the config before any work, loads (or
+pre-trains) the model, runs the evolution with K tournaments per step, and after
+every step writes ``<workdir>/search_state.npz`` atomically (population, cache,
+history), so a run killed at any point and restarted with the same command ends
+with the same result. Genomes that differ only in masked genes are the same
+candidate: results are cached by the *effective* genome and reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maxpart_jax import checkpoint, data
+from maxpart_jax.energy import DeviceConfig
+from maxpart_jax.genome import Genome, effective_bits, validate_genome
+from maxpart_jax.models import available_models
+from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.quant import check_bits
+from maxpart_jax.search import evolution
+from maxpart_jax.search.fitness import Evaluator, FitnessConfig
+from maxpart_jax.search.operators import SearchSpace
+from maxpart_jax.train import Progress
+
+STATE_FILE = "search_state.npz"
+METRICS = ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")
+
+
+def effective_key(info: ModelInfo, genome: Genome) -> str:
+  """A string naming what a genome really runs: ``p`` and the unmasked bits only."""
+  w, a, ir_bits = effective_bits(info, genome)
+  on_edge = np.asarray(info.layer_block) < int(genome.p)
+  genes = [f"{int(wi)}/{int(ai)}" for wi, ai, e in zip(np.asarray(w), np.asarray(a), on_edge) if e]
+  return f"p{int(genome.p)}|ir{int(ir_bits)}|" + ",".join(genes)
+
+
+def strategy_from_config(config: ml_collections.ConfigDict) -> evolution.Strategy:
+  """The static evolution settings of ``config.search``."""
+  s = config.search
+  return evolution.Strategy(pop_size=s.pop_size, num_tournaments=s.num_tournaments, init=s.init,
+                            sample=s.sample, select=s.select, mutate=s.mutate,
+                            crossover=s.crossover, replace=s.replace)
+
+
+def space_from_config(config: ml_collections.ConfigDict, info: ModelInfo) -> SearchSpace:
+  """The search space of ``config.search`` for a model."""
+  s = config.search
+  return SearchSpace(w_choices=jnp.asarray(s.w_bits, jnp.int32),
+                     a_choices=jnp.asarray(s.a_bits, jnp.int32), prob_p=jnp.float32(s.prob_p),
+                     prob_gene=jnp.float32(s.prob_gene), max_split=info.max_split,
+                     num_layers=info.num_layers, sample_size=s.sample_size)
+
+
+def fitness_from_config(config: ml_collections.ConfigDict) -> FitnessConfig:
+  """The fitness settings of ``config.fitness``."""
+  f = config.fitness
+  return FitnessConfig(
+      eps_bound=f.eps_bound, lambda_energy=f.lambda_energy, lambda_accuracy=f.lambda_accuracy,
+      device=DeviceConfig(budget_mj=f.budget_mj), transmission=f.transmission,
+      finetune_steps=f.finetune_steps, finetune_lr=f.finetune_lr,
+      finetune_momentum=f.finetune_momentum, batch_size=f.batch_size, metric=f.metric,
+      normalization=f.normalization, per_channel=f.per_channel, seed=f.seed)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` with the problem for a config that cannot run (no work done).
+
+  First imports ``config.operator_modules`` (comma-separated), where user operators
+  register themselves.
+  """
+  for module in filter(None, (m.strip() for m in config.operator_modules.split(","))):
+    importlib.import_module(module)
+  s = config.search
+  if not s.w_bits or not s.a_bits:
+    raise ValueError("search.w_bits and search.a_bits must not be empty")
+  check_bits(list(s.w_bits), "search.w_bits")
+  check_bits(list(s.a_bits), "search.a_bits")
+  if not 1 <= s.sample_size <= s.pop_size:
+    raise ValueError(f"search.sample_size S={s.sample_size} must be in 1..N "
+                     f"(search.pop_size={s.pop_size})")
+  if s.iterations < 0:
+    raise ValueError(f"search.iterations must be >= 0, got {s.iterations}")
+  for name in ("prob_p", "prob_gene"):
+    if not 0.0 <= s[name] <= 1.0:
+      raise ValueError(f"search.{name} must be in [0, 1], got {s[name]}")
+  if config.fitness.budget_mj <= 0:
+    raise ValueError(f"fitness.budget_mj (E_b) must be > 0, got {config.fitness.budget_mj}")
+  strategy_from_config(config)  # unknown operators
+  fitness_from_config(config)  # λ, ε_b, metric
+  if config.pretrain.model.name not in available_models():
+    raise ValueError(f"unknown model {config.pretrain.model.name!r}; "
+                     f"available: {available_models()}")
+
+
+def load_or_pretrain(config: ml_collections.ConfigDict):
+  """The pre-trained model of ``config.model_dir``; pre-trains it first if there is none."""
+  if not os.path.exists(os.path.join(config.model_dir, "model.json")):
+    from maxpart_jax.train import train_and_evaluate
+    workdir = os.path.dirname(os.path.abspath(config.model_dir))
+    logging.info("no pre-trained model at %s: pre-training it first (%s)", config.model_dir,
+                 workdir)
+    train_and_evaluate(config.pretrain, workdir)
+  model, variables, meta = checkpoint.load_model(config.model_dir)
+  expected = config.pretrain.model.to_dict()
+  stored = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+  expected = {k: tuple(v) if isinstance(v, list) else v for k, v in expected.items()}
+  if stored != expected:
+    raise ValueError(f"the checkpoint at {config.model_dir} is {stored}, but the config asks for "
+                     f"{expected}: point model_dir at a matching checkpoint")
+  return model, variables, meta
+
+
+def _save(path: str, state: evolution.SearchState, meta: dict[str, Any]) -> None:
+  """Writes the state leaves and the JSON metadata in one file, atomically."""
+  leaves = jax.tree.leaves(state)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, meta=np.array(json.dumps(meta)), **{f"leaf{i}": np.asarray(x)
+                                                     for i, x in enumerate(leaves)})
+  os.replace(tmp, path)
+
+
+def _load(path: str, like: evolution.SearchState) -> tuple[evolution.SearchState, dict[str, Any]]:
+  with np.load(path) as f:
+    meta = json.loads(str(f["meta"]))
+    treedef = jax.tree.structure(like)
+    leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
+  return jax.tree.unflatten(treedef, leaves), meta
+
+
+def _config_hash(config: ml_collections.ConfigDict) -> str:
+  """Hash of the settings a resumed run must share (everything that changes results)."""
+  relevant = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+              for k in ("search", "fitness", "model_dir", "privacy_images", "val_images")}
+  return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CachedEvaluator:
+  """Evaluates genomes through a cache keyed by the effective genome."""
+
+  def __init__(self, evaluator: Evaluator, cache: dict[str, dict[str, float]]):
+    self.evaluator, self.cache = evaluator, cache
+    self.lookups = self.hits = 0
+
+  def __call__(self, genomes: Genome) -> dict[str, np.ndarray]:
+    info = self.evaluator.model.info
+    k = int(genomes.p.shape[0])
+    keys = [effective_key(info, jax.tree.map(lambda x: x[i], genomes)) for i in range(k)]
+    todo = [i for i, key in enumerate(keys) if key not in self.cache
+            and key not in [keys[j] for j in range(i)]]
+    self.lookups += k
+    self.hits += k - len(todo)
+    if todo:
+      fresh = self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(todo)], genomes))
+      for j, i in enumerate(todo):
+        self.cache[keys[i]] = {m: float(fresh[m][j]) for m in METRICS}
+    return {m: np.array([self.cache[key][m] for key in keys]) for m in METRICS}
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the search of ``config`` in ``workdir``; returns the final report."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  model, variables, meta = load_or_pretrain(config)
+  info = model.info
+  strategy, space = strategy_from_config(config), space_from_config(config, info)
+  fitness_config = fitness_from_config(config)
+  dataset = meta["dataset"]
+  split_kwargs = dict(dataset=dataset, data_dir=config.data_dir or None,
+                      val_fraction=config.pretrain.val_fraction, seed=config.pretrain.data_seed)
+  train = data.load_split("train", **split_kwargs)
+  val = data.load_split("val", **split_kwargs)
+  if config.val_images:
+    val = val.take(min(config.val_images, len(val)), seed=config.search.seed)
+  privacy_images = data.load_split("val", **split_kwargs).take(
+      config.privacy_images, seed=config.search.seed + 1).float_images()
+  evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_config)
+  logging.info("float validation accuracy %.4f; fine-tuning %d steps per candidate on %d device(s)",
+               evaluator.float_accuracy, evaluator.steps, evaluator.num_devices)
+
+  init_key, step_key = jax.random.split(jax.random.key(config.search.seed))
+  ask = jax.jit(lambda k, st: evolution.ask(k, st, space, strategy))
+  tell = jax.jit(lambda st, c, f: evolution.tell(st, c, f, strategy))
+  state_path = os.path.join(workdir, STATE_FILE)
+  state = evolution.init(init_key, space, strategy)
+  meta_out: dict[str, Any] = {"config_hash": _config_hash(config), "cache": {}, "history": [],
+                              "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False}
+  if os.path.exists(state_path):
+    state, meta_out = _load(state_path, state)
+    if meta_out["config_hash"] != _config_hash(config):
+      raise ValueError(f"{workdir} holds a search with a different config; use a new --workdir")
+    logging.info("resuming the search at step %d", int(state.step))
+  cached = CachedEvaluator(evaluator, meta_out["cache"])
+  cached.lookups, cached.hits = meta_out["lookups"], meta_out["hits"]
+  segment = time.time()
+
+  def checkpoint_now():
+    nonlocal segment
+    meta_out.update(seconds=meta_out["seconds"] + time.time() - segment, lookups=cached.lookups,
+                    hits=cached.hits)
+    segment = time.time()
+    _save(state_path, state, meta_out)
+
+  if not meta_out["initialized"]:
+    validate_genome(info, state.population)
+    results = cached(state.population)
+    state = evolution.tell_initial(state, results["fitness"])
+    meta_out["initialized"] = True
+    meta_out["history"].append(_history_row(state, cached, 0))
+    checkpoint_now()
+
+  total_steps = math.ceil(config.search.iterations / strategy.num_tournaments)
+  progress = Progress(total_steps, first=int(state.step), every=config.log_every_steps,
+                      name="search step")
+  while int(state.step) < total_steps:
+    children, state = ask(jax.random.fold_in(step_key, int(state.step)), state)
+    results = cached(children)
+    state = tell(state, children, jnp.asarray(results["fitness"]))
+    meta_out["history"].append(_history_row(state, cached, int(state.step)))
+    checkpoint_now()
+    progress(int(state.step), f"best fitness {float(state.best_fitness):.4f} "
+             f"cache hit rate {cached.hits / max(cached.lookups, 1):.2f}")
+
+  return _final_report(config, workdir, evaluator, cached, state, meta_out, dataset)
+
+
+def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: int) -> dict[str, Any]:
+  best = cached.cache[effective_key(cached.evaluator.model.info, state.best)]
+  return {"step": step, "evaluations": len(cached.cache), "lookups": cached.lookups,
+          "best_fitness": float(state.best_fitness),
+          "mean_fitness": float(jnp.mean(state.fitness)), "best_p": int(state.best.p),
+          "best_privacy": best["privacy"], "best_energy_mj": best["energy_mj"],
+          "best_eps": best["eps"]}
+
+
+def _final_report(config, workdir, evaluator, cached, state, meta_out, dataset) -> dict[str, Any]:
+  """Test-set numbers of the best genome, history files and plots."""
+  from maxpart_jax.search import plots
+  info = evaluator.model.info
+  best = state.best
+  test = data.load_split("test", dataset=dataset, data_dir=config.data_dir or None)
+  single = evaluator.pad(jax.tree.map(lambda x: x[None], best))
+  variables, _ = evaluator.finetune(single)
+  test_accuracy = float(evaluator.accuracy(variables, evaluator.policies(single), test)[0])
+  float_test = float(evaluator.accuracy(jax.tree.map(lambda x: x[None], evaluator.variables),
+                                        None, test)[0])
+  w, a, ir_bits = effective_bits(info, best)
+  metrics = cached.cache[effective_key(info, best)]
+  report = {
+      "model": evaluator.model.name, "dataset": dataset, "p": int(best.p),
+      "block": info.blocks[int(best.p) - 1].label,
+      "w_bits": np.asarray(w).tolist(), "a_bits": np.asarray(a).tolist(), "ir_bits": int(ir_bits),
+      "genome": {"p": int(best.p), "w_bits": np.asarray(best.w_bits).tolist(),
+                 "a_bits": np.asarray(best.a_bits).tolist()},
+      "fitness": float(state.best_fitness), **{f"val_{m}": metrics[m] for m in METRICS},
+      "test_accuracy": test_accuracy, "float_test_accuracy": float_test,
+      "test_eps": float_test - test_accuracy, "energy_mj": metrics["energy_mj"],
+      "privacy": metrics["privacy"], "budget_mj": config.fitness.budget_mj,
+      "eps_bound": config.fitness.eps_bound, "float_val_accuracy": evaluator.float_accuracy,
+      "evaluations": len(cached.cache), "lookups": cached.lookups,
+      "cache_hit_rate": cached.hits / max(cached.lookups, 1), "search_seconds": meta_out["seconds"],
+      "phase_seconds": evaluator.seconds, "steps": int(state.step),
+      "tournaments_per_step": config.search.num_tournaments, "devices": evaluator.num_devices,
+  }
+  checkpoint.write_json(os.path.join(workdir, "best.json"), report)
+  checkpoint.write_json(os.path.join(workdir, "history.json"), meta_out["history"])
+  with open(os.path.join(workdir, "history.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(meta_out["history"][0]))
+    writer.writeheader()
+    writer.writerows(meta_out["history"])
+  plots.fitness_curve(meta_out["history"], os.path.join(workdir, "fitness.png"),
+                      title=f"{evaluator.model.name}: best fitness (Fig. 10)")
+  plots.policy_bits(info, report, os.path.join(workdir, "policy.png"))
+  logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, test accuracy %.4f (float %.4f)",
+               report["p"], report["block"], report["privacy"], report["energy_mj"],
+               test_accuracy, float_test)
+  return report

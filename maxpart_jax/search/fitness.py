@@ -1,0 +1,241 @@
+"""Fitness of genomes (SPEC §6-7, Eq. 10-12), evaluated K candidates at a time.
+
+``F = P · punish(λ1, E, E_b) · punish(λ2, ε, ε_b)`` with
+``punish(λ, v, b) = λ^(v/b − 1)`` if ``v > b`` else 1, where
+
+* ``E`` is the analytic edge energy (:mod:`maxpart_jax.energy`);
+* ``ε = acc_float − acc_quant``: validation accuracy of the pre-trained float model
+  minus that of the model fine-tuned with its edge fake-quantized by the genome
+  (SGD, lr 1e-3, momentum 0.9; one epoch unless ``finetune_steps`` says otherwise);
+* ``P`` is the mean privacy of the quantized IR at split ``p`` on a fixed set of
+  validation images, computed with the fine-tuned weights (**Decision**: the model
+  that would be deployed).
+
+The K candidates of a step are fine-tuned together: their variables are stacked on
+a leading candidate axis and every step is ``jax.vmap``-ped over it; the candidate
+axis is sharded over all devices (``NamedSharding``), so on 8 TPU cores 8 candidates
+train at once. All candidates see the same batches, so a genome's fitness does not
+depend on which other genomes share its step. A candidate whose fine-tuning
+diverges (non-finite loss or weights) gets fitness 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxpart_jax import data, privacy
+from maxpart_jax.energy import DeviceConfig, population_energy
+from maxpart_jax.genome import Genome, to_policy
+from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.train import TrainState, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class FitnessConfig:
+  """Everything the fitness of a genome depends on besides the genome.
+
+  Attributes:
+    eps_bound: accuracy-loss bound ε_b (fraction, e.g. 0.03).
+    lambda_energy, lambda_accuracy: λ1 and λ2 of Eq. 12, in (0, 1).
+    device: energy constants and the budget E_b.
+    transmission: count the energy of sending the IR.
+    finetune_steps: SGD steps of fine-tuning per candidate (None: one epoch).
+    finetune_lr, finetune_momentum, batch_size: the fine-tuning optimizer.
+    metric, normalization: the privacy score.
+    per_channel: per-channel weight quantization.
+    seed: the fine-tuning data order.
+  """
+
+  eps_bound: float = 0.03
+  lambda_energy: float = 0.1
+  lambda_accuracy: float = 0.1
+  device: DeviceConfig = DeviceConfig()
+  transmission: bool = True
+  finetune_steps: int | None = None
+  finetune_lr: float = 1e-3
+  finetune_momentum: float = 0.9
+  batch_size: int = 128
+  metric: str = "mse"
+  normalization: str = "zscore"
+  per_channel: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("lambda_energy", "lambda_accuracy"):
+      if not 0.0 < getattr(self, name) < 1.0:
+        raise ValueError(f"{name} (λ) must be in (0, 1), got {getattr(self, name)}")
+    if self.eps_bound <= 0:
+      raise ValueError(f"the accuracy-loss bound must be > 0, got {self.eps_bound}")
+    if self.finetune_steps is not None and self.finetune_steps < 0:
+      raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+    if self.metric not in privacy.METRICS:
+      raise ValueError(f"unknown privacy metric {self.metric!r}; choose from {privacy.METRICS}")
+
+
+def punish(lam: float, value: jax.Array, bound: float) -> jax.Array:
+  """``λ^(v/b − 1)`` above the bound, 1 within it (Eq. 12)."""
+  return jnp.where(value > bound, jnp.power(lam, value / bound - 1.0), 1.0)
+
+
+def combine(privacy_: jax.Array, energy: jax.Array, eps: jax.Array, config: FitnessConfig) -> jax.Array:
+  """Eq. 11: privacy times the energy and accuracy punishments."""
+  return (privacy_ * punish(config.lambda_energy, energy, config.device.budget_mj)
+          * punish(config.lambda_accuracy, eps, config.eps_bound))
+
+
+def candidate_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh whose single axis ``candidates`` spans ``devices`` (default: all)."""
+  return Mesh(np.array(devices if devices is not None else jax.devices()), ("candidates",))
+
+
+class Evaluator:
+  """Evaluates batches of genomes for one model, dataset and fitness config.
+
+  Host-side object that owns the data and the compiled, candidate-vmapped steps;
+  :meth:`evaluate` maps ``Genome`` (K, ...) to per-candidate metrics.
+  """
+
+  def __init__(self, model: SplitModel, variables: Variables, train: data.Split,
+               val: data.Split, privacy_images: np.ndarray, config: FitnessConfig,
+               mesh: Mesh | None = None, val_batch_size: int = 500):
+    self.model, self.variables, self.config = model, variables, config
+    self.train, self.val, self.val_batch_size = train, val, val_batch_size
+    self.privacy_images = np.asarray(privacy_images, np.float32)
+    self.privacy_x = data.normalize(self.privacy_images, train.dataset)
+    self.mesh = mesh or candidate_mesh()
+    self.num_devices = self.mesh.devices.size
+    self.steps = (config.finetune_steps if config.finetune_steps is not None else
+                  data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True))
+    self.tx = optax.sgd(config.finetune_lr, momentum=config.finetune_momentum)
+    self.float_accuracy = self._float_accuracy()
+    self.seconds = {"finetune": 0.0, "accuracy": 0.0, "privacy": 0.0}
+
+  # --- sharding helpers -------------------------------------------------------
+
+  def _candidates(self, tree: Any) -> Any:
+    """Places a candidate-stacked pytree with its leading axis split over devices."""
+    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec("candidates")))
+
+  def _replicated(self, tree: Any) -> Any:
+    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+  # --- compiled, candidate-vmapped steps -----------------------------------------
+
+  @functools.cached_property
+  def _finetune_step(self):
+    step = functools.partial(train_step, self.model, self.tx)
+    return jax.jit(jax.vmap(step, in_axes=(0, None, 0)))
+
+  @functools.cached_property
+  def _count_correct(self):
+    def count(variables, policy, images, labels):
+      logits = self.model.apply(variables, images, policy=policy)
+      return jnp.sum(jnp.argmax(logits, -1) == labels)
+    return jax.jit(jax.vmap(count, in_axes=(0, 0, None, None)))
+
+  @functools.cached_property
+  def _privacy_all_splits(self):
+    """(variables, policy, x, images) -> (max_split,) mean privacy at every split."""
+    info, config = self.model.info, self.config
+
+    def scores(variables, policy, x, images):
+      out = []
+      for q in range(1, info.max_split + 1):
+        x = self.model.apply(variables, x, start=q - 1, stop=q, policy=policy)
+        out.append(jnp.mean(privacy.privacy_score(images, x, config.metric,
+                                                  normalization=config.normalization)))
+      return jnp.stack(out)
+
+    return jax.jit(jax.vmap(scores, in_axes=(0, 0, None, None)))
+
+  # --- evaluation ------------------------------------------------------------
+
+  def _float_accuracy(self) -> float:
+    single = jax.tree.map(lambda x: x[None], self.variables)
+    return float(self.accuracy(single, None)[0])
+
+  def accuracy(self, variables: Variables, policies: Any, split: data.Split | None = None) -> np.ndarray:
+    """(K,) top-1 accuracy of candidate-stacked ``variables`` on ``split`` (default: val)."""
+    split = split or self.val
+    correct = 0
+    for batch in data.iterate_batches(split, self.val_batch_size, train=False):
+      images, labels = self._replicated((batch["image"], batch["label"]))
+      correct = correct + self._count_correct(variables, policies, images, labels)
+    return np.asarray(correct) / len(split)
+
+  def policies(self, genomes: Genome) -> Any:
+    """Candidate-sharded quantization policies of K genomes."""
+    return self._candidates(
+        jax.vmap(lambda g: to_policy(self.model.info, g, self.config.per_channel))(genomes))
+
+  def pad(self, genomes: Genome) -> Genome:
+    """Repeats the last genome so that K is a multiple of the device count."""
+    pad = -int(genomes.p.shape[0]) % self.num_devices
+    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]), genomes)
+
+  def finetune(self, genomes: Genome) -> tuple[Variables, np.ndarray]:
+    """Fine-tunes one copy of the model per genome; returns stacked variables, diverged (K,)."""
+    k = genomes.p.shape[0]
+    policies = self.policies(genomes)
+    stack = lambda x: jnp.broadcast_to(x, (k, *x.shape))
+    params = jax.tree.map(stack, self.variables["params"])
+    state = TrainState(step=jnp.zeros((k,), jnp.int32), params=params,
+                       batch_stats=jax.tree.map(stack, self.variables["batch_stats"]),
+                       opt_state=jax.vmap(self.tx.init)(params))
+    state = self._candidates(state)
+    finite = jnp.ones((k,), bool)
+    done, epoch = 0, 0
+    while done < self.steps:
+      for batch in data.iterate_batches(self.train, self.config.batch_size, train=True,
+                                        seed=self.config.seed, epoch=epoch):
+        if done == self.steps:
+          break
+        state, metrics = self._finetune_step(state, self._replicated(batch), policies)
+        finite = finite & jnp.isfinite(metrics["loss"])
+        done += 1
+      epoch += 1
+    leaves_finite = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                     for x in jax.tree.leaves(state.params)]
+    finite = finite & functools.reduce(jnp.logical_and, leaves_finite)
+    return state.variables, ~np.asarray(finite)
+
+  def evaluate(self, genomes: Genome) -> dict[str, np.ndarray]:
+    """Metrics of K genomes: fitness, privacy, energy_mj, eps, accuracy, diverged."""
+    k = int(genomes.p.shape[0])
+    padded = self.pad(genomes)
+    energy = np.asarray(population_energy(self.model.info, padded, self.config.device,
+                                          self.config.transmission).total_mj)
+    t0 = time.time()
+    variables, diverged = self.finetune(padded)
+    t1 = time.time()
+    policies = self.policies(padded)
+    accuracy = self.accuracy(variables, policies)
+    t2 = time.time()
+    x, images = self._replicated((self.privacy_x, self.privacy_images))
+    all_splits = np.asarray(self._privacy_all_splits(variables, policies, x, images))
+    priv = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1]
+    t3 = time.time()
+    self.seconds["finetune"] += t1 - t0
+    self.seconds["accuracy"] += t2 - t1
+    self.seconds["privacy"] += t3 - t2
+    eps = self.float_accuracy - accuracy
+    fitness = np.asarray(combine(jnp.asarray(priv), jnp.asarray(energy), jnp.asarray(eps),
+                                 self.config))
+    bad = diverged | ~np.isfinite(fitness) | ~np.isfinite(priv)
+    for i in np.flatnonzero(bad[:k]):
+      logging.warning("candidate p=%d w=%s diverged during fine-tuning: fitness set to 0",
+                      int(padded.p[i]), np.asarray(padded.w_bits[i]).tolist())
+    fitness = np.where(bad, 0.0, fitness)
+    out = dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, accuracy=accuracy,
+               diverged=bad)
+    return {name: np.asarray(v)[:k] for name, v in out.items()}

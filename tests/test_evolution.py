@@ -1,0 +1,225 @@
+"""The functional search: operators, K = 1 equals Algorithm 1, batched tournaments, caching."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxpart_jax.genome import Genome
+from maxpart_jax.models import get_model
+from maxpart_jax.search import evolution
+from maxpart_jax.search.driver import CachedEvaluator, effective_key
+from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator, register
+
+SPACE = SearchSpace(w_choices=jnp.array([2, 4, 6, 8]), a_choices=jnp.array([8]),
+                    prob_p=jnp.float32(0.5), prob_gene=jnp.float32(0.3), max_split=9,
+                    num_layers=21, sample_size=4)
+
+
+def cheap_fitness(genomes: Genome) -> jax.Array:
+  """Deterministic stand-in: deeper splits and fewer bits score higher."""
+  return genomes.p * 10.0 - jnp.mean(genomes.w_bits, axis=-1)
+
+
+def _legal(genome: Genome, space: SearchSpace = SPACE) -> None:
+  assert genome.p.shape == () and genome.w_bits.shape == (space.num_layers,)
+  assert 1 <= int(genome.p) <= space.max_split
+  assert set(np.asarray(genome.w_bits).tolist()) <= set(np.asarray(space.w_choices).tolist())
+  assert set(np.asarray(genome.a_bits).tolist()) <= set(np.asarray(space.a_choices).tolist())
+  assert genome.p.dtype == genome.w_bits.dtype == jnp.int32
+
+
+def _random_genome(seed: int) -> Genome:
+  return get_operator("init", "uniform")(jax.random.key(seed), SPACE)
+
+
+@pytest.mark.parametrize("role,name", [(r, n) for r in OPERATORS for n in OPERATORS[r]])
+def test_every_registered_operator(role, name):
+  """Generic check of each operator: legal output, pure (same key, same result), jittable."""
+  op = jax.jit(get_operator(role, name), static_argnames=())
+  key = jax.random.key(3)
+  fitness = jnp.arange(8.0)[::-1]
+  idx = jnp.array([1, 5, 2, 7])
+  a, b = _random_genome(0), _random_genome(1)
+  if role == "init":
+    out = [op(key, SPACE), op(key, SPACE)]
+    _legal(out[0])
+  elif role == "mutate":
+    out = [op(key, a, SPACE), op(key, a, SPACE)]
+    _legal(out[0])
+    changed = [op(jax.random.key(s), a, SPACE) for s in range(20)]
+    assert any(int(c.p) != int(a.p) or not np.array_equal(c.w_bits, a.w_bits) for c in changed)
+  elif role == "crossover":
+    out = [op(key, a, b, SPACE), op(key, a, b, SPACE)]
+    _legal(out[0])
+    for field in ("w_bits", "a_bits"):  # every gene comes from one of the parents
+      child, pa, pb = (np.asarray(getattr(g, field)) for g in (out[0], a, b))
+      assert np.all((child == pa) | (child == pb))
+  elif role == "sample":
+    out = [op(key, fitness, SPACE), op(key, fitness, SPACE)]
+    assert out[0].shape == (SPACE.sample_size,) and len(set(np.asarray(out[0]).tolist())) == 4
+    assert np.all((np.asarray(out[0]) >= 0) & (np.asarray(out[0]) < 8))
+  elif role == "select":
+    out = [op(fitness, idx), op(fitness, idx)]
+    assert int(out[0]) in np.asarray(idx).tolist()
+  else:  # replace
+    age = jnp.array([5, 3, 7, 0, 1, 2, 4, 6])
+    out = [op(fitness, age, idx), op(fitness, age, idx)]
+    assert 0 <= int(out[0]) < 8
+  jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
+
+
+def test_paper_operators_by_hand():
+  fitness = jnp.array([3.0, 9.0, 1.0, 7.0, 5.0])
+  idx = jnp.array([0, 2, 3])
+  assert int(get_operator("select", "best")(fitness, idx)) == 3
+  assert int(get_operator("replace", "worst")(fitness, jnp.arange(5), idx)) == 2
+  assert int(get_operator("replace", "oldest")(fitness, jnp.array([4, 2, 9, 0, 5]), idx)) == 3
+  a = _random_genome(0)
+  never = SPACE.replace(prob_p=jnp.float32(0.0), prob_gene=jnp.float32(0.0))
+  jax.tree.map(np.testing.assert_array_equal,
+               get_operator("mutate", "resample")(jax.random.key(1), a, never), a)
+  rates = np.mean([np.asarray(get_operator("mutate", "resample")(jax.random.key(s), a, SPACE).w_bits
+                              != a.w_bits) for s in range(200)])
+  assert rates == pytest.approx(0.3 * 0.75, abs=0.03)  # re-drawn w.p. 0.3, changed w.p. 3/4
+
+
+def test_register_and_unknown_names():
+  @register("mutate", "test_identity")
+  def identity(key, genome, space):
+    del key, space
+    return genome
+
+  try:
+    strategy = evolution.Strategy(pop_size=4, mutate="test_identity")
+    assert strategy.op("mutate") is identity
+    with pytest.raises(ValueError, match="already registered"):
+      register("mutate", "test_identity")(identity)
+  finally:
+    del OPERATORS["mutate"]["test_identity"]
+  with pytest.raises(ValueError, match=r"unknown mutate operator 'nope'; registered: \['resample'"):
+    evolution.Strategy(pop_size=4, mutate="nope")
+  with pytest.raises(ValueError, match="unknown operator role"):
+    register("breed", "x")
+
+
+def reference_algorithm_1(key, space, n, iterations):
+  """Algorithm 1 written plainly: Python lists, one tournament at a time."""
+  init_op = get_operator("init", "uniform")
+  mutate = get_operator("mutate", "resample")
+  keys = jax.random.split(key, 2)
+  population = [init_op(k, space) for k in jax.random.split(keys[0], n)]
+  fitness = [float(cheap_fitness(g)) for g in population]
+  best, best_f = population[int(np.argmax(fitness))], max(fitness)
+  trajectory = []
+  for t in range(iterations):
+    k_sample, _, k_mutate = jax.random.split(jax.random.split(jax.random.fold_in(keys[1], t), 1)[0], 3)
+    sample = np.asarray(jax.random.choice(k_sample, n, (space.sample_size,), replace=False))
+    parent = max(sample, key=lambda i: (fitness[i], -list(sample).index(i)))
+    child = mutate(k_mutate, population[parent], space)
+    worst = min(sample, key=lambda i: (fitness[i], list(sample).index(i)))
+    child_f = float(cheap_fitness(child))
+    population[worst], fitness[worst] = child, child_f
+    if child_f > best_f:
+      best, best_f = child, child_f
+    trajectory.append((int(child.p), np.asarray(child.w_bits).tolist(), best_f))
+  return trajectory, best
+
+
+def run_functional(key, space, strategy, iterations):
+  keys = jax.random.split(key, 2)
+  state = evolution.init(keys[0], space, strategy)
+  state = evolution.tell_initial(state, cheap_fitness(state.population))
+  ask = jax.jit(lambda k, s: evolution.ask(k, s, space, strategy))
+  tell = jax.jit(lambda s, c, f: evolution.tell(s, c, f, strategy))
+  trajectory = []
+  for t in range(iterations):
+    children, state = ask(jax.random.fold_in(keys[1], t), state)
+    state = tell(state, children, cheap_fitness(children))
+    trajectory.append((int(children.p[0]), np.asarray(children.w_bits[0]).tolist(),
+                       float(state.best_fitness)))
+  return trajectory, state
+
+
+def test_k1_is_exactly_algorithm_1():
+  key = jax.random.key(42)
+  expected, best = reference_algorithm_1(key, SPACE, n=8, iterations=60)
+  got, state = run_functional(key, SPACE, evolution.Strategy(pop_size=8), 60)
+  assert got == expected
+  jax.tree.map(np.testing.assert_array_equal, state.best, best)
+
+
+def test_batched_tournaments_improve_and_keep_population_legal():
+  strategy = evolution.Strategy(pop_size=8, num_tournaments=4)
+  _, state = run_functional(jax.random.key(0), SPACE, strategy, 30)
+  assert state.population.p.shape == (8,) and int(state.births) == 8 + 30 * 4
+  for i in range(8):
+    _legal(jax.tree.map(lambda x: x[i], state.population))
+  np.testing.assert_allclose(state.fitness, cheap_fitness(state.population))
+  assert int(state.best.p) == 9 and float(state.best_fitness) > 85.0  # optimum: 88
+  assert float(state.best_fitness) >= float(jnp.max(state.fitness))
+
+
+def test_tell_replaces_sequentially_within_a_step():
+  strategy = evolution.Strategy(pop_size=4, num_tournaments=2)
+  space = SPACE.replace(sample_size=2)
+  state = evolution.init(jax.random.key(0), space, strategy)
+  state = evolution.tell_initial(state, jnp.array([1.0, 2.0, 3.0, 4.0]))
+  children = jax.tree.map(lambda x: jnp.stack([x, x]), _random_genome(7))
+  # Both tournaments sampled members 0 and 1: the first child replaces 0 (worst, 1.0),
+  # the second then replaces 1 (now the worst of {child 10.0, 2.0}).
+  state = state.replace(samples=jnp.array([[0, 1], [0, 1]], jnp.int32))
+  state = evolution.tell(state, children, jnp.array([10.0, 20.0]), strategy)
+  np.testing.assert_array_equal(state.fitness, [10.0, 20.0, 3.0, 4.0])
+  np.testing.assert_array_equal(state.age, [4, 5, 2, 3])
+
+
+def test_effective_key_ignores_masked_genes_and_cache_counts_hits():
+  info = get_model("resnet18", width=0.125).info
+  base = Genome(p=jnp.int32(3), w_bits=jnp.full(21, 4, jnp.int32), a_bits=jnp.full(21, 8, jnp.int32))
+  masked = base.replace(w_bits=base.w_bits.at[0].set(2).at[10].set(6))  # stem and a cloud layer
+  assert effective_key(info, base) == effective_key(info, masked)
+  assert effective_key(info, base) != effective_key(info, base.replace(w_bits=base.w_bits.at[2].set(2)))
+  assert effective_key(info, base) != effective_key(info, base.replace(p=jnp.int32(4)))
+
+  class Counting:
+    model = type("M", (), {"info": info})()
+    calls = []
+
+    def evaluate(self, genomes):
+      self.calls.append(int(genomes.p.shape[0]))
+      f = np.asarray(cheap_fitness(genomes), float)
+      return {m: f for m in ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")}
+
+  evaluator = Counting()
+  cached = CachedEvaluator(evaluator, {})
+  batch = jax.tree.map(lambda *xs: jnp.stack(xs), base, masked, base.replace(p=jnp.int32(5)))
+  first = cached(batch)
+  assert evaluator.calls == [2]  # base and masked are one candidate
+  second = cached(batch)
+  assert evaluator.calls == [2] and cached.hits == 1 + 3 and cached.lookups == 6
+  np.testing.assert_array_equal(first["fitness"], second["fitness"])
+
+
+def test_readme_operator_example(tmp_path, monkeypatch):
+  """The README's worked example registers through config.operator_modules and runs."""
+  from experiments.configs import search as search_configs
+  from maxpart_jax.search import driver
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  section = readme[readme.index("## Adding a search operator"):]
+  code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 3)]
+  (tmp_path / "my_ops.py").write_text(code)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config = search_configs.get_config("smoke")
+  config.operator_modules = "my_ops"
+  config.search.mutate = "lower_bits"
+  try:
+    driver.validate_config(config)
+    strategy = driver.strategy_from_config(config)
+    a = _random_genome(0)
+    child = strategy.op("mutate")(jax.random.key(0), a, SPACE.replace(prob_gene=jnp.float32(1.0)))
+    np.testing.assert_array_equal(child.w_bits, np.full(SPACE.num_layers, 2))
+  finally:
+    OPERATORS["mutate"].pop("lower_bits", None)

@@ -1,0 +1,192 @@
+"""Fitness evaluation and the search driver: metrics, devices, resume, bad input, divergence."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import search as search_configs
+from maxpart_jax import checkpoint, data, profile
+from maxpart_jax.energy import edge_energy
+from maxpart_jax.genome import Genome, to_policy, uniform_genome
+from maxpart_jax.search import driver
+from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish
+from maxpart_jax.train import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def smoke(fake_data_dir, tmp_path_factory):
+  """The smoke search config on fake data, with its model pre-trained once."""
+  config = search_configs.get_config("smoke")
+  config.data_dir = fake_data_dir
+  config.model_dir = str(tmp_path_factory.mktemp("pretrained") / "model")
+  driver.load_or_pretrain(config)
+  return config
+
+
+def _genomes(info, specs):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[uniform_genome(info, p, w, 8) for p, w in specs])
+
+
+def _evaluator(config, fitness=None, **kwargs):
+  model, variables, _ = checkpoint.load_model(config.model_dir)
+  split = dict(data_dir=config.data_dir)
+  train, val = data.load_split("train", **split), data.load_split("val", **split)
+  images = val.take(8, seed=1).float_images()
+  return model, variables, val, images, Evaluator(model, variables, train, val, images,
+                                                  fitness or FitnessConfig(**kwargs))
+
+
+def test_punish_and_fitness_by_hand():
+  assert float(punish(0.1, jnp.float32(0.5), 0.35)) == pytest.approx(0.1 ** (0.5 / 0.35 - 1))
+  assert float(punish(0.1, jnp.float32(0.3), 0.35)) == 1.0
+  config = FitnessConfig(eps_bound=0.02)
+  f = combine(jnp.float32(1.5), jnp.float32(0.7), jnp.float32(0.04), config)
+  assert float(f) == pytest.approx(1.5 * 0.1 ** (0.7 / 0.35 - 1) * 0.1 ** (0.04 / 0.02 - 1), rel=1e-5)
+  assert float(combine(jnp.float32(1.5), jnp.float32(0.1), jnp.float32(-0.01), config)) == 1.5
+
+
+def test_evaluator_metrics_match_independent_computations(smoke):
+  model, variables, val, images, ev = _evaluator(smoke, finetune_steps=0, batch_size=16,
+                                                 eps_bound=0.05)
+  genomes = _genomes(model.info, [(2, 4), (4, 2), (5, 32)])
+  out = ev.evaluate(genomes)
+  float_acc = evaluate(model, variables, val)
+  assert ev.float_accuracy == pytest.approx(float_acc)
+  for i in range(3):
+    g = jax.tree.map(lambda x: x[i], genomes)
+    acc = evaluate(model, variables, val, policy=to_policy(model.info, g))
+    assert out["accuracy"][i] == pytest.approx(acc)
+    assert out["eps"][i] == pytest.approx(float_acc - acc)
+    assert out["energy_mj"][i] == pytest.approx(float(edge_energy(model.info, g).total_mj), rel=1e-6)
+    prof = profile.block_profile(model, variables, images, genome=g)
+    assert out["privacy"][i] == pytest.approx(prof["blocks"][int(g.p) - 1]["privacy"], rel=1e-4)
+    expected = combine(jnp.float32(out["privacy"][i]), jnp.float32(out["energy_mj"][i]),
+                       jnp.float32(out["eps"][i]), ev.config)
+    assert out["fitness"][i] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_finetuning_moves_weights_and_divergence_gives_zero(smoke, caplog):
+  model, variables, _, _, ev = _evaluator(smoke, finetune_steps=3, batch_size=16)
+  genomes = _genomes(model.info, [(3, 2), (3, 8)])
+  tuned, diverged = ev.finetune(genomes)
+  assert not diverged.any()
+  kernel = variables["params"]["blocks_1"]["conv1"]["kernel"]
+  assert not np.allclose(tuned["params"]["blocks_1"]["conv1"]["kernel"][0], kernel)
+  assert not np.allclose(tuned["params"]["blocks_1"]["conv1"]["kernel"][0],
+                         tuned["params"]["blocks_1"]["conv1"]["kernel"][1])
+  _, _, _, _, wild = _evaluator(smoke, finetune_steps=3, batch_size=16, finetune_lr=1e12)
+  with caplog.at_level("WARNING"):
+    out = wild.evaluate(genomes)
+  assert out["diverged"].all() and np.all(out["fitness"] == 0.0)
+  assert "diverged during fine-tuning: fitness set to 0" in caplog.text
+
+
+DEVICE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from maxpart_jax import checkpoint, data
+    from maxpart_jax.genome import uniform_genome
+    from maxpart_jax.search.fitness import Evaluator, FitnessConfig, candidate_mesh
+    model_dir, data_dir = sys.argv[1:3]
+    assert jax.device_count() == 8, jax.devices()
+    model, variables, _ = checkpoint.load_model(model_dir)
+    train, val = data.load_split("train", data_dir=data_dir), data.load_split("val", data_dir=data_dir)
+    images = val.take(8, seed=1).float_images()
+    specs = [(1, 2), (2, 4), (3, 6), (4, 8), (5, 2)]   # K = 5: padded to 8 on 8 devices
+    genomes = jax.tree.map(lambda *x: jax.numpy.stack(x),
+                           *[uniform_genome(model.info, p, w, 32) for p, w in specs])
+    config = FitnessConfig(finetune_steps=3, batch_size=16)
+    out = {}
+    for n in (1, 8):
+      ev = Evaluator(model, variables, train, val, images, config, mesh=candidate_mesh(jax.devices()[:n]))
+      res = ev.evaluate(genomes)
+      out[n] = {k: np.asarray(v, float).tolist() for k, v in res.items()}
+    print(json.dumps(out))
+""")
+
+
+def test_one_and_eight_devices_agree(smoke):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, smoke.model_dir, smoke.data_dir],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for metric in ("fitness", "privacy", "energy_mj", "eps", "accuracy"):
+    np.testing.assert_allclose(out["1"][metric], out["8"][metric], rtol=1e-4, atol=1e-4,
+                               err_msg=metric)
+
+
+def _strip_times(report):
+  return {k: v for k, v in report.items() if k not in ("search_seconds", "phase_seconds")}
+
+
+def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
+  straight = driver.run_search(smoke, str(tmp_path / "a"))
+  calls = {"n": 0}
+  real = Evaluator.evaluate
+
+  def crash_on_third_evaluation(self, genomes):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      raise KeyboardInterrupt("simulated kill")
+    return real(self, genomes)
+
+  monkeypatch.setattr(Evaluator, "evaluate", crash_on_third_evaluation)
+  with pytest.raises(KeyboardInterrupt):
+    driver.run_search(smoke, str(tmp_path / "b"))
+  monkeypatch.setattr(Evaluator, "evaluate", real)
+  resumed = driver.run_search(smoke, str(tmp_path / "b"))
+  assert _strip_times(resumed) == _strip_times(straight)
+  history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
+  assert history[0] == history[1] and len(history[0]) == 1 + 2  # init + T/K steps
+  assert 0.0 <= straight["cache_hit_rate"] <= 1.0
+  for name in ("best.json", "history.csv", "fitness.png", "policy.png"):
+    assert os.path.exists(tmp_path / "a" / name)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("search.sample_size", 9, "sample_size S=9 must be in 1..N"),
+    ("search.w_bits", (), "must not be empty"),
+    ("search.w_bits", (2, 40), r"search.w_bits out of range: \[40\]"),
+    ("fitness.budget_mj", 0.0, "budget_mj .* must be > 0"),
+    ("fitness.lambda_energy", 1.5, r"lambda_energy \(λ\) must be in \(0, 1\)"),
+    ("search.mutate", "teleport", "unknown mutate operator 'teleport'"),
+    ("pretrain.model.name", "alexnet", "unknown model 'alexnet'"),
+])
+def test_bad_config_stops_before_any_work(tmp_path, field, value, message):
+  config = search_configs.get_config("smoke")
+  config.model_dir = str(tmp_path / "model")
+  section, name = field.rsplit(".", 1)
+  target = config
+  for part in section.split("."):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(ValueError, match=message):
+    driver.run_search(config, str(tmp_path / "search"))
+  assert not os.path.exists(tmp_path / "model") and not os.path.exists(tmp_path / "search")
+
+
+def test_mismatched_checkpoint_is_rejected(smoke, tmp_path):
+  config = search_configs.get_config("smoke")
+  config.data_dir, config.model_dir = smoke.data_dir, smoke.model_dir
+  config.pretrain.model.width = 0.25
+  with pytest.raises(ValueError, match="but the config asks for"):
+    driver.run_search(config, str(tmp_path))
+
+
+def test_search_cli_reports_bad_config(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.search", "--config=experiments/configs/search.py:smoke",
+       "--config.search.sample_size=99", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, cwd=REPO)
+  assert proc.returncode != 0 and "error: search.sample_size S=99" in proc.stderr
