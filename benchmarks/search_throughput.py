@@ -54,7 +54,7 @@ def throughput(ks: list[int]) -> list[dict[str, float]]:
   init = get_operator("init", "uniform")
   rows = []
   for k in ks:
-    evaluator = Evaluator(model, variables, train, val, images, config)
+    evaluator = Evaluator(model, variables, train, val, images, config, candidates_per_call=k)
     genomes = jax.vmap(lambda key: init(key, space))(jax.random.split(jax.random.key(k), k))
     evaluator.evaluate(genomes)  # compile
     start = time.perf_counter()

@@ -187,7 +187,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     val = val.take(min(config.val_images, len(val)), seed=config.search.seed)
   privacy_images = data.load_split("val", **split_kwargs).take(
       config.privacy_images, seed=config.search.seed + 1).float_images()
-  evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_config)
+  evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_config,
+                        candidates_per_call=strategy.num_tournaments)
   logging.info("float validation accuracy %.4f; fine-tuning %d steps per candidate on %d device(s)",
                evaluator.float_accuracy, evaluator.steps, evaluator.num_devices)
 
@@ -255,8 +256,7 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out, dataset) 
   single = evaluator.pad(jax.tree.map(lambda x: x[None], best))
   variables, _ = evaluator.finetune(single)
   test_accuracy = float(evaluator.accuracy(variables, evaluator.policies(single), test)[0])
-  float_test = float(evaluator.accuracy(jax.tree.map(lambda x: x[None], evaluator.variables),
-                                        None, test)[0])
+  float_test = evaluator.float_accuracy_on(test)
   w, a, ir_bits = effective_bits(info, best)
   metrics = cached.cache[effective_key(info, best)]
   report = {

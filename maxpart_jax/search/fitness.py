@@ -12,9 +12,10 @@
   that would be deployed).
 
 The K candidates of a step are fine-tuned together: their variables are stacked on
-a leading candidate axis and every step is ``jax.vmap``-ped over it; the candidate
-axis is sharded over all devices (``NamedSharding``), so on 8 TPU cores 8 candidates
-train at once. All candidates see the same batches, so a genome's fitness does not
+a leading candidate axis placed split over all devices (``NamedSharding``), and jit
+partitions the work along it, so on 8 TPU cores 8 candidates train at once. The
+candidates of a device are ``jax.vmap``-ped into one computation (GPU/TPU) or, on a
+CPU, where vmapped convolutions become slow grouped convolutions, taken one per call. All candidates see the same batches, so a genome's fitness does not
 depend on which other genomes share its step. A candidate whose fine-tuning
 diverges (non-finite loss or weights) gets fitness 0.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -54,6 +55,10 @@ class FitnessConfig:
     metric, normalization: the privacy score.
     per_channel: per-channel weight quantization.
     seed: the fine-tuning data order.
+    candidate_loop: how a device runs its candidates: ``vmap`` (all in one batched
+      computation, for GPU/TPU), ``map`` (one per device per call, calls in a loop; on a
+      CPU vmapped convolutions become grouped convolutions, several times slower) or
+      ``auto`` (``map`` on CPU devices, else ``vmap``).
   """
 
   eps_bound: float = 0.03
@@ -69,6 +74,7 @@ class FitnessConfig:
   normalization: str = "zscore"
   per_channel: bool = False
   seed: int = 0
+  candidate_loop: str = "auto"
 
   def __post_init__(self):
     for name in ("lambda_energy", "lambda_accuracy"):
@@ -78,6 +84,8 @@ class FitnessConfig:
       raise ValueError(f"the accuracy-loss bound must be > 0, got {self.eps_bound}")
     if self.finetune_steps is not None and self.finetune_steps < 0:
       raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+    if self.candidate_loop not in ("auto", "vmap", "map"):
+      raise ValueError(f"candidate_loop must be auto, vmap or map, got {self.candidate_loop!r}")
     if self.metric not in privacy.METRICS:
       raise ValueError(f"unknown privacy metric {self.metric!r}; choose from {privacy.METRICS}")
 
@@ -107,18 +115,28 @@ class Evaluator:
 
   def __init__(self, model: SplitModel, variables: Variables, train: data.Split,
                val: data.Split, privacy_images: np.ndarray, config: FitnessConfig,
-               mesh: Mesh | None = None, val_batch_size: int = 500):
+               mesh: Mesh | None = None, val_batch_size: int = 500,
+               candidates_per_call: int = 1):
     self.model, self.variables, self.config = model, variables, config
     self.train, self.val, self.val_batch_size = train, val, val_batch_size
     self.privacy_images = np.asarray(privacy_images, np.float32)
     self.privacy_x = data.normalize(self.privacy_images, train.dataset)
     self.mesh = mesh or candidate_mesh()
     self.num_devices = self.mesh.devices.size
+    loop = config.candidate_loop
+    if loop == "auto":
+      loop = "map" if self.mesh.devices.flat[0].platform == "cpu" else "vmap"
+    self.candidate_loop = loop
+    # Every compiled call sees exactly `chunk` candidates (a multiple of the device count),
+    # so a step whose cache hits leave fewer genomes to evaluate does not recompile.
+    # "map" runs one candidate per device per call and loops over calls.
+    per_call = 1 if loop == "map" else max(candidates_per_call, 1)
+    self.chunk = -(-per_call // self.num_devices) * self.num_devices
     self.steps = (config.finetune_steps if config.finetune_steps is not None else
                   data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True))
     self.tx = optax.sgd(config.finetune_lr, momentum=config.finetune_momentum)
-    self.float_accuracy = self._float_accuracy()
     self.seconds = {"finetune": 0.0, "accuracy": 0.0, "privacy": 0.0}
+    self.float_accuracy = self.float_accuracy_on(val)
 
   # --- sharding helpers -------------------------------------------------------
 
@@ -129,19 +147,26 @@ class Evaluator:
   def _replicated(self, tree: Any) -> Any:
     return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
-  # --- compiled, candidate-vmapped steps -----------------------------------------
+  # --- compiled per-candidate steps ------------------------------------------------
+
+  def _per_candidate(self, fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Callable:
+    """``fn`` jitted and vmapped over the candidate axis (``in_axes`` 0; None: shared data).
+
+    Candidate-stacked inputs are placed split over the mesh by :meth:`_candidates`,
+    so jit partitions the work over devices.
+    """
+    return jax.jit(jax.vmap(fn, in_axes=in_axes))
 
   @functools.cached_property
   def _finetune_step(self):
-    step = functools.partial(train_step, self.model, self.tx)
-    return jax.jit(jax.vmap(step, in_axes=(0, None, 0)))
+    return self._per_candidate(functools.partial(train_step, self.model, self.tx), (0, None, 0))
 
   @functools.cached_property
   def _count_correct(self):
     def count(variables, policy, images, labels):
       logits = self.model.apply(variables, images, policy=policy)
       return jnp.sum(jnp.argmax(logits, -1) == labels)
-    return jax.jit(jax.vmap(count, in_axes=(0, 0, None, None)))
+    return self._per_candidate(count, (0, 0, None, None))
 
   @functools.cached_property
   def _privacy_all_splits(self):
@@ -156,13 +181,14 @@ class Evaluator:
                                                   normalization=config.normalization)))
       return jnp.stack(out)
 
-    return jax.jit(jax.vmap(scores, in_axes=(0, 0, None, None)))
+    return self._per_candidate(scores, (0, 0, None, None))
 
   # --- evaluation ------------------------------------------------------------
 
-  def _float_accuracy(self) -> float:
-    single = jax.tree.map(lambda x: x[None], self.variables)
-    return float(self.accuracy(single, None)[0])
+  def float_accuracy_on(self, split: data.Split) -> float:
+    """Top-1 accuracy of the pre-trained float model on ``split``."""
+    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.chunk, *x.shape)), self.variables)
+    return float(self.accuracy(self._candidates(copies), None, split)[0])
 
   def accuracy(self, variables: Variables, policies: Any, split: data.Split | None = None) -> np.ndarray:
     """(K,) top-1 accuracy of candidate-stacked ``variables`` on ``split`` (default: val)."""
@@ -179,8 +205,8 @@ class Evaluator:
         jax.vmap(lambda g: to_policy(self.model.info, g, self.config.per_channel))(genomes))
 
   def pad(self, genomes: Genome) -> Genome:
-    """Repeats the last genome so that K is a multiple of the device count."""
-    pad = -int(genomes.p.shape[0]) % self.num_devices
+    """Repeats the last genome so that K is a multiple of the compiled chunk size."""
+    pad = -int(genomes.p.shape[0]) % self.chunk
     return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]), genomes)
 
   def finetune(self, genomes: Genome) -> tuple[Variables, np.ndarray]:
@@ -213,6 +239,12 @@ class Evaluator:
     """Metrics of K genomes: fitness, privacy, energy_mj, eps, accuracy, diverged."""
     k = int(genomes.p.shape[0])
     padded = self.pad(genomes)
+    chunks = [self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded))
+              for i in range(0, int(padded.p.shape[0]), self.chunk)]
+    return {name: np.concatenate([c[name] for c in chunks])[:k] for name in chunks[0]}
+
+  def _evaluate_chunk(self, padded: Genome) -> dict[str, np.ndarray]:
+    """:meth:`evaluate` of exactly ``chunk`` genomes."""
     energy = np.asarray(population_energy(self.model.info, padded, self.config.device,
                                           self.config.transmission).total_mj)
     t0 = time.time()
@@ -232,10 +264,9 @@ class Evaluator:
     fitness = np.asarray(combine(jnp.asarray(priv), jnp.asarray(energy), jnp.asarray(eps),
                                  self.config))
     bad = diverged | ~np.isfinite(fitness) | ~np.isfinite(priv)
-    for i in np.flatnonzero(bad[:k]):
+    for i in np.flatnonzero(bad):
       logging.warning("candidate p=%d w=%s diverged during fine-tuning: fitness set to 0",
                       int(padded.p[i]), np.asarray(padded.w_bits[i]).tolist())
     fitness = np.where(bad, 0.0, fitness)
-    out = dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, accuracy=accuracy,
-               diverged=bad)
-    return {name: np.asarray(v)[:k] for name, v in out.items()}
+    return dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, accuracy=accuracy,
+                diverged=bad)
