@@ -14,7 +14,6 @@ With ``--paper_time`` the measured K=1 rate is also projected to a 1000-iteratio
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -22,7 +21,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.configs import search as search_configs
 from maxpart_jax import checkpoint, data

@@ -18,8 +18,6 @@ import time
 from typing import Any, Callable
 
 from absl import app, flags, logging
-import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")

@@ -14,7 +14,7 @@ import pytest
 from experiments.configs import search as search_configs
 from maxpart_jax import checkpoint, data, profile
 from maxpart_jax.energy import edge_energy
-from maxpart_jax.genome import Genome, to_policy, uniform_genome
+from maxpart_jax.genome import to_policy, uniform_genome
 from maxpart_jax.search import driver
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish
 from maxpart_jax.train import evaluate
