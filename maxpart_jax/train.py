@@ -98,14 +98,18 @@ def evaluate(model: SplitModel, variables: Variables, split: data.Split, batch_s
   """Top-1 accuracy of ``model`` on a whole split (inference-mode batch norm)."""
   correct = 0
   for batch in data.iterate_batches(split, batch_size, train=False):
-    correct += int(_count_correct(model, variables, batch["image"], batch["label"], policy))
+    correct += int(_count_correct_jit(model, variables, batch["image"], batch["label"], policy))
   return correct / len(split)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _count_correct(model, variables, images, labels, policy):
+def count_correct(model: SplitModel, variables: Variables, images: jax.Array, labels: jax.Array,
+                  policy: QuantPolicy | None = None) -> jax.Array:
+  """Number of correct top-1 predictions in one batch (inference-mode batch norm)."""
   logits = model.apply(variables, images, policy=policy)
   return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+
+_count_correct_jit = jax.jit(count_correct, static_argnums=0)
 
 
 class Progress:

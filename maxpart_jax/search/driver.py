@@ -34,7 +34,7 @@ from maxpart_jax.quant import check_bits
 from maxpart_jax.search import evolution
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig
 from maxpart_jax.search.operators import SearchSpace
-from maxpart_jax.train import Progress
+from maxpart_jax.train import Progress, model_spec
 
 STATE_FILE = "search_state.npz"
 METRICS = ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")
@@ -115,9 +115,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
                  workdir)
     train_and_evaluate(config.pretrain, workdir)
   model, variables, meta = checkpoint.load_model(config.model_dir)
-  expected = config.pretrain.model.to_dict()
-  stored = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
-  expected = {k: tuple(v) if isinstance(v, list) else v for k, v in expected.items()}
+  stored, expected = meta["model"], model_spec(config.pretrain)
   if stored != expected:
     raise ValueError(f"the checkpoint at {config.model_dir} is {stored}, but the config asks for "
                      f"{expected}: point model_dir at a matching checkpoint")
@@ -159,8 +157,7 @@ class CachedEvaluator:
     info = self.evaluator.model.info
     k = int(genomes.p.shape[0])
     keys = [effective_key(info, jax.tree.map(lambda x: x[i], genomes)) for i in range(k)]
-    todo = [i for i, key in enumerate(keys) if key not in self.cache
-            and key not in [keys[j] for j in range(i)]]
+    todo = [keys.index(key) for key in dict.fromkeys(keys) if key not in self.cache]
     self.lookups += k
     self.hits += k - len(todo)
     if todo:

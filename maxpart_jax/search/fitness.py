@@ -38,7 +38,7 @@ from maxpart_jax import data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
-from maxpart_jax.train import TrainState, train_step
+from maxpart_jax.train import TrainState, count_correct, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +163,8 @@ class Evaluator:
 
   @functools.cached_property
   def _count_correct(self):
-    def count(variables, policy, images, labels):
-      logits = self.model.apply(variables, images, policy=policy)
-      return jnp.sum(jnp.argmax(logits, -1) == labels)
+    count = lambda variables, policy, images, labels: count_correct(
+        self.model, variables, images, labels, policy)
     return self._per_candidate(count, (0, 0, None, None))
 
   @functools.cached_property
