@@ -13,12 +13,10 @@ import json
 from typing import Any
 
 from absl import app, flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from maxpart_jax.energy import DeviceConfig, population_energy
-from maxpart_jax.genome import uniform_genome, validate_genome
+from maxpart_jax.baselines import deepest_split, split_energies
+from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.models import SplitModel, available_models, get_model
 
 _MODEL = flags.DEFINE_string("model", "resnet18", f"one of {available_models()}")
@@ -34,20 +32,17 @@ def energy_report(model: SplitModel, weight_bits: int, act_bits: int, transmissi
                   device: DeviceConfig = DeviceConfig()) -> dict[str, Any]:
   """Per-split energy of ``model`` at uniform bits, and the deepest split within budget."""
   info = model.info
-  splits = jnp.arange(1, info.max_split + 1)
-  population = jax.vmap(lambda p: uniform_genome(info, p, weight_bits, act_bits))(splits)
-  validate_genome(info, population)
-  energy = population_energy(info, population, device, transmission)
+  energy = split_energies(info, weight_bits, act_bits, device, transmission)
   compute, tx = np.asarray(energy.compute_mj), np.asarray(energy.transmission_mj)
   layers_on_edge = np.cumsum([len(b.layer_ids) for b in info.blocks])
   rows = [dict(index=p, block=info.blocks[p - 1].label, layers=int(layers_on_edge[p - 1]),
                compute_mj=float(compute[p - 1]), transmission_mj=float(tx[p - 1]),
                total_mj=float(compute[p - 1] + tx[p - 1]))
           for p in range(1, info.max_split + 1)]
-  fitting = [r["index"] for r in rows if r["total_mj"] < device.budget_mj]
+  deepest = deepest_split(info, weight_bits, act_bits, device, transmission)
   return dict(model=model.name, weight_bits=weight_bits, act_bits=act_bits,
               transmission=transmission, budget_mj=device.budget_mj, splits=rows,
-              deepest_split_within_budget=max(fitting) if fitting else None)
+              deepest_split_within_budget=deepest or None)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -23,3 +23,15 @@ def write_fake_cifar(folder: pathlib.Path, n_train: int = 320, n_test: int = 100
 @pytest.fixture(scope="session")
 def fake_data_dir(tmp_path_factory) -> str:
   return str(write_fake_cifar(tmp_path_factory.mktemp("fake_cifar100")))
+
+
+@pytest.fixture(scope="session")
+def smoke(fake_data_dir, tmp_path_factory):
+  """The smoke search config on fake data, with its model pre-trained once per session."""
+  from experiments.configs import search as search_configs
+  from maxpart_jax.search import driver
+  config = search_configs.get_config("smoke")
+  config.data_dir = fake_data_dir
+  config.model_dir = str(tmp_path_factory.mktemp("pretrained") / "model")
+  driver.load_or_pretrain(config)
+  return config

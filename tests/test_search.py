@@ -22,16 +22,6 @@ from maxpart_jax.train import evaluate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def smoke(fake_data_dir, tmp_path_factory):
-  """The smoke search config on fake data, with its model pre-trained once."""
-  config = search_configs.get_config("smoke")
-  config.data_dir = fake_data_dir
-  config.model_dir = str(tmp_path_factory.mktemp("pretrained") / "model")
-  driver.load_or_pretrain(config)
-  return config
-
-
 def _genomes(info, specs):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *[uniform_genome(info, p, w, 8) for p, w in specs])
 

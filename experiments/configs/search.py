@@ -34,6 +34,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.val_images = 0  # validation images for ε (0: the whole hold-out)
   c.log_every_steps = 1
   c.operator_modules = ""  # comma-separated modules that register extra operators
+  # The architecture whose analytic energy counts. Empty name: the searched model itself.
+  # A narrow CPU-size model can be charged the energy of its paper-size original (same
+  # blocks and layers), so that E_b keeps the paper's meaning.
+  c.energy_model = ml_collections.ConfigDict(dict(name="", width=1.0))
 
   c.search = ml_collections.ConfigDict(dict(
       pop_size=20, sample_size=10, iterations=1000, num_tournaments=8, prob_p=0.5,

@@ -28,7 +28,7 @@ import numpy as np
 from maxpart_jax import checkpoint, data
 from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
-from maxpart_jax.models import available_models
+from maxpart_jax.models import available_models, get_model
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import check_bits
 from maxpart_jax.search import evolution
@@ -101,9 +101,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"fitness.budget_mj (E_b) must be > 0, got {config.fitness.budget_mj}")
   strategy_from_config(config)  # unknown operators
   fitness_from_config(config)  # λ, ε_b, metric
-  if config.pretrain.model.name not in available_models():
-    raise ValueError(f"unknown model {config.pretrain.model.name!r}; "
-                     f"available: {available_models()}")
+  for where, name in (("pretrain.model", config.pretrain.model.name),
+                      ("energy_model", config.energy_model.get("name") or
+                       config.pretrain.model.name)):
+    if name not in available_models():
+      raise ValueError(f"unknown model {name!r} in {where}; available: {available_models()}")
+
+
+def energy_info_from_config(config: ml_collections.ConfigDict) -> ModelInfo | None:
+  """Metadata of ``config.energy_model``, the architecture whose energy counts (None: the searched one).
+
+  A CPU-size search runs a narrow model but may charge the energy of the paper-size
+  one: same blocks and layers, more channels.
+  """
+  spec = config.energy_model.to_dict()
+  name = spec.pop("name", "")
+  if not name:
+    return None
+  spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if v is not None}
+  return get_model(name, **spec).info
 
 
 def load_or_pretrain(config: ml_collections.ConfigDict):
@@ -139,10 +155,11 @@ def _load(path: str, like: evolution.SearchState) -> tuple[evolution.SearchState
   return jax.tree.unflatten(treedef, leaves), meta
 
 
-def _config_hash(config: ml_collections.ConfigDict) -> str:
+def config_hash(config: ml_collections.ConfigDict) -> str:
   """Hash of the settings a resumed run must share (everything that changes results)."""
   relevant = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-              for k in ("search", "fitness", "model_dir", "privacy_images", "val_images")}
+              for k in ("search", "fitness", "model_dir", "privacy_images", "val_images",
+                        "energy_model")}
   return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -167,16 +184,11 @@ class CachedEvaluator:
     return {m: np.array([self.cache[key][m] for key in keys]) for m in METRICS}
 
 
-def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the search of ``config`` in ``workdir``; returns the final report."""
+def build_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
+  """Validates ``config``, loads (or pre-trains) its model and builds its fitness evaluator."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   model, variables, meta = load_or_pretrain(config)
-  info = model.info
-  strategy, space = strategy_from_config(config), space_from_config(config, info)
-  fitness_config = fitness_from_config(config)
-  dataset = meta["dataset"]
-  split_kwargs = dict(dataset=dataset, data_dir=config.data_dir or None,
+  split_kwargs = dict(dataset=meta["dataset"], data_dir=config.data_dir or None,
                       val_fraction=config.pretrain.val_fraction, seed=config.pretrain.data_seed)
   train = data.load_split("train", **split_kwargs)
   val = data.load_split("val", **split_kwargs)
@@ -184,21 +196,41 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     val = val.take(min(config.val_images, len(val)), seed=config.search.seed)
   privacy_images = data.load_split("val", **split_kwargs).take(
       config.privacy_images, seed=config.search.seed + 1).float_images()
-  evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_config,
-                        candidates_per_call=strategy.num_tournaments)
+  evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_from_config(config),
+                        candidates_per_call=config.search.num_tournaments,
+                        energy_info=energy_info_from_config(config))
   logging.info("float validation accuracy %.4f; fine-tuning %d steps per candidate on %d device(s)",
                evaluator.float_accuracy, evaluator.steps, evaluator.num_devices)
+  return evaluator
+
+
+def load_test_split(config: ml_collections.ConfigDict, evaluator: Evaluator) -> data.Split:
+  """The test split of the evaluator's dataset (final reports only)."""
+  return data.load_split("test", dataset=evaluator.train.dataset, data_dir=config.data_dir or None)
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str,
+               evaluator: Evaluator | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the search of ``config`` in ``workdir``; returns the final report.
+
+  ``evaluator``: one :func:`build_evaluator` made for ``config`` already (reused by
+  callers that evaluate more genomes of the same setting, such as the baselines).
+  """
+  evaluator = evaluator or build_evaluator(config)
+  os.makedirs(workdir, exist_ok=True)
+  info = evaluator.model.info
+  strategy, space = strategy_from_config(config), space_from_config(config, info)
 
   init_key, step_key = jax.random.split(jax.random.key(config.search.seed))
   ask = jax.jit(lambda k, st: evolution.ask(k, st, space, strategy))
   tell = jax.jit(lambda st, c, f: evolution.tell(st, c, f, strategy))
   state_path = os.path.join(workdir, STATE_FILE)
   state = evolution.init(init_key, space, strategy)
-  meta_out: dict[str, Any] = {"config_hash": _config_hash(config), "cache": {}, "history": [],
+  meta_out: dict[str, Any] = {"config_hash": config_hash(config), "cache": {}, "history": [],
                               "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False}
   if os.path.exists(state_path):
     state, meta_out = _load(state_path, state)
-    if meta_out["config_hash"] != _config_hash(config):
+    if meta_out["config_hash"] != config_hash(config):
       raise ValueError(f"{workdir} holds a search with a different config; use a new --workdir")
     logging.info("resuming the search at step %d", int(state.step))
   cached = CachedEvaluator(evaluator, meta_out["cache"])
@@ -232,7 +264,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     progress(int(state.step), f"best fitness {float(state.best_fitness):.4f} "
              f"cache hit rate {cached.hits / max(cached.lookups, 1):.2f}")
 
-  return _final_report(config, workdir, evaluator, cached, state, meta_out, dataset)
+  return _final_report(config, workdir, evaluator, cached, state, meta_out)
 
 
 def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: int) -> dict[str, Any]:
@@ -244,20 +276,19 @@ def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: in
           "best_eps": best["eps"]}
 
 
-def _final_report(config, workdir, evaluator, cached, state, meta_out, dataset) -> dict[str, Any]:
+def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[str, Any]:
   """Test-set numbers of the best genome, history files and plots."""
   from maxpart_jax.search import plots
   info = evaluator.model.info
   best = state.best
-  test = data.load_split("test", dataset=dataset, data_dir=config.data_dir or None)
-  single = evaluator.pad(jax.tree.map(lambda x: x[None], best))
-  variables, _ = evaluator.finetune(single)
-  test_accuracy = float(evaluator.accuracy(variables, evaluator.policies(single), test)[0])
+  test = load_test_split(config, evaluator)
+  test_accuracy = float(evaluator.evaluate(jax.tree.map(lambda x: x[None], best),
+                                           test=test)["test_accuracy"][0])
   float_test = evaluator.float_accuracy_on(test)
   w, a, ir_bits = effective_bits(info, best)
   metrics = cached.cache[effective_key(info, best)]
   report = {
-      "model": evaluator.model.name, "dataset": dataset, "p": int(best.p),
+      "model": evaluator.model.name, "dataset": evaluator.train.dataset, "p": int(best.p),
       "block": info.blocks[int(best.p) - 1].label,
       "w_bits": np.asarray(w).tolist(), "a_bits": np.asarray(a).tolist(), "ir_bits": int(ir_bits),
       "genome": {"p": int(best.p), "w_bits": np.asarray(best.w_bits).tolist(),

@@ -3,7 +3,9 @@
 ``F = P · punish(λ1, E, E_b) · punish(λ2, ε, ε_b)`` with
 ``punish(λ, v, b) = λ^(v/b − 1)`` if ``v > b`` else 1, where
 
-* ``E`` is the analytic edge energy (:mod:`maxpart_jax.energy`);
+* ``E`` is the analytic edge energy (:mod:`maxpart_jax.energy`), of the searched
+  model or of an ``energy_info`` stand-in with the same layers (a narrow model
+  searched on a CPU can be charged the energy of its paper-size original);
 * ``ε = acc_float − acc_quant``: validation accuracy of the pre-trained float model
   minus that of the model fine-tuned with its edge fake-quantized by the genome
   (SGD, lr 1e-3, momentum 0.9; one epoch unless ``finetune_steps`` says otherwise);
@@ -38,6 +40,7 @@ from maxpart_jax import data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.train import TrainState, count_correct, train_step
 
 
@@ -101,6 +104,20 @@ def combine(privacy_: jax.Array, energy: jax.Array, eps: jax.Array, config: Fitn
           * punish(config.lambda_accuracy, eps, config.eps_bound))
 
 
+def check_same_layers(info: ModelInfo, other: ModelInfo) -> None:
+  """Raises ``ValueError`` unless ``other`` has the blocks and layers of ``info``.
+
+  A genome of one model then means the same deployment on the other, which may
+  differ in width (channels) only.
+  """
+  mine = [(l.block, l.kind, l.quantizable) for l in info.layers]
+  theirs = [(l.block, l.kind, l.quantizable) for l in other.layers]
+  if mine != theirs or info.max_split != other.max_split:
+    raise ValueError(f"the energy model ({other.num_layers} layers, {len(other.blocks)} blocks) "
+                     f"does not have the layers of the searched model ({info.num_layers} layers, "
+                     f"{len(info.blocks)} blocks)")
+
+
 def candidate_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh whose single axis ``candidates`` spans ``devices`` (default: all)."""
   return Mesh(np.array(devices if devices is not None else jax.devices()), ("candidates",))
@@ -116,8 +133,10 @@ class Evaluator:
   def __init__(self, model: SplitModel, variables: Variables, train: data.Split,
                val: data.Split, privacy_images: np.ndarray, config: FitnessConfig,
                mesh: Mesh | None = None, val_batch_size: int = 500,
-               candidates_per_call: int = 1):
+               candidates_per_call: int = 1, energy_info: ModelInfo | None = None):
     self.model, self.variables, self.config = model, variables, config
+    self.energy_info = energy_info or model.info
+    check_same_layers(model.info, self.energy_info)
     self.train, self.val, self.val_batch_size = train, val, val_batch_size
     self.privacy_images = np.asarray(privacy_images, np.float32)
     self.privacy_x = data.normalize(self.privacy_images, train.dataset)
@@ -184,10 +203,14 @@ class Evaluator:
 
   # --- evaluation ------------------------------------------------------------
 
+  def _stacked_variables(self) -> Variables:
+    """``chunk`` candidate-sharded copies of the pre-trained variables."""
+    return self._candidates(
+        jax.tree.map(lambda x: jnp.broadcast_to(x, (self.chunk, *x.shape)), self.variables))
+
   def float_accuracy_on(self, split: data.Split) -> float:
     """Top-1 accuracy of the pre-trained float model on ``split``."""
-    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.chunk, *x.shape)), self.variables)
-    return float(self.accuracy(self._candidates(copies), None, split)[0])
+    return float(self.accuracy(self._stacked_variables(), None, split)[0])
 
   def accuracy(self, variables: Variables, policies: Any, split: data.Split | None = None) -> np.ndarray:
     """(K,) top-1 accuracy of candidate-stacked ``variables`` on ``split`` (default: val)."""
@@ -234,23 +257,37 @@ class Evaluator:
     finite = finite & functools.reduce(jnp.logical_and, leaves_finite)
     return state.variables, ~np.asarray(finite)
 
-  def evaluate(self, genomes: Genome) -> dict[str, np.ndarray]:
-    """Metrics of K genomes: fitness, privacy, energy_mj, eps, accuracy, diverged."""
+  def evaluate(self, genomes: Genome, test: data.Split | None = None,
+               finetune: bool = True) -> dict[str, np.ndarray]:
+    """Metrics of K genomes: fitness, privacy, energy_mj, eps, accuracy, diverged.
+
+    Args:
+      genomes: K genomes (leading axis).
+      test: also report ``test_accuracy`` on this split (final reports only).
+      finetune: ``False`` measures the pre-trained weights as they are (a float
+        baseline, which nothing needs to adapt to).
+    """
     k = int(genomes.p.shape[0])
     padded = self.pad(genomes)
-    chunks = [self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded))
+    chunks = [self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded), test,
+                                   finetune)
               for i in range(0, int(padded.p.shape[0]), self.chunk)]
     return {name: np.concatenate([c[name] for c in chunks])[:k] for name in chunks[0]}
 
-  def _evaluate_chunk(self, padded: Genome) -> dict[str, np.ndarray]:
+  def _evaluate_chunk(self, padded: Genome, test: data.Split | None,
+                      finetune: bool) -> dict[str, np.ndarray]:
     """:meth:`evaluate` of exactly ``chunk`` genomes."""
-    energy = np.asarray(population_energy(self.model.info, padded, self.config.device,
+    energy = np.asarray(population_energy(self.energy_info, padded, self.config.device,
                                           self.config.transmission).total_mj)
     t0 = time.time()
-    variables, diverged = self.finetune(padded)
+    if finetune:
+      variables, diverged = self.finetune(padded)
+    else:
+      variables, diverged = self._stacked_variables(), np.zeros(self.chunk, bool)
     t1 = time.time()
     policies = self.policies(padded)
     accuracy = self.accuracy(variables, policies)
+    extra = {} if test is None else {"test_accuracy": self.accuracy(variables, policies, test)}
     t2 = time.time()
     x, images = self._replicated((self.privacy_x, self.privacy_images))
     all_splits = np.asarray(self._privacy_all_splits(variables, policies, x, images))
@@ -268,4 +305,4 @@ class Evaluator:
                       int(padded.p[i]), np.asarray(padded.w_bits[i]).tolist())
     fitness = np.where(bad, 0.0, fitness)
     return dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, accuracy=accuracy,
-                diverged=bad)
+                diverged=bad, **extra)

@@ -1,0 +1,184 @@
+"""The paper's comparison for one model: baselines, search, Tables 2/4/5, Figs. 10/11/12 (SPEC §8).
+
+``run_reproduction(config, workdir)`` builds one evaluator (data, fine-tuning,
+privacy images, energy model), runs the search in ``<workdir>/search`` (resumable),
+evaluates the baselines of :mod:`maxpart_jax.baselines` with the very same
+evaluator, and writes ``<workdir>/report.md``, ``report.json`` and the figures.
+Every stage is saved as it finishes, so a restarted run redoes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maxpart_jax import baselines as baselines_lib
+from maxpart_jax import checkpoint, reporting
+from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, layer_energy_pj
+from maxpart_jax.genome import Genome, effective_bits
+from maxpart_jax.models import get_model
+from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.search import driver
+from maxpart_jax.search.fitness import check_same_layers
+
+PAPER_SEARCH_HOURS_RESNET18 = 3.4  # Guo et al. (2023): ResNet18 search on one GPU
+
+
+def _spec_model(spec: ml_collections.ConfigDict) -> ModelInfo:
+  spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.to_dict().items()
+          if v is not None}
+  return get_model(spec.pop("name"), **spec).info
+
+
+def _searched_genome(report: dict[str, Any]) -> Genome:
+  g = report["genome"]
+  return Genome(p=jnp.int32(g["p"]), w_bits=jnp.asarray(g["w_bits"], jnp.int32),
+                a_bits=jnp.asarray(g["a_bits"], jnp.int32))
+
+
+def block_energy_mj(info: ModelInfo, genome: Genome, device: DeviceConfig) -> np.ndarray:
+  """(p,) compute energy of every edge block of ``genome`` in mJ (transmission excluded)."""
+  w, a, _ = effective_bits(info, genome)
+  per_layer = np.asarray(layer_energy_pj(info, w, a, device)) / PJ_PER_MJ
+  blocks = np.asarray(info.layer_block)
+  return np.bincount(blocks, weights=per_layer, minlength=info.num_blocks)[:int(genome.p)]
+
+
+def analytic_table(info: ModelInfo, device: DeviceConfig, transmission: bool,
+                   searched: Genome | None) -> list[dict[str, Any]]:
+  """#B, #L and energy of the baselines (and the searched genome, if it fits) on ``info``.
+
+  Needs no data: this is how the CPU-size results are restated for the paper-size models.
+  """
+  rows = []
+  for b in baselines_lib.make_baselines(info, device, transmission,
+                                        None if searched is None else int(searched.p)):
+    energy = (float(edge_energy(info, b.genome(info), device, transmission).total_mj) if b.p else
+              baselines_lib.raw_image_energy_mj(info, device, transmission))
+    rows.append(dict(strategy=b.name, p=b.p, block=info.blocks[b.p - 1].label if b.p else "none",
+                     **dict(zip(("num_blocks", "num_layers"), baselines_lib.offloaded(info, b.p))),
+                     energy_mj=energy))
+  if searched is not None:
+    rows.append(dict(strategy="searched", p=int(searched.p),
+                     block=info.blocks[int(searched.p) - 1].label,
+                     **dict(zip(("num_blocks", "num_layers"),
+                                baselines_lib.offloaded(info, int(searched.p)))),
+                     energy_mj=float(edge_energy(info, searched, device, transmission).total_mj)))
+  return rows
+
+
+def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]]:
+  """Baseline rows, computed once and kept in ``baselines.json``."""
+  path = os.path.join(workdir, "baselines.json")
+  key = {"config_hash": driver.config_hash(config), "searched_p": search_report["p"]}
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved["key"] == key:
+      return saved["rows"]
+  device = evaluator.config.device
+  todo = baselines_lib.make_baselines(evaluator.energy_info, device, evaluator.config.transmission,
+                                      search_report["p"])
+  logging.info("evaluating the baselines: %s",
+               ", ".join(f"{b.name} (p={b.p}, {b.w_bits} bit)" for b in todo))
+  rows = baselines_lib.evaluate_baselines(evaluator, todo, driver.load_test_split(config, evaluator))
+  checkpoint.write_json(path, {"key": key, "rows": rows})
+  return rows
+
+
+def _searched_row(info: ModelInfo, report: dict[str, Any]) -> dict[str, Any]:
+  num_blocks, num_layers = baselines_lib.offloaded(info, report["p"])
+  return dict(strategy="searched", p=report["p"], block=report["block"], num_blocks=num_blocks,
+              num_layers=num_layers, energy_mj=report["energy_mj"], privacy=report["privacy"],
+              fitness=report["fitness"], accuracy=report["val_accuracy"], eps=report["val_eps"],
+              test_accuracy=report["test_accuracy"], test_eps=report["test_eps"], finetuned=True)
+
+
+def claims(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The paper's claims (Tables 4-5, Fig. 11), each as measured numbers and a verdict."""
+  s, fp, u8, cf, same = (rows[k] for k in ("searched", "full_precision", "uniform8", "conv_fc8",
+                                           "same_split8"))
+  return {
+      "offloads_more_blocks_than_uniform8_and_full_precision": dict(
+          searched=s["num_blocks"], uniform8=u8["num_blocks"], full_precision=fp["num_blocks"],
+          holds=s["num_blocks"] > u8["num_blocks"] and s["num_blocks"] > fp["num_blocks"]),
+      "more_private_than_uniform8_and_full_precision": dict(
+          searched=s["privacy"], uniform8=u8["privacy"], full_precision=fp["privacy"],
+          holds=s["privacy"] > u8["privacy"] and s["privacy"] > fp["privacy"]),
+      "accuracy_loss_a_few_percent": dict(
+          test_eps=s["test_eps"], holds=s["test_eps"] <= 0.05),
+      "less_energy_than_uniform8_at_the_same_split": dict(
+          searched_mj=s["energy_mj"], uniform8_mj=same["energy_mj"],
+          ratio=same["energy_mj"] / s["energy_mj"], holds=s["energy_mj"] < same["energy_mj"]),
+      "several_times_less_energy_than_conv_fc8": dict(
+          searched_mj=s["energy_mj"], conv_fc8_mj=cf["energy_mj"],
+          ratio=cf["energy_mj"] / s["energy_mj"], holds=cf["energy_mj"] >= 2 * s["energy_mj"]),
+      "slightly_less_private_than_conv_fc8": dict(
+          searched=s["privacy"], conv_fc8=cf["privacy"],
+          holds=s["privacy"] <= cf["privacy"]),
+  }
+
+
+def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the search and the baselines of ``config``; writes the report."""
+  os.makedirs(workdir, exist_ok=True)
+  evaluator = driver.build_evaluator(config)
+  search_dir = os.path.join(workdir, "search")
+  search_report = driver.run_search(config, search_dir, evaluator)
+  info, device = evaluator.model.info, evaluator.config.device
+  rows = {r["strategy"]: r for r in _baselines(config, workdir, evaluator, search_report)}
+  rows["searched"] = _searched_row(info, search_report)
+
+  searched = _searched_genome(search_report)
+  energy_info = evaluator.energy_info
+  same = baselines_lib.Baseline("same_split8", int(searched.p), 8, 8, True).genome(energy_info)
+  fig11 = {name: dict(blocks=block_energy_mj(energy_info, g, device).tolist(),
+                      transmission_mj=float(edge_energy(energy_info, g, device,
+                                                        evaluator.config.transmission)
+                                            .transmission_mj))
+           for name, g in (("uniform8", same), ("searched", searched))}
+  paper_info = _spec_model(config.paper_model)
+  try:
+    check_same_layers(info, paper_info)
+    paper_searched = searched
+  except ValueError:  # e.g. a shallower CPU-size ResNet50: only the baselines transfer
+    paper_searched = None
+  report = {
+      "model": search_report["model"],
+      "energy_model": (config.energy_model.to_dict() if config.energy_model.get("name")
+                       else driver.model_spec(config.pretrain)),
+      "dataset": search_report["dataset"],
+      "budget_mj": device.budget_mj, "eps_bound": config.fitness.eps_bound,
+      "transmission": evaluator.config.transmission,
+      "float_test_accuracy": search_report["float_test_accuracy"],
+      "float_val_accuracy": search_report["float_val_accuracy"],
+      "finetune_steps": evaluator.steps,
+      "strategies": rows, "claims": claims(rows), "fig11": fig11,
+      "blocks": [b.label for b in energy_info.blocks],
+      "paper_model": config.paper_model.to_dict(),
+      "paper_size_energy": analytic_table(paper_info, device, evaluator.config.transmission,
+                                          paper_searched),
+      "search": {k: search_report[k] for k in (
+          "search_seconds", "evaluations", "lookups", "cache_hit_rate", "steps",
+          "tournaments_per_step", "devices", "phase_seconds", "p", "block", "w_bits", "a_bits",
+          "ir_bits", "genome")},
+      "search_settings": config.search.to_dict(),
+  }
+  report["search"]["seconds_per_evaluation"] = (
+      report["search"]["search_seconds"] / max(report["search"]["evaluations"], 1))
+  checkpoint.write_json(os.path.join(workdir, "report.json"), report)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(reporting.markdown(report))
+  shutil.copyfile(os.path.join(search_dir, "fitness.png"), os.path.join(workdir, "fig10_fitness.png"))
+  shutil.copyfile(os.path.join(search_dir, "policy.png"), os.path.join(workdir, "fig12_policy.png"))
+  reporting.energy_at_split(report, os.path.join(workdir, "fig11_energy.png"))
+  reporting.strategies(report, os.path.join(workdir, "table4_strategies.png"))
+  logging.info("report written to %s", os.path.join(workdir, "report.md"))
+  return report

@@ -1,0 +1,155 @@
+"""The reproduction job: report consistency, resume, configs, paper configs at tiny scale."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.configs import reproduce as reproduce_configs
+from maxpart_jax import baselines, reproduce
+from maxpart_jax.energy import DeviceConfig, edge_energy
+from maxpart_jax.genome import Genome
+from maxpart_jax.models import get_model
+from maxpart_jax.search import driver
+from maxpart_jax.search.fitness import check_same_layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def report_device(report):
+  return DeviceConfig(budget_mj=report["budget_mj"])
+
+
+def _smoke_config(smoke):
+  config = reproduce_configs.get_config("smoke")
+  config.data_dir, config.model_dir = smoke.data_dir, smoke.model_dir
+  return config
+
+
+@pytest.fixture(scope="module")
+def smoke_report(smoke, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reproduce"))
+  return workdir, reproduce.run_reproduction(_smoke_config(smoke), workdir)
+
+
+def test_report_is_consistent_with_the_search_and_the_energy_model(smoke_report):
+  workdir, report = smoke_report
+  with open(os.path.join(workdir, "search", "best.json")) as f:
+    best = json.load(f)
+  s = report["strategies"]
+  info = get_model("resnet18", width=0.0625, stage_sizes=(1, 1, 1, 1)).info
+  searched = s["searched"]
+  assert (searched["p"], searched["privacy"], searched["test_accuracy"]) == (
+      best["p"], best["privacy"], best["test_accuracy"])
+  assert s["same_split8"]["p"] == best["p"] and s["conv_fc8"]["p"] == info.max_split
+  # Every energy is the analytic edge energy of the strategy's genome.
+  genome = Genome(p=np.int32(best["genome"]["p"]), w_bits=np.array(best["genome"]["w_bits"]),
+                  a_bits=np.array(best["genome"]["a_bits"]))
+  assert searched["energy_mj"] == pytest.approx(float(edge_energy(
+      info, genome, report_device(report)).total_mj), rel=1e-6)
+  for name in ("uniform8", "conv_fc8", "same_split8"):
+    r = s[name]
+    if r["p"]:
+      want = edge_energy(info, baselines.Baseline(name, r["p"], 8, 8, True).genome(info),
+                         report_device(report)).total_mj
+      assert r["energy_mj"] == pytest.approx(float(want), rel=1e-6)
+  # Fig. 11: per-block energies plus transmission add up to the totals.
+  for key, strategy in (("uniform8", "same_split8"), ("searched", "searched")):
+    bars = report["fig11"][key]
+    assert len(bars["blocks"]) == best["p"]
+    assert sum(bars["blocks"]) + bars["transmission_mj"] == pytest.approx(
+        s[strategy]["energy_mj"], rel=1e-5)
+  # The paper-size table of the smoke config is the smoke model itself: the same energies.
+  table = {r["strategy"]: r for r in report["paper_size_energy"]}
+  for name in ("conv_fc8", "same_split8", "searched"):
+    assert table[name]["energy_mj"] == pytest.approx(s[name]["energy_mj"], rel=1e-6)
+  # The claims are verdicts on the rows above.
+  claims = report["claims"]
+  assert claims["offloads_more_blocks_than_uniform8_and_full_precision"]["holds"] == (
+      searched["num_blocks"] > max(s["uniform8"]["num_blocks"], s["full_precision"]["num_blocks"]))
+  assert claims["less_energy_than_uniform8_at_the_same_split"]["ratio"] == pytest.approx(
+      s["same_split8"]["energy_mj"] / searched["energy_mj"])
+
+
+def test_report_files_and_markdown(smoke_report):
+  workdir, report = smoke_report
+  for name in ("report.md", "report.json", "fig10_fitness.png", "fig11_energy.png",
+               "fig12_policy.png", "table4_strategies.png", "baselines.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "report.md")) as f:
+    text = f.read()
+  s = report["strategies"]
+  for heading in ("Table 4", "Table 5", "Table 2", "Fig. 11"):
+    assert f"## {heading}" in text
+  assert f"| {s['conv_fc8']['energy_mj']:.4f} | {s['conv_fc8']['privacy']:.4f} |" in text
+
+
+def test_restart_reuses_the_search_and_the_baselines(smoke, smoke_report, monkeypatch):
+  workdir, report = smoke_report
+  monkeypatch.setattr(baselines, "evaluate_baselines",
+                      lambda *a, **k: pytest.fail("baselines evaluated again"))
+  monkeypatch.setattr(driver.CachedEvaluator, "__call__",
+                      lambda *a, **k: pytest.fail("search evaluated again"))
+  again = reproduce.run_reproduction(_smoke_config(smoke), workdir)
+  drop = lambda r: {k: v for k, v in r.items() if k != "search"}
+  as_json = lambda r: json.loads(json.dumps(drop(r)))
+  assert as_json(again) == as_json(report)
+
+
+@pytest.mark.parametrize("variant", ["cpu_resnet18", "cpu_resnet50", "cpu_mobilenet"])
+def test_cpu_variants_are_charged_paper_size_energy(variant):
+  config = reproduce_configs.get_config(variant)
+  driver.validate_config(config)
+  narrow = get_model(config.pretrain.model.name,
+                     **{k: v for k, v in config.pretrain.model.items() if k != "name"}).info
+  wide = driver.energy_info_from_config(config)
+  check_same_layers(narrow, wide)
+  assert np.sum(wide.layer_macs) > 10 * np.sum(narrow.layer_macs)
+  assert config.fitness.budget_mj == 0.35
+  if variant != "cpu_resnet50":  # same depth as the paper-size model
+    check_same_layers(narrow, reproduce._spec_model(config.paper_model))
+
+
+def test_paper_variants_keep_the_paper_settings():
+  for arch in ("resnet18", "resnet50", "mobilenet"):
+    c = reproduce_configs.get_config(f"paper_{arch}")
+    s = c.search
+    assert (s.pop_size, s.sample_size, s.iterations, s.prob_p, s.prob_gene) == (20, 10, 1000, 0.5, 0.3)
+    assert tuple(s.w_bits) == (2, 4, 6, 8) and tuple(s.a_bits) == (8,)
+    assert (c.fitness.budget_mj, c.fitness.finetune_steps, c.energy_model.name) == (0.35, None, "")
+    assert c.pretrain.model.width == 1.0 and c.pretrain.num_epochs == 200
+  with pytest.raises(ValueError, match="unknown reproduction config variant"):
+    reproduce_configs.get_config("paper_vgg")
+
+
+def test_mismatched_energy_model_is_rejected(smoke, tmp_path):
+  config = _smoke_config(smoke)
+  config.energy_model.name = "mobilenet_v1"
+  with pytest.raises(ValueError, match="does not have the layers"):
+    reproduce.run_reproduction(config, str(tmp_path))
+
+
+def test_paper_config_runs_the_same_code_path_at_tiny_scale(fake_data_dir, tmp_path):
+  """paper_resnet18 with only its sizes shrunk, through the command line."""
+  args = ["--config=experiments/configs/reproduce.py:paper_resnet18",
+          f"--workdir={tmp_path / 'run'}", f"--config.data_dir={fake_data_dir}",
+          f"--config.model_dir={tmp_path / 'pretrained' / 'model'}",
+          "--config.pretrain.model.width=0.0625", "--config.pretrain.num_epochs=1",
+          "--config.pretrain.batch_size=16", "--config.pretrain.eval_every_epochs=1",
+          "--config.search.pop_size=3", "--config.search.sample_size=2",
+          "--config.search.iterations=2", "--config.search.num_tournaments=2",
+          "--config.fitness.finetune_steps=1", "--config.fitness.batch_size=16",
+          "--config.val_images=32", "--config.privacy_images=4"]
+  proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "run" / "report.json") as f:
+    report = json.load(f)
+  # Energies are those of the tiny model; the paper-size table is full-width ResNet18.
+  table = {r["strategy"]: r for r in report["paper_size_energy"]}
+  assert (table["full_precision"]["p"], table["uniform8"]["p"], table["conv_fc8"]["p"]) == (1, 5, 9)
+  assert report["search_settings"]["w_bits"] == [2, 4, 6, 8]
+  assert "report:" in proc.stdout
