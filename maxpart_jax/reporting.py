@@ -144,3 +144,29 @@ def strategies(report: dict[str, Any], path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def summary_markdown(reports: list[dict[str, Any]]) -> str:
+  """Several models' reports side by side: Table 4/5 rows and the claim verdicts."""
+  rows = []
+  for r in reports:
+    for key in ("full_precision", "uniform8", "conv_fc8", "same_split8", "searched"):
+      s = r["strategies"][key]
+      rows.append([r["model"], NAMES[key], s["block"], s["num_blocks"], s["num_layers"],
+                   f"{s['energy_mj']:.4f}", f"{s['privacy']:.4f}", _pct(s["test_accuracy"]),
+                   _pct(s["test_eps"])])
+  claims = list(reports[0]["claims"]) if reports else []
+  verdicts = [[name.replace("_", " ")] + ["yes" if r["claims"][name]["holds"] else "no"
+                                          for r in reports] for name in claims]
+  cost = [[r["model"], f"{r['search']['search_seconds'] / 60:.1f} min", r["search"]["evaluations"],
+           f"{r['search']['cache_hit_rate']:.2f}", r["finetune_steps"],
+           f"{r['search']['seconds_per_evaluation']:.1f}"] for r in reports]
+  return "\n".join([
+      "## All strategies (energy in mJ; top-1 on the test set after fine-tuning)", "",
+      _table(["model", "strategy", "split", "#B", "#L", "energy", "privacy", "top-1", "loss"],
+             rows), "",
+      "## The paper's claims", "",
+      _table(["claim"] + [r["model"] for r in reports], verdicts), "",
+      "## Search cost (Table 2)", "",
+      _table(["model", "wall time", "evaluations", "cache hit rate", "fine-tuning steps",
+              "s / evaluation"], cost), ""])

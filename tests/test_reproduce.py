@@ -153,3 +153,18 @@ def test_paper_config_runs_the_same_code_path_at_tiny_scale(fake_data_dir, tmp_p
   assert (table["full_precision"]["p"], table["uniform8"]["p"], table["conv_fc8"]["p"]) == (1, 5, 9)
   assert report["search_settings"]["w_bits"] == [2, 4, 6, 8]
   assert "report:" in proc.stdout
+
+
+def test_summary_puts_reports_side_by_side(smoke_report, tmp_path):
+  workdir, report = smoke_report
+  proc = subprocess.run([sys.executable, "-m", "experiments.reproduction_summary",
+                         f"--out={tmp_path / 'summary.md'}", workdir, workdir], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = (tmp_path / "summary.md").read_text()
+  searched = report["strategies"]["searched"]
+  row = (f"| resnet18 | Searched (mixed precision) | {searched['block']} | {searched['num_blocks']} "
+         f"| {searched['num_layers']} | {searched['energy_mj']:.4f} | {searched['privacy']:.4f} |")
+  assert text.count(row) == 2
+  verdict = "yes" if report["claims"]["accuracy_loss_a_few_percent"]["holds"] else "no"
+  assert f"| accuracy loss a few percent | {verdict} | {verdict} |" in text
