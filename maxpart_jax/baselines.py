@@ -15,7 +15,7 @@ image (``p = 0``): nothing is computed on the edge and nothing is private.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,9 @@ from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, Energy, population_energ
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import FLOAT_BITS, check_bits
+
+if TYPE_CHECKING:
+  from maxpart_jax.search.fitness import Evaluator
 
 STRATEGIES = ("full_precision", "uniform8", "conv_fc8", "same_split8")
 RAW_IMAGE_BITS = 8
@@ -106,12 +109,13 @@ def make_baselines(energy_info: ModelInfo, device: DeviceConfig = DeviceConfig()
   return out
 
 
-def evaluate_baselines(evaluator: Any, baselines: list[Baseline], test: data.Split) -> list[dict[str, Any]]:
+def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
+                       test: data.Split) -> list[dict[str, Any]]:
   """Energy, privacy and accuracy of every baseline, measured like a search candidate.
 
   Args:
-    evaluator: the search's :class:`~maxpart_jax.search.fitness.Evaluator` (same data,
-      fine-tuning, privacy images and energy model as the search).
+    evaluator: the search's evaluator (same data, fine-tuning, privacy images and
+      energy model as the search).
     baselines: from :func:`make_baselines`.
     test: the test split, for the reported top-1 accuracy.
 

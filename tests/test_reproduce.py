@@ -103,14 +103,13 @@ def test_restart_reuses_the_search_and_the_baselines(smoke, smoke_report, monkey
 def test_cpu_variants_are_charged_paper_size_energy(variant):
   config = reproduce_configs.get_config(variant)
   driver.validate_config(config)
-  narrow = get_model(config.pretrain.model.name,
-                     **{k: v for k, v in config.pretrain.model.items() if k != "name"}).info
+  narrow = driver.info_from_spec(config.pretrain.model.to_dict())
   wide = driver.energy_info_from_config(config)
   check_same_layers(narrow, wide)
   assert np.sum(wide.layer_macs) > 10 * np.sum(narrow.layer_macs)
   assert config.fitness.budget_mj == 0.35
   if variant != "cpu_resnet50":  # same depth as the paper-size model
-    check_same_layers(narrow, reproduce._spec_model(config.paper_model))
+    check_same_layers(narrow, driver.info_from_spec(config.paper_model.to_dict()))
 
 
 def test_paper_variants_keep_the_paper_settings():

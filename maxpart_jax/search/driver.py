@@ -115,11 +115,14 @@ def energy_info_from_config(config: ml_collections.ConfigDict) -> ModelInfo | No
   one: same blocks and layers, more channels.
   """
   spec = config.energy_model.to_dict()
-  name = spec.pop("name", "")
-  if not name:
-    return None
-  spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if v is not None}
-  return get_model(name, **spec).info
+  return info_from_spec(spec) if spec.get("name") else None
+
+
+def info_from_spec(spec: dict[str, Any]) -> ModelInfo:
+  """Metadata of the model ``{"name": ..., **builder kwargs}`` names (None values are dropped)."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()
+            if v is not None and k != "name"}
+  return get_model(spec["name"], **kwargs).info
 
 
 def load_or_pretrain(config: ml_collections.ConfigDict):
