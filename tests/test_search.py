@@ -1,5 +1,6 @@
 """Fitness evaluation and the search driver: metrics, devices, resume, bad input, divergence."""
 
+import copy
 import json
 import os
 import subprocess
@@ -142,6 +143,21 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   assert 0.0 <= straight["cache_hit_rate"] <= 1.0
   for name in ("best.json", "history.csv", "fitness.png", "policy.png"):
     assert os.path.exists(tmp_path / "a" / name)
+
+
+def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, tmp_path):
+  longer = copy.deepcopy(smoke)
+  longer.search.iterations = 2 * smoke.search.iterations
+  straight = driver.run_search(longer, str(tmp_path / "a"))
+  driver.run_search(smoke, str(tmp_path / "b"))
+  extended = driver.run_search(longer, str(tmp_path / "b"))
+  assert _strip_times(extended) == _strip_times(straight)
+  history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
+  assert history[0] == history[1] and len(history[0]) == 1 + 4  # init + T/K steps
+  changed = copy.deepcopy(smoke)
+  changed.search.prob_p = 0.9
+  with pytest.raises(ValueError, match="different config"):
+    driver.run_search(changed, str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -159,10 +159,16 @@ def _load(path: str, like: evolution.SearchState) -> tuple[evolution.SearchState
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  """Hash of the settings a resumed run must share (everything that changes results)."""
+  """Hash of the settings a resumed run must share (everything that changes results).
+
+  ``search.iterations`` is left out: it only says when to stop, and step ``t`` draws
+  the same randomness whatever the total, so a finished search can be extended with a
+  larger T and ends exactly where a run with that T from the start would.
+  """
   relevant = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
               for k in ("search", "fitness", "model_dir", "privacy_images", "val_images",
                         "energy_model")}
+  relevant["search"].pop("iterations")
   return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
