@@ -138,6 +138,11 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   monkeypatch.setattr(Evaluator, "evaluate", real)
   resumed = driver.run_search(smoke, str(tmp_path / "b"))
   assert _strip_times(resumed) == _strip_times(straight)
+  # Times are summed over processes: rerunning a finished search keeps them.
+  again = driver.run_search(smoke, str(tmp_path / "b"))
+  assert again["phase_seconds"] == resumed["phase_seconds"]
+  assert again["search_seconds"] == resumed["search_seconds"]
+  assert 0 < sum(resumed["phase_seconds"].values()) <= resumed["search_seconds"]
   history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
   assert history[0] == history[1] and len(history[0]) == 1 + 2  # init + T/K steps
   assert 0.0 <= straight["cache_hit_rate"] <= 1.0

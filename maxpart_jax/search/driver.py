@@ -242,15 +242,20 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
     if meta_out["config_hash"] != config_hash(config):
       raise ValueError(f"{workdir} holds a search with a different config; use a new --workdir")
     logging.info("resuming the search at step %d", int(state.step))
+  # Wall time and its fine-tune / accuracy / privacy split, summed over every process
+  # that worked on this search.
+  meta_out.setdefault("phase_seconds", {k: 0.0 for k in evaluator.seconds})
   cached = CachedEvaluator(evaluator, meta_out["cache"])
   cached.lookups, cached.hits = meta_out["lookups"], meta_out["hits"]
-  segment = time.time()
+  segment, phases = time.time(), dict(evaluator.seconds)
 
   def checkpoint_now():
-    nonlocal segment
+    nonlocal segment, phases
     meta_out.update(seconds=meta_out["seconds"] + time.time() - segment, lookups=cached.lookups,
                     hits=cached.hits)
-    segment = time.time()
+    for k, v in evaluator.seconds.items():
+      meta_out["phase_seconds"][k] += v - phases[k]
+    segment, phases = time.time(), dict(evaluator.seconds)
     _save(state_path, state, meta_out)
 
   if not meta_out["initialized"]:
@@ -309,7 +314,7 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
       "eps_bound": config.fitness.eps_bound, "float_val_accuracy": evaluator.float_accuracy,
       "evaluations": len(cached.cache), "lookups": cached.lookups,
       "cache_hit_rate": cached.hits / max(cached.lookups, 1), "search_seconds": meta_out["seconds"],
-      "phase_seconds": evaluator.seconds, "steps": int(state.step),
+      "phase_seconds": meta_out["phase_seconds"], "steps": int(state.step),
       "tournaments_per_step": config.search.num_tournaments, "devices": evaluator.num_devices,
   }
   checkpoint.write_json(os.path.join(workdir, "best.json"), report)
