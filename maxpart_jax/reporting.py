@@ -98,6 +98,21 @@ def markdown(report: dict[str, Any]) -> str:
   return "\n".join(out)
 
 
+def baselines_markdown(rows: list[dict[str, Any]], budget_mj: float) -> str:
+  """Baseline rows as a table; privacy and accuracy columns only when they were measured."""
+  measured = "privacy" in rows[0]
+  header = ["strategy", "split", "#B", "#L", "energy (mJ)", "within E_b"]
+  header += ["privacy", "top-1", "loss"] if measured else []
+  body = []
+  for r in rows:
+    row = [NAMES[r["strategy"]], r["block"], r["num_blocks"], r["num_layers"],
+           f"{r['energy_mj']:.4f}", "yes" if r["energy_mj"] < budget_mj else "no"]
+    if measured:
+      row += [f"{r['privacy']:.4f}", _pct(r["test_accuracy"]), _pct(r["test_eps"])]
+    body.append(row)
+  return f"E_b = {budget_mj} mJ\n\n" + _table(header, body)
+
+
 def _fmt(v: Any) -> str:
   return f"{v:.4f}" if isinstance(v, float) else str(v)
 

@@ -46,25 +46,26 @@ def block_energy_mj(info: ModelInfo, genome: Genome, device: DeviceConfig) -> np
 
 
 def analytic_table(info: ModelInfo, device: DeviceConfig, transmission: bool,
-                   searched: Genome | None) -> list[dict[str, Any]]:
-  """#B, #L and energy of the baselines (and the searched genome, if it fits) on ``info``.
+                   searched: Genome | None = None,
+                   searched_p: int | None = None) -> list[dict[str, Any]]:
+  """#B, #L and energy of the baselines (and of ``searched``, if given) on ``info``.
 
-  Needs no data: this is how the CPU-size results are restated for the paper-size models.
+  Needs no data: this is how the CPU-size results are restated for the paper-size
+  models. The 8-bit same-split row is at ``searched_p`` (default: ``searched.p``).
   """
-  rows = []
-  for b in baselines_lib.make_baselines(info, device, transmission,
-                                        None if searched is None else int(searched.p)):
-    energy = (float(edge_energy(info, b.genome(info), device, transmission).total_mj) if b.p else
-              baselines_lib.raw_image_energy_mj(info, device, transmission))
-    rows.append(dict(strategy=b.name, p=b.p, block=info.blocks[b.p - 1].label if b.p else "none",
-                     **dict(zip(("num_blocks", "num_layers"), baselines_lib.offloaded(info, b.p))),
-                     energy_mj=energy))
+  if searched is not None and searched_p is None:
+    searched_p = int(searched.p)
+  strategies = [(b.name, b.genome(info) if b.p else None, b.p)
+                for b in baselines_lib.make_baselines(info, device, transmission, searched_p)]
   if searched is not None:
-    rows.append(dict(strategy="searched", p=int(searched.p),
-                     block=info.blocks[int(searched.p) - 1].label,
-                     **dict(zip(("num_blocks", "num_layers"),
-                                baselines_lib.offloaded(info, int(searched.p)))),
-                     energy_mj=float(edge_energy(info, searched, device, transmission).total_mj)))
+    strategies.append(("searched", searched, int(searched.p)))
+  rows = []
+  for name, genome, p in strategies:
+    energy = (float(edge_energy(info, genome, device, transmission).total_mj) if p else
+              baselines_lib.raw_image_energy_mj(info, device, transmission))
+    num_blocks, num_layers = baselines_lib.offloaded(info, p)
+    rows.append(dict(strategy=name, p=p, block=info.blocks[p - 1].label if p else "none",
+                     num_blocks=num_blocks, num_layers=num_layers, energy_mj=energy))
   return rows
 
 

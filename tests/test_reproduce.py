@@ -167,3 +167,42 @@ def test_summary_puts_reports_side_by_side(smoke_report, tmp_path):
   assert text.count(row) == 2
   verdict = "yes" if report["claims"]["accuracy_loss_a_few_percent"]["holds"] else "no"
   assert f"| accuracy loss a few percent | {verdict} | {verdict} |" in text
+
+
+def test_baselines_cli_matches_the_reproduction(smoke, smoke_report, tmp_path):
+  """Same config, same evaluator settings: the stand-alone baselines equal the report's."""
+  _, report = smoke_report
+  p = report["strategies"]["searched"]["p"]
+  proc = subprocess.run([sys.executable, "-m", "experiments.baselines",
+                         "--config=experiments/configs/reproduce.py:smoke",
+                         f"--config.data_dir={smoke.data_dir}",
+                         f"--config.model_dir={smoke.model_dir}", f"--searched_p={p}",
+                         f"--json={tmp_path / 'rows.json'}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r["strategy"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+  assert set(rows) == set(baselines.STRATEGIES)
+  for name, row in rows.items():
+    want = report["strategies"][name]
+    for field in ("p", "num_blocks", "num_layers", "energy_mj", "privacy", "test_accuracy"):
+      assert row[field] == pytest.approx(want[field], rel=1e-6), (name, field)
+  assert "| 8-bit uniform, same split |" in proc.stdout
+
+
+def test_baselines_cli_analytic_mode_needs_no_data():
+  proc = subprocess.run([sys.executable, "-m", "experiments.baselines",
+                         "--config=experiments/configs/reproduce.py:paper_resnet18", "--analytic",
+                         "--searched_p=6"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = get_model("resnet18").info
+  for line in ("| Full precision | stem | 1 | 1 |", "| 8-bit uniform | layer2.1 | 5 | 10 |",
+               "| 8-bit conv/fc | layer4.1 | 9 | 20 |"):
+    assert line in proc.stdout
+  energy = float(edge_energy(info, baselines.Baseline("same_split8", 6, 8, 8, True).genome(info),
+                             DeviceConfig()).total_mj)
+  assert f"| 8-bit uniform, same split | layer3.0 | 6 | 13 | {energy:.4f} | no |" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "experiments.baselines",
+                        "--config=experiments/configs/reproduce.py:paper_resnet18", "--analytic",
+                        "--searched_p=12"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "partition point p=12 out of range" in bad.stderr
