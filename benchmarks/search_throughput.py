@@ -91,12 +91,11 @@ def cache_hit_rate(iterations: int = 1000) -> dict[str, float]:
   state = evolution.tell_initial(state, fitness_of(state.population))
   ask = jax.jit(lambda k, s: evolution.ask(k, s, space, strategy))
   tell = jax.jit(lambda s, c, f: evolution.tell(s, c, f, strategy))
-  seen = {driver.effective_key(info, jax.tree.map(lambda x: x[i], state.population))
-          for i in range(20)}
+  seen = set(driver.effective_keys(info, state.population))
   hits = 0
   for t in range(iterations):
     children, state = ask(jax.random.fold_in(key_steps, t), state)
-    key = driver.effective_key(info, jax.tree.map(lambda x: x[0], children))
+    key = driver.effective_keys(info, children)[0]
     hits += key in seen
     seen.add(key)
     state = tell(state, children, fitness_of(children))

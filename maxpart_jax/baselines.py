@@ -15,7 +15,7 @@ image (``p = 0``): nothing is computed on the edge and nothing is private.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,7 @@ from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, Energy, population_energ
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import FLOAT_BITS, check_bits
-
-if TYPE_CHECKING:
-  from maxpart_jax.search.fitness import Evaluator
+from maxpart_jax.search.fitness import Evaluator, combine
 
 STRATEGIES = ("full_precision", "uniform8", "conv_fc8", "same_split8")
 RAW_IMAGE_BITS = 8
@@ -89,6 +87,13 @@ def offloaded(info: ModelInfo, p: int) -> tuple[int, int]:
   return p, int(np.sum(np.asarray(info.layer_block) < p))
 
 
+def deployment_row(info: ModelInfo, strategy: str, p: int) -> dict[str, Any]:
+  """The columns every strategy's row starts with: strategy, p, block, #B, #L."""
+  num_blocks, num_layers = offloaded(info, p)
+  return dict(strategy=strategy, p=p, block=info.blocks[p - 1].label if p else "none",
+              num_blocks=num_blocks, num_layers=num_layers)
+
+
 def make_baselines(energy_info: ModelInfo, device: DeviceConfig = DeviceConfig(),
                    transmission: bool = True, searched_p: int | None = None,
                    bits: int = 8) -> list[Baseline]:
@@ -125,27 +130,28 @@ def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
   """
   info, config = evaluator.model.info, evaluator.config
   float_test = evaluator.float_accuracy_on(test)
-  rows: dict[str, dict[str, Any]] = {}
+  # Identical deployments (e.g. 8-bit uniform and 8-bit conv/fc when every block fits)
+  # are measured once.
+  measured: dict[tuple[int, int, int, bool], dict[str, float]] = {}
   for finetune in (False, True):
-    group = [b for b in baselines if b.finetune == finetune and b.p >= 1]
+    group = list(dict.fromkeys((b.p, b.w_bits, b.a_bits, b.finetune) for b in baselines
+                               if b.finetune == finetune and b.p >= 1))
     if group:
-      genomes = jax.tree.map(lambda *xs: jnp.stack(xs), *[b.genome(info) for b in group])
+      genomes = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[uniform_genome(info, p, w, a) for p, w, a, _ in group])
       metrics = evaluator.evaluate(genomes, test=test, finetune=finetune)
-      for i, b in enumerate(group):
-        rows[b.name] = {k: float(v[i]) for k, v in metrics.items()}
-  for b in baselines:
-    if b.p == 0:  # the raw image goes to the cloud, which runs the float model
-      images = jnp.asarray(evaluator.privacy_images)
-      score = privacy.mean_privacy(images, images, config.metric,
-                                   normalization=config.normalization)
-      rows[b.name] = dict(fitness=float(score), privacy=float(score), eps=0.0, diverged=0.0,
-                          energy_mj=raw_image_energy_mj(info, config.device, config.transmission),
-                          accuracy=evaluator.float_accuracy, test_accuracy=float_test)
+      for i, key in enumerate(group):
+        measured[key] = {k: float(v[i]) for k, v in metrics.items()}
+  if any(b.p == 0 for b in baselines):  # the raw image goes to the cloud's float model
+    images = jnp.asarray(evaluator.privacy_images)
+    score = privacy.mean_privacy(images, images, config.metric, normalization=config.normalization)
+    energy = raw_image_energy_mj(info, config.device, config.transmission)
+    raw = dict(privacy=float(score), energy_mj=energy, eps=0.0, diverged=0.0,
+               accuracy=evaluator.float_accuracy, test_accuracy=float_test,
+               fitness=float(combine(score, jnp.float32(energy), jnp.float32(0.0), config)))
   out = []
   for b in baselines:
-    num_blocks, num_layers = offloaded(info, b.p)
-    out.append(dict(strategy=b.name, p=b.p, block=info.blocks[b.p - 1].label if b.p else "none",
-                    num_blocks=num_blocks, num_layers=num_layers, w_bits=b.w_bits, a_bits=b.a_bits,
-                    finetuned=b.finetune, test_eps=float_test - rows[b.name]["test_accuracy"],
-                    **rows[b.name]))
+    row = raw if b.p == 0 else measured[(b.p, b.w_bits, b.a_bits, b.finetune)]
+    out.append(dict(**deployment_row(info, b.name, b.p), w_bits=b.w_bits, a_bits=b.a_bits,
+                    finetuned=b.finetune, test_eps=float_test - row["test_accuracy"], **row))
   return out

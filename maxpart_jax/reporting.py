@@ -46,12 +46,7 @@ def markdown(report: dict[str, Any]) -> str:
       "",
       "## Table 4: strategies under E_b",
       "",
-      _table(["strategy", "split", "#B", "#L", "energy (mJ)", "within E_b", "privacy",
-              "top-1", "loss"],
-             [[NAMES[k], r["block"], r["num_blocks"], r["num_layers"], f"{r['energy_mj']:.4f}",
-               "yes" if r["energy_mj"] < budget else "no", f"{r['privacy']:.4f}",
-               _pct(r["test_accuracy"]), _pct(r["test_eps"])]
-              for k, r in ((k, s[k]) for k in ("full_precision", "uniform8", "searched"))]),
+      strategy_table([s[k] for k in ("full_precision", "uniform8", "searched")], budget),
       "",
       "## Fig. 11: energy at the searched split",
       "",
@@ -98,8 +93,8 @@ def markdown(report: dict[str, Any]) -> str:
   return "\n".join(out)
 
 
-def baselines_markdown(rows: list[dict[str, Any]], budget_mj: float) -> str:
-  """Baseline rows as a table; privacy and accuracy columns only when they were measured."""
+def strategy_table(rows: list[dict[str, Any]], budget_mj: float) -> str:
+  """Strategy rows as a table (Table 4); privacy and accuracy only when they were measured."""
   measured = "privacy" in rows[0]
   header = ["strategy", "split", "#B", "#L", "energy (mJ)", "within E_b"]
   header += ["privacy", "top-1", "loss"] if measured else []
@@ -110,7 +105,7 @@ def baselines_markdown(rows: list[dict[str, Any]], budget_mj: float) -> str:
     if measured:
       row += [f"{r['privacy']:.4f}", _pct(r["test_accuracy"]), _pct(r["test_eps"])]
     body.append(row)
-  return f"E_b = {budget_mj} mJ\n\n" + _table(header, body)
+  return _table(header, body)
 
 
 def _fmt(v: Any) -> str:

@@ -22,14 +22,11 @@ import numpy as np
 from maxpart_jax import baselines as baselines_lib
 from maxpart_jax import checkpoint, reporting
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, layer_energy_pj
-from maxpart_jax.genome import Genome, effective_bits
+from maxpart_jax.genome import Genome, effective_bits, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.search import driver
 from maxpart_jax.search.fitness import check_same_layers
 from maxpart_jax.train import model_spec
-
-PAPER_SEARCH_HOURS_RESNET18 = 3.4  # Guo et al. (2023): ResNet18 search on one GPU
-
 
 def _searched_genome(report: dict[str, Any]) -> Genome:
   g = report["genome"]
@@ -63,9 +60,7 @@ def analytic_table(info: ModelInfo, device: DeviceConfig, transmission: bool,
   for name, genome, p in strategies:
     energy = (float(edge_energy(info, genome, device, transmission).total_mj) if p else
               baselines_lib.raw_image_energy_mj(info, device, transmission))
-    num_blocks, num_layers = baselines_lib.offloaded(info, p)
-    rows.append(dict(strategy=name, p=p, block=info.blocks[p - 1].label if p else "none",
-                     num_blocks=num_blocks, num_layers=num_layers, energy_mj=energy))
+    rows.append(dict(**baselines_lib.deployment_row(info, name, p), energy_mj=energy))
   return rows
 
 
@@ -89,9 +84,8 @@ def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]
 
 
 def _searched_row(info: ModelInfo, report: dict[str, Any]) -> dict[str, Any]:
-  num_blocks, num_layers = baselines_lib.offloaded(info, report["p"])
-  return dict(strategy="searched", p=report["p"], block=report["block"], num_blocks=num_blocks,
-              num_layers=num_layers, energy_mj=report["energy_mj"], privacy=report["privacy"],
+  return dict(**baselines_lib.deployment_row(info, "searched", report["p"]),
+              energy_mj=report["energy_mj"], privacy=report["privacy"],
               fitness=report["fitness"], accuracy=report["val_accuracy"], eps=report["val_eps"],
               test_accuracy=report["test_accuracy"], test_eps=report["test_eps"], finetuned=True)
 
@@ -123,7 +117,8 @@ def claims(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
           ratio=same["energy_mj"] / s["energy_mj"], holds=s["energy_mj"] < same["energy_mj"]),
       "several_times_less_energy_than_conv_fc8": dict(
           searched_mj=s["energy_mj"], conv_fc8_mj=cf["energy_mj"],
-          ratio=cf["energy_mj"] / s["energy_mj"], holds=cf["energy_mj"] >= SEVERAL_TIMES * s["energy_mj"]),
+          ratio=cf["energy_mj"] / s["energy_mj"],
+          holds=cf["energy_mj"] >= SEVERAL_TIMES * s["energy_mj"]),
       "slightly_less_private_than_conv_fc8": dict(
           searched=s["privacy"], conv_fc8=cf["privacy"],
           holds=s["privacy"] <= cf["privacy"]),
@@ -142,7 +137,7 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
 
   searched = _searched_genome(search_report)
   energy_info = evaluator.energy_info
-  same = baselines_lib.Baseline("same_split8", int(searched.p), 8, 8, True).genome(energy_info)
+  same = uniform_genome(energy_info, int(searched.p), 8, 8)
   fig11 = {name: dict(blocks=block_energy_mj(energy_info, g, device).tolist(),
                       transmission_mj=float(edge_energy(energy_info, g, device,
                                                         evaluator.config.transmission)
@@ -180,8 +175,8 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   checkpoint.write_json(os.path.join(workdir, "report.json"), report)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(reporting.markdown(report))
-  shutil.copyfile(os.path.join(search_dir, "fitness.png"), os.path.join(workdir, "fig10_fitness.png"))
-  shutil.copyfile(os.path.join(search_dir, "policy.png"), os.path.join(workdir, "fig12_policy.png"))
+  for src, dst in (("fitness.png", "fig10_fitness.png"), ("policy.png", "fig12_policy.png")):
+    shutil.copyfile(os.path.join(search_dir, src), os.path.join(workdir, dst))
   reporting.energy_at_split(report, os.path.join(workdir, "fig11_energy.png"))
   reporting.strategies(report, os.path.join(workdir, "table4_strategies.png"))
   logging.info("report written to %s", os.path.join(workdir, "report.md"))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from maxpart_jax.genome import Genome
-from maxpart_jax.search.operators import SearchSpace, get_operator
+from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Strategy:
       raise ValueError(f"population size must be >= 2, got {self.pop_size}")
     if self.num_tournaments < 1:
       raise ValueError(f"tournaments per step must be >= 1, got {self.num_tournaments}")
-    for role in ("init", "sample", "select", "mutate", "crossover", "replace"):
+    for role in OPERATORS:
       get_operator(role, getattr(self, role))
 
   def op(self, role: str) -> Callable:
@@ -76,18 +76,6 @@ class SearchState:
   best_fitness: jax.Array
   births: jax.Array
   step: jax.Array
-
-
-def check_space(space: SearchSpace, strategy: Strategy) -> None:
-  """Raises ``ValueError`` for a search space that cannot run with ``strategy``."""
-  if not 1 <= space.sample_size <= strategy.pop_size:
-    raise ValueError(f"tournament size S={space.sample_size} must be in 1..N={strategy.pop_size}")
-  if space.w_choices.size == 0 or space.a_choices.size == 0:
-    raise ValueError("the weight and activation bit sets must not be empty")
-  for name in ("prob_p", "prob_gene"):
-    v = float(getattr(space, name))
-    if not 0.0 <= v <= 1.0:
-      raise ValueError(f"{name} must be a probability in [0, 1], got {v}")
 
 
 def init(key: jax.Array, space: SearchSpace, strategy: Strategy) -> SearchState:

@@ -139,9 +139,11 @@ class Evaluator:
     check_same_layers(model.info, self.energy_info)
     self.train, self.val, self.val_batch_size = train, val, val_batch_size
     self.privacy_images = np.asarray(privacy_images, np.float32)
-    self.privacy_x = data.normalize(self.privacy_images, train.dataset)
     self.mesh = mesh or candidate_mesh()
     self.num_devices = self.mesh.devices.size
+    # Fixed inputs go to the devices once, not once per evaluation.
+    self._privacy_inputs = self._replicated(
+        (data.normalize(self.privacy_images, train.dataset), self.privacy_images))
     loop = config.candidate_loop
     if loop == "auto":
       loop = "map" if self.mesh.devices.flat[0].platform == "cpu" else "vmap"
@@ -155,7 +157,7 @@ class Evaluator:
                   data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True))
     self.tx = optax.sgd(config.finetune_lr, momentum=config.finetune_momentum)
     self.seconds = {"finetune": 0.0, "accuracy": 0.0, "privacy": 0.0}
-    self.float_accuracy = self.float_accuracy_on(val)
+    self.float_accuracy = self.float_accuracy_on()
 
   # --- sharding helpers -------------------------------------------------------
 
@@ -208,18 +210,27 @@ class Evaluator:
     return self._candidates(
         jax.tree.map(lambda x: jnp.broadcast_to(x, (self.chunk, *x.shape)), self.variables))
 
-  def float_accuracy_on(self, split: data.Split) -> float:
-    """Top-1 accuracy of the pre-trained float model on ``split``."""
+  def float_accuracy_on(self, split: data.Split | None = None) -> float:
+    """Top-1 accuracy of the pre-trained float model on ``split`` (default: val)."""
     return float(self.accuracy(self._stacked_variables(), None, split)[0])
+
+  def _device_batches(self, split: data.Split) -> list[tuple[jax.Array, jax.Array]]:
+    """``split`` as replicated (images, labels) evaluation batches."""
+    return [self._replicated((batch["image"], batch["label"]))
+            for batch in data.iterate_batches(split, self.val_batch_size, train=False)]
+
+  @functools.cached_property
+  def _val_batches(self) -> list[tuple[jax.Array, jax.Array]]:
+    """The validation split on the devices, kept: every candidate is scored on it."""
+    return self._device_batches(self.val)
 
   def accuracy(self, variables: Variables, policies: Any, split: data.Split | None = None) -> np.ndarray:
     """(K,) top-1 accuracy of candidate-stacked ``variables`` on ``split`` (default: val)."""
-    split = split or self.val
+    batches = self._val_batches if split is None else self._device_batches(split)
     correct = 0
-    for batch in data.iterate_batches(split, self.val_batch_size, train=False):
-      images, labels = self._replicated((batch["image"], batch["label"]))
+    for images, labels in batches:
       correct = correct + self._count_correct(variables, policies, images, labels)
-    return np.asarray(correct) / len(split)
+    return np.asarray(correct) / len(split or self.val)
 
   def policies(self, genomes: Genome) -> Any:
     """Candidate-sharded quantization policies of K genomes."""
@@ -231,10 +242,13 @@ class Evaluator:
     pad = -int(genomes.p.shape[0]) % self.chunk
     return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]), genomes)
 
-  def finetune(self, genomes: Genome) -> tuple[Variables, np.ndarray]:
-    """Fine-tunes one copy of the model per genome; returns stacked variables, diverged (K,)."""
+  def finetune(self, genomes: Genome, policies: Any = None) -> tuple[Variables, np.ndarray]:
+    """Fine-tunes one copy of the model per genome; returns stacked variables, diverged (K,).
+
+    ``policies``: :meth:`policies` of ``genomes``, if the caller has them already.
+    """
     k = genomes.p.shape[0]
-    policies = self.policies(genomes)
+    policies = self.policies(genomes) if policies is None else policies
     stack = lambda x: jnp.broadcast_to(x, (k, *x.shape))
     params = jax.tree.map(stack, self.variables["params"])
     state = TrainState(step=jnp.zeros((k,), jnp.int32), params=params,
@@ -279,18 +293,17 @@ class Evaluator:
     """:meth:`evaluate` of exactly ``chunk`` genomes."""
     energy = np.asarray(population_energy(self.energy_info, padded, self.config.device,
                                           self.config.transmission).total_mj)
+    policies = self.policies(padded)
     t0 = time.time()
     if finetune:
-      variables, diverged = self.finetune(padded)
+      variables, diverged = self.finetune(padded, policies)
     else:
       variables, diverged = self._stacked_variables(), np.zeros(self.chunk, bool)
     t1 = time.time()
-    policies = self.policies(padded)
     accuracy = self.accuracy(variables, policies)
     extra = {} if test is None else {"test_accuracy": self.accuracy(variables, policies, test)}
     t2 = time.time()
-    x, images = self._replicated((self.privacy_x, self.privacy_images))
-    all_splits = np.asarray(self._privacy_all_splits(variables, policies, x, images))
+    all_splits = np.asarray(self._privacy_all_splits(variables, policies, *self._privacy_inputs))
     priv = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1]
     t3 = time.time()
     self.seconds["finetune"] += t1 - t0

@@ -56,10 +56,14 @@ OPERATORS: dict[str, dict[str, Callable]] = {
     "init": {}, "sample": {}, "select": {}, "mutate": {}, "crossover": {}, "replace": {}}
 
 
-def register(role: str, name: str) -> Callable[[Callable], Callable]:
-  """Decorator adding an operator under ``OPERATORS[role][name]``."""
+def _check_role(role: str) -> None:
   if role not in OPERATORS:
     raise ValueError(f"unknown operator role {role!r}; roles are {sorted(OPERATORS)}")
+
+
+def register(role: str, name: str) -> Callable[[Callable], Callable]:
+  """Decorator adding an operator under ``OPERATORS[role][name]``."""
+  _check_role(role)
 
   def add(fn: Callable) -> Callable:
     if name in OPERATORS[role]:
@@ -72,8 +76,7 @@ def register(role: str, name: str) -> Callable[[Callable], Callable]:
 
 def get_operator(role: str, name: str) -> Callable:
   """The operator registered as ``name`` for ``role``, or a ``ValueError`` listing the options."""
-  if role not in OPERATORS:
-    raise ValueError(f"unknown operator role {role!r}; roles are {sorted(OPERATORS)}")
+  _check_role(role)
   if name not in OPERATORS[role]:
     raise ValueError(f"unknown {role} operator {name!r}; registered: {sorted(OPERATORS[role])}")
   return OPERATORS[role][name]
