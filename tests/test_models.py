@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxpart_jax.genome import to_policy, uniform_genome
 from maxpart_jax.models import available_models, get_model
+from maxpart_jax.models.layers import Numerics, QConv, resolve_numerics
 from maxpart_jax.models.mobilenet import MOBILENET_V1_CIFAR
 
 ARCHS = ["vgg11", "resnet18", "resnet50", "mobilenet_v1"]
@@ -93,6 +95,9 @@ def test_metadata_params_match_variables(name):
   assert sum(l.params for l in model.info.layers) == sum(int(np.prod(k.shape)) for k in kernels)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="only the CPU compiler's cost analysis counts convolutions: on GPUs "
+                    "they are cuDNN library calls that it does not see")
 @pytest.mark.parametrize("name", ARCHS)
 def test_macs_against_xla_cost_analysis(name):
   """XLA counts 2 flops per multiply-add over in-bounds taps, plus a few per element."""
@@ -161,3 +166,77 @@ def test_train_mode_updates_batch_stats():
   before = variables["batch_stats"]["blocks_0"]["bn"]["mean"]
   after = updates["batch_stats"]["blocks_0"]["bn"]["mean"]
   assert not np.allclose(before, after)
+
+
+def _bf16(x):
+  """Rounds to the nearest bfloat16 (ml_dtypes, independent of XLA), back as float64."""
+  import ml_dtypes
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _conv_reference(x, kernel):
+  """A 3x3 'same' convolution in float64 by explicit loops over the taps (NHWC, HWIO)."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((*x.shape[:3], kernel.shape[-1]))
+  for dy in range(3):
+    for dx in range(3):
+      out += padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]] @ kernel[dy, dx]
+  return out
+
+
+def test_bfloat16_convolution_rounds_operands_after_quantization():
+  """A bf16 QConv equals the float64 convolution of bf16-rounded operands, rounded to bf16.
+
+  Catches numerics that are ignored (float32 results differ from the rounded reference by
+  up to half a bf16 step), operands cast before the quantizer (8-bit codes times a scale
+  that bf16 cannot hold are then quantized from rounded values), and accumulation in
+  bf16 (errors of many steps over 144 taps).
+  """
+  x = jax.random.uniform(jax.random.key(0), (2, 6, 6, 16), minval=0.0, maxval=3.0)
+  conv = QConv(8, 3, layer_id=0, numerics=Numerics("bfloat16"))
+  variables = conv.init(jax.random.key(1), x)
+  out = conv.apply(variables, x)
+  assert out.dtype == jnp.bfloat16
+  kernel = np.asarray(variables["params"]["kernel"])
+  expected = _bf16(_conv_reference(_bf16(x), _bf16(kernel)))
+  np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2 ** -8, atol=1e-6)
+  f32 = QConv(8, 3, layer_id=0).apply(variables, x)
+  assert f32.dtype == jnp.float32
+  assert np.max(np.abs(np.asarray(f32) - expected)) > 1e-4  # bf16 really changed something
+
+  # With a policy, the quantizer sees float32 and bf16 sees its output.
+  from maxpart_jax.quant import QuantPolicy, quantize_activations, quantize_weights
+  policy = QuantPolicy(w_bits=jnp.array([4]), a_bits=jnp.array([8]), split=jnp.int32(0),
+                       ir_bits=jnp.int32(32))
+  out_q = conv.apply(variables, x, policy=policy)
+  xq = quantize_activations(x, jnp.int32(8))
+  kq = quantize_weights(variables["params"]["kernel"], jnp.int32(4))
+  expected_q = _bf16(_conv_reference(_bf16(xq), _bf16(kq)))
+  np.testing.assert_allclose(np.asarray(out_q, np.float64), expected_q, rtol=2 ** -8, atol=1e-6)
+
+
+def test_numerics_keep_parameters_and_logits_float32_and_stay_close():
+  model = _tiny("resnet18")
+  variables = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  bf16 = model.with_numerics(Numerics("bfloat16"))
+  assert jax.tree.map(lambda a: a.dtype, bf16.init(jax.random.key(0))) == \
+      jax.tree.map(lambda a: a.dtype, variables)
+  genome = uniform_genome(model.info, 3, 4, 8)
+  for policy in (None, to_policy(model.info, genome)):
+    ref = model.apply(variables, x, policy=policy)
+    low = bf16.apply(variables, x, policy=policy)
+    assert low.dtype == jnp.float32
+    assert 0 < float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref)) < 0.05
+  assert model.with_numerics(Numerics()) is model
+  assert bf16.kwargs["width"] == 0.125 and bf16.info.num_layers == model.info.num_layers
+
+
+def test_numerics_names_are_checked_and_auto_follows_the_platform():
+  with pytest.raises(ValueError, match="compute dtype must be one of.*float16"):
+    Numerics("float16")
+  with pytest.raises(ValueError, match="matmul precision must be one of.*'fast'"):
+    Numerics("float32", "fast")
+  assert resolve_numerics("auto", "highest", "cpu") == Numerics("float32", "highest")
+  assert resolve_numerics("auto", "default", "gpu") == Numerics("bfloat16", "default")
+  assert resolve_numerics("bfloat16", "highest", "cpu").dtype == "bfloat16"

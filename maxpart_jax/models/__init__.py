@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax.models.metadata import ModelInfo, derive_info
-from maxpart_jax.models.layers import Chain
+from maxpart_jax.models.layers import Chain, Numerics
 from maxpart_jax.models.mobilenet import mobilenet_v1
 from maxpart_jax.models.resnet import resnet18, resnet50
 from maxpart_jax.models.vgg import vgg11
@@ -42,11 +42,24 @@ class SplitModel:
     name: registry name of the architecture.
     chain: the Linen module; ``variables`` are its ``params`` and ``batch_stats``.
     input_shape: per-example input shape (H, W, C).
+    kwargs: the builder arguments ``chain`` was made with (see :func:`get_model`).
   """
 
   name: str
   chain: Chain
   input_shape: tuple[int, int, int] = (32, 32, 3)
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def numerics(self) -> Numerics:
+    """Compute dtype and precision of the convolutions and matmuls."""
+    return self.kwargs.get("numerics", Numerics())
+
+  def with_numerics(self, numerics: Numerics) -> SplitModel:
+    """The same architecture (same variables) computing with ``numerics``."""
+    if numerics == self.numerics:
+      return self
+    return get_model(self.name, **{**self.kwargs, "numerics": numerics})
 
   @functools.cached_property
   def info(self) -> ModelInfo:
@@ -110,8 +123,8 @@ def available_models() -> list[str]:
 
 
 def get_model(name: str, **kwargs: Any) -> SplitModel:
-  """Builds a registered model; ``kwargs`` go to its builder (width, num_classes, ...)."""
+  """Builds a registered model; ``kwargs`` go to its builder (width, num_classes, numerics, ...)."""
   key = ALIASES.get(name, name)
   if key not in MODELS:
     raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-  return SplitModel(key, MODELS[key](**kwargs))
+  return SplitModel(key, MODELS[key](**kwargs), kwargs=dict(kwargs))

@@ -9,6 +9,7 @@ carries a ``layer_id`` (its index in the model's layer list) so that a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -18,6 +19,54 @@ import jax.numpy as jnp
 from maxpart_jax.quant import QuantPolicy, quantize_activations, quantize_weights
 
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("highest", "high", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """How convolutions and matmuls compute; everything else stays float32.
+
+  Attributes:
+    dtype: operand dtype of convolutions and matmuls, ``float32`` or ``bfloat16``
+      (mixed precision: parameters, optimizer state, batch norm, the quantizers and
+      the loss stay float32; a bf16 convolution accumulates in float32 and returns bf16).
+    precision: ``jax.lax.Precision`` of float32 operands. ``highest`` is true float32
+      on every backend; ``default`` lets the backend pick its fastest mode (TF32 on
+      NVIDIA GPUs, a single bf16 pass on TPUs), which changes 8-bit IR codes. CPUs
+      compute float32 exactly in every mode.
+  """
+
+  dtype: str = "float32"
+  precision: str = "highest"
+
+  def __post_init__(self):
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"matmul precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+  @property
+  def lax_precision(self) -> jax.lax.Precision:
+    return jax.lax.Precision[self.precision.upper()]
+
+  def cast(self, *xs: jax.Array) -> tuple[jax.Array, ...]:
+    """The operands of a convolution or matmul in the compute dtype."""
+    return tuple(x.astype(self.dtype) for x in xs)
+
+
+def resolve_numerics(dtype: str, precision: str, platform: str | None = None) -> Numerics:
+  """:class:`Numerics` from config strings; ``dtype="auto"`` picks by platform.
+
+  ``auto`` is bfloat16 on GPUs and TPUs, where it is several times faster and ranks
+  genomes like float32, and float32 on CPUs, where bfloat16 is slower
+  (``results/benchmarks/README.md`` has the measurements).
+  """
+  if dtype == "auto":
+    platform = platform or jax.default_backend()
+    dtype = "float32" if platform == "cpu" else "bfloat16"
+  return Numerics(dtype, precision)
 
 
 def _quantize_inputs(x, kernel, layer_id, quantizable, signed_input, policy):
@@ -43,6 +92,7 @@ class QConv(nn.Module):
   layer_id: int = -1
   quantizable: bool = True
   signed_input: bool = False
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, policy: QuantPolicy | None = None) -> jax.Array:
@@ -53,11 +103,12 @@ class QConv(nn.Module):
     kernel = self.param("kernel", _CONV_INIT, (k, k, cin // self.groups, self.features))
     x, kernel = _quantize_inputs(x, kernel, self.layer_id, self.quantizable,
                                  self.signed_input, policy)
+    x, kernel = self.numerics.cast(x, kernel)
     pad = k // 2
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(self.strides, self.strides),
         padding=((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups)
+        feature_group_count=self.groups, precision=self.numerics.lax_precision)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
@@ -69,12 +120,15 @@ class QDense(nn.Module):
   features: int
   layer_id: int = -1
   quantizable: bool = True
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, policy: QuantPolicy | None = None) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
     x, kernel = _quantize_inputs(x, kernel, self.layer_id, self.quantizable, False, policy)
-    return x @ kernel + self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel = self.numerics.cast(x, kernel)
+    y = jnp.matmul(x, kernel, precision=self.numerics.lax_precision)
+    return y + self.param("bias", nn.initializers.zeros, (self.features,))
 
 
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
@@ -92,12 +146,14 @@ class ConvBN(nn.Module):
   pool: bool = False
   quantizable: bool = True
   signed_input: bool = False
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                policy: QuantPolicy | None = None) -> jax.Array:
     x = QConv(self.features, self.kernel_size, self.strides, layer_id=self.layer_id,
-              quantizable=self.quantizable, signed_input=self.signed_input, name="conv")(x, policy)
+              quantizable=self.quantizable, signed_input=self.signed_input,
+              numerics=self.numerics, name="conv")(x, policy)
     x = nn.relu(batch_norm(train, "bn")(x))
     if self.pool:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -110,6 +166,7 @@ class Head(nn.Module):
   num_classes: int
   layer_id: int
   quantizable: bool = False
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -117,7 +174,7 @@ class Head(nn.Module):
     del train
     x = jnp.mean(x, axis=(1, 2))
     return QDense(self.num_classes, layer_id=self.layer_id, quantizable=self.quantizable,
-                  name="fc")(x, policy)
+                  numerics=self.numerics, name="fc")(x, policy)
 
 
 class Chain(nn.Module):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from maxpart_jax.models.layers import Chain, ConvBN, Head, LayerCounter, QConv, batch_norm
+from maxpart_jax.models.layers import (Chain, ConvBN, Head, LayerCounter, Numerics, QConv,
+                                       batch_norm)
 from maxpart_jax.quant import QuantPolicy
 
 # (output channels, stride) of the 13 separable blocks.
@@ -23,19 +24,22 @@ class SeparableBlock(nn.Module):
   features: int
   strides: int
   first_layer: int
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                policy: QuantPolicy | None = None) -> jax.Array:
     c = x.shape[-1]
-    x = QConv(c, 3, self.strides, groups=c, layer_id=self.first_layer, name="dw")(x, policy)
+    x = QConv(c, 3, self.strides, groups=c, layer_id=self.first_layer, numerics=self.numerics,
+              name="dw")(x, policy)
     x = nn.relu(batch_norm(train, "dw_bn")(x))
-    x = QConv(self.features, 1, 1, layer_id=self.first_layer + 1, name="pw")(x, policy)
+    x = QConv(self.features, 1, 1, layer_id=self.first_layer + 1, numerics=self.numerics,
+              name="pw")(x, policy)
     return nn.relu(batch_norm(train, "pw_bn")(x))
 
 
 def mobilenet_v1(width: float = 1.0, num_classes: int = 100, num_blocks: int = 13,
-                 quantize_ends: bool = False) -> Chain:
+                 quantize_ends: bool = False, numerics: Numerics = Numerics()) -> Chain:
   """CIFAR MobileNetV1 as a chain of stem, separable blocks and head.
 
   Args:
@@ -43,16 +47,18 @@ def mobilenet_v1(width: float = 1.0, num_classes: int = 100, num_blocks: int = 1
     num_classes: classifier outputs.
     num_blocks: keep the first ``num_blocks`` of the 13 separable blocks.
     quantize_ends: also quantize the stem conv and the classifier.
+    numerics: compute dtype and precision of the convolutions and the classifier.
   """
   if not 1 <= num_blocks <= len(MOBILENET_V1_CIFAR):
     raise ValueError(f"num_blocks must be in 1..{len(MOBILENET_V1_CIFAR)}, got {num_blocks}")
   ids = LayerCounter()
   blocks = [ConvBN(max(1, round(32 * width)), ids.take(), quantizable=quantize_ends,
-                   signed_input=True)]
+                   signed_input=True, numerics=numerics)]
   labels = ["stem"]
   for j, (feats, strides) in enumerate(MOBILENET_V1_CIFAR[:num_blocks]):
-    blocks.append(SeparableBlock(max(1, round(feats * width)), strides, ids.take(2)))
+    blocks.append(SeparableBlock(max(1, round(feats * width)), strides, ids.take(2),
+                                 numerics=numerics))
     labels.append(f"sep{j + 1}")
-  blocks.append(Head(num_classes, ids.take(), quantizable=quantize_ends))
+  blocks.append(Head(num_classes, ids.take(), quantizable=quantize_ends, numerics=numerics))
   labels.append("head")
   return Chain(tuple(blocks), tuple(labels))

@@ -11,7 +11,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from maxpart_jax.models.layers import Chain, ConvBN, Head, LayerCounter, QConv, batch_norm
+from maxpart_jax.models.layers import (Chain, ConvBN, Head, LayerCounter, Numerics, QConv,
+                                       batch_norm)
 from maxpart_jax.quant import QuantPolicy
 
 
@@ -22,17 +23,21 @@ class BasicBlock(nn.Module):
   strides: int
   project: bool
   first_layer: int
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                policy: QuantPolicy | None = None) -> jax.Array:
     i = self.first_layer
-    y = QConv(self.features, 3, self.strides, layer_id=i, name="conv1")(x, policy)
+    y = QConv(self.features, 3, self.strides, layer_id=i, numerics=self.numerics,
+              name="conv1")(x, policy)
     y = nn.relu(batch_norm(train, "bn1")(y))
-    y = QConv(self.features, 3, 1, layer_id=i + 1, name="conv2")(y, policy)
+    y = QConv(self.features, 3, 1, layer_id=i + 1, numerics=self.numerics,
+              name="conv2")(y, policy)
     y = batch_norm(train, "bn2")(y)
     if self.project:
-      x = QConv(self.features, 1, self.strides, layer_id=i + 2, name="proj")(x, policy)
+      x = QConv(self.features, 1, self.strides, layer_id=i + 2, numerics=self.numerics,
+              name="proj")(x, policy)
       x = batch_norm(train, "proj_bn")(x)
     return nn.relu(x + y)
 
@@ -45,25 +50,31 @@ class Bottleneck(nn.Module):
   project: bool
   first_layer: int
   expansion: int = 4
+  numerics: Numerics = Numerics()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                policy: QuantPolicy | None = None) -> jax.Array:
     i, out = self.first_layer, self.features * self.expansion
-    y = QConv(self.features, 1, 1, layer_id=i, name="conv1")(x, policy)
+    y = QConv(self.features, 1, 1, layer_id=i, numerics=self.numerics,
+              name="conv1")(x, policy)
     y = nn.relu(batch_norm(train, "bn1")(y))
-    y = QConv(self.features, 3, self.strides, layer_id=i + 1, name="conv2")(y, policy)
+    y = QConv(self.features, 3, self.strides, layer_id=i + 1, numerics=self.numerics,
+              name="conv2")(y, policy)
     y = nn.relu(batch_norm(train, "bn2")(y))
-    y = QConv(out, 1, 1, layer_id=i + 2, name="conv3")(y, policy)
+    y = QConv(out, 1, 1, layer_id=i + 2, numerics=self.numerics,
+              name="conv3")(y, policy)
     y = batch_norm(train, "bn3")(y)
     if self.project:
-      x = QConv(out, 1, self.strides, layer_id=i + 3, name="proj")(x, policy)
+      x = QConv(out, 1, self.strides, layer_id=i + 3, numerics=self.numerics,
+              name="proj")(x, policy)
       x = batch_norm(train, "proj_bn")(x)
     return nn.relu(x + y)
 
 
 def resnet(stage_sizes: Sequence[int], bottleneck: bool, width: float = 1.0,
-           num_classes: int = 100, quantize_ends: bool = False) -> Chain:
+           num_classes: int = 100, quantize_ends: bool = False,
+           numerics: Numerics = Numerics()) -> Chain:
   """Builds a CIFAR ResNet as a chain of stem, residual blocks and head.
 
   Args:
@@ -72,10 +83,13 @@ def resnet(stage_sizes: Sequence[int], bottleneck: bool, width: float = 1.0,
     width: channel multiplier; 1.0 gives 64/128/256/512 stage widths.
     num_classes: classifier outputs.
     quantize_ends: also quantize the stem conv and the classifier (off in the paper).
+    numerics: compute dtype and precision of the convolutions and the classifier.
   """
   ids = LayerCounter()
   base = max(1, round(64 * width))
-  blocks, labels = [ConvBN(base, ids.take(), quantizable=quantize_ends, signed_input=True)], ["stem"]
+  blocks = [ConvBN(base, ids.take(), quantizable=quantize_ends, signed_input=True,
+                   numerics=numerics)]
+  labels = ["stem"]
   cin, expansion = base, (4 if bottleneck else 1)
   for stage, n in enumerate(stage_sizes):
     feats = base * 2**stage
@@ -84,21 +98,21 @@ def resnet(stage_sizes: Sequence[int], bottleneck: bool, width: float = 1.0,
       project = strides != 1 or cin != feats * expansion
       n_layers = (3 if bottleneck else 2) + int(project)
       cls = Bottleneck if bottleneck else BasicBlock
-      blocks.append(cls(feats, strides, project, ids.take(n_layers)))
+      blocks.append(cls(feats, strides, project, ids.take(n_layers), numerics=numerics))
       labels.append(f"layer{stage + 1}.{j}")
       cin = feats * expansion
-  blocks.append(Head(num_classes, ids.take(), quantizable=quantize_ends))
+  blocks.append(Head(num_classes, ids.take(), quantizable=quantize_ends, numerics=numerics))
   labels.append("head")
   return Chain(tuple(blocks), tuple(labels))
 
 
 def resnet18(width: float = 1.0, num_classes: int = 100, stage_sizes: Sequence[int] = (2, 2, 2, 2),
-             quantize_ends: bool = False) -> Chain:
+             quantize_ends: bool = False, numerics: Numerics = Numerics()) -> Chain:
   """CIFAR ResNet18: 8 BasicBlocks with 64/128/256/512 channels at ``width=1``."""
-  return resnet(stage_sizes, False, width, num_classes, quantize_ends)
+  return resnet(stage_sizes, False, width, num_classes, quantize_ends, numerics)
 
 
 def resnet50(width: float = 1.0, num_classes: int = 100, stage_sizes: Sequence[int] = (3, 4, 6, 3),
-             quantize_ends: bool = False) -> Chain:
+             quantize_ends: bool = False, numerics: Numerics = Numerics()) -> Chain:
   """CIFAR ResNet50: 16 Bottlenecks (3-4-6-3), expansion 4, at ``width=1``."""
-  return resnet(stage_sizes, True, width, num_classes, quantize_ends)
+  return resnet(stage_sizes, True, width, num_classes, quantize_ends, numerics)
