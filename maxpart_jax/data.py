@@ -49,6 +49,17 @@ by 4 pixels (the usual CIFAR choice, as torchvision's ``RandomCrop(32,
 padding=4)``; the padding is black before normalization), a random 32x32 crop
 and a random horizontal flip, vectorized over the batch. Evaluation batches
 are in order, unaugmented, and keep the last partial batch by default.
+
+Two pipelines make the same training batches (**decision**). The *host* pipeline
+(:func:`iterate_batches`) gathers, augments and normalizes each batch in numpy
+and copies it to the device. The *device* pipeline keeps the split on the
+accelerator as uint8 (:func:`to_device`) and builds each batch there with
+:func:`device_batch`, inside the compiled training loop. Both draw their random
+choices from the same numpy generator, in the same order (:func:`train_draws`:
+a permutation, then per batch the crop offsets and the flips): those draws are
+a few bytes per image per epoch, copied once per epoch, while the pixels never
+leave the device. So a run gives the same batches, bit for bit, on either
+pipeline and on any backend.
 """
 
 from __future__ import annotations
@@ -63,6 +74,8 @@ import os
 import zipfile
 from collections.abc import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -202,6 +215,13 @@ def normalize(images: np.ndarray, dataset: str = "cifar100") -> np.ndarray:
   return (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
 
 
+def _augmentation_draws(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Crop offsets (n, 2) in ``[0, 2 * PAD]`` and flips (n,), drawn in this order."""
+  offsets = rng.integers(0, 2 * PAD + 1, size=(n, 2))
+  flips = rng.random(n) < 0.5
+  return offsets, flips
+
+
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Random crop of the zero-padded (by ``PAD``) image and random horizontal flip.
 
@@ -212,14 +232,7 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """
   if images.ndim != 4:
     raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
-  n, h, w, _ = images.shape
-  offsets = rng.integers(0, 2 * PAD + 1, size=(n, 2))
-  flips = rng.random(n) < 0.5
-  padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
-  rows = offsets[:, :1] + np.arange(h)
-  cols = offsets[:, 1:] + np.arange(w)
-  cols = np.where(flips[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  return _crop_flip(images, *_augmentation_draws(rng, len(images)))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
@@ -270,6 +283,124 @@ def _batches(split: Split, batch_size: int, num_steps: int, train: bool,
     if train:
       images = augment(images, rng)
     yield {"image": normalize(images, split.dataset), "label": split.labels[idx]}
+
+
+# --- the device pipeline -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws:
+  """The random choices behind training batches, one row per step.
+
+  Attributes:
+    index: (S, B) int32 example indices of each batch.
+    offset: (S, B, 2) int32 row and column of each crop in the padded image.
+    flip: (S, B) bool horizontal flips.
+  """
+
+  index: np.ndarray
+  offset: np.ndarray
+  flip: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def step(self, i: jax.Array) -> Draws:
+    """Row ``i`` (traced or concrete): the draws of one batch."""
+    return jax.tree.map(lambda x: x[i], self)
+
+
+jax.tree_util.register_dataclass(Draws, data_fields=["index", "offset", "flip"], meta_fields=[])
+
+
+def train_draws(num_examples: int, batch_size: int, *, seed: int, epoch: int) -> Draws:
+  """The draws of one epoch of :func:`iterate_batches` (``train=True``), without the pixels."""
+  if seed < 0 or epoch < 0:
+    raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+  steps = steps_per_epoch(num_examples, batch_size, drop_remainder=True)
+  if steps == 0 and num_examples > 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples: the epoch "
+                     "would have no batch")
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(num_examples)[:steps * batch_size].reshape(steps, batch_size)
+  draws = [_augmentation_draws(rng, batch_size) for _ in range(steps)]
+  return Draws(index=order.astype(np.int32),
+               offset=np.array([o for o, _ in draws], np.int32).reshape(steps, batch_size, 2),
+               flip=np.array([f for _, f in draws], bool).reshape(steps, batch_size))
+
+
+def draws_for_steps(num_examples: int, batch_size: int, steps: int, *, seed: int) -> Draws:
+  """The draws of the first ``steps`` training batches, running into later epochs if needed."""
+  per_epoch = steps_per_epoch(num_examples, batch_size, drop_remainder=True)
+  epochs = [train_draws(num_examples, batch_size, seed=seed, epoch=e)
+            for e in range(-(-steps // max(per_epoch, 1)))]
+  if not epochs:
+    return Draws(np.zeros((0, batch_size), np.int32), np.zeros((0, batch_size, 2), np.int32),
+                 np.zeros((0, batch_size), bool))
+  return Draws(*(np.concatenate([getattr(d, f) for d in epochs])[:steps]
+                 for f in ("index", "offset", "flip")))
+
+
+def host_batch(split: Split, draws: Draws, step: int) -> dict[str, np.ndarray]:
+  """Batch ``step`` of ``draws`` made on the host (numpy), as :func:`iterate_batches` makes it."""
+  idx = draws.index[step]
+  images = _crop_flip(split.images[idx], draws.offset[step], draws.flip[step])
+  return {"image": normalize(images, split.dataset), "label": split.labels[idx]}
+
+
+def _crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+  rows = offsets[:, :1] + np.arange(h)
+  cols = offsets[:, 1:] + np.arange(w)
+  cols = np.where(flips[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def eval_arrays(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """``split`` as (nb, batch_size, H, W, C) uint8 images and (nb, batch_size) labels.
+
+  The last batch is padded with black images labelled -1, which no prediction
+  matches, so counting correct predictions over every batch counts the split.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be > 0, got {batch_size}")
+  pad = -len(split) % batch_size
+  images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+  labels = np.concatenate([split.labels, np.full(pad, -1, np.int32)]).astype(np.int32)
+  return (images.reshape(-1, batch_size, *split.images.shape[1:]),
+          labels.reshape(-1, batch_size))
+
+
+def to_device(split: Split, sharding: jax.sharding.Sharding | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(images uint8, labels int32)`` of ``split`` on the device(s), copied once."""
+  return jax.device_put((split.images, split.labels), sharding)
+
+
+def normalize_on_device(images: jax.Array, dataset: str = "cifar100") -> jax.Array:
+  """:func:`normalize` of uint8 images inside a jitted function, bit for bit.
+
+  Looks every pixel up in a (256, 3) table that :func:`normalize` itself computed:
+  compiled float arithmetic may round differently (XLA turns a division by a
+  constant into a multiplication by its reciprocal).
+  """
+  levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+  table = jnp.asarray(normalize(levels, dataset))
+  return table[images.astype(jnp.int32), jnp.arange(3)]
+
+
+def device_batch(images: jax.Array, labels: jax.Array, draws: Draws,
+                 dataset: str) -> dict[str, jax.Array]:
+  """One training batch built on the device from uint8 ``images`` and one row of ``draws``.
+
+  Jittable; equal, bit for bit, to :func:`host_batch` of the same draws.
+  """
+  x = jnp.pad(images[draws.index], ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+  h, w, c = images.shape[1:]
+  crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+  x = jax.vmap(crop)(x, draws.offset)
+  x = jnp.where(draws.flip[:, None, None, None], x[:, :, ::-1], x)
+  return {"image": normalize_on_device(x, dataset), "label": labels[draws.index]}
 
 
 # --- sources -----------------------------------------------------------------

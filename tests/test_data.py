@@ -516,3 +516,50 @@ def test_split_take_and_float_images():
   np.testing.assert_allclose(floats * 255, split.images, atol=1e-4)
   with pytest.raises(ValueError, match=r"n must be in \[0, 20\]"):
     split.take(21)
+
+
+# --- the device pipeline ------------------------------------------------------------
+
+
+def test_device_batches_equal_host_batches_bit_for_bit():
+  """iterate_batches (numpy), host_batch and device_batch under jit give identical batches.
+
+  Catches draws taken in another order than the host pipeline's, a crop with rows and
+  columns swapped, a flip on the wrong axis, and float normalization that rounds
+  differently on the device (XLA turns x / 255 into x * (1/255)).
+  """
+  import jax
+  images, labels = _fake_arrays(70, 100, seed=3)
+  split = data.Split(images=images, labels=labels.astype(np.int32), num_classes=100,
+                     dataset="cifar100")
+  draws = data.train_draws(len(split), 16, seed=5, epoch=2)
+  assert len(draws) == 4 and draws.offset.max() <= 2 * data.PAD and draws.flip.any()
+  on_device = data.to_device(split)
+  make = jax.jit(lambda d: data.device_batch(*on_device, d, "cifar100"))
+  for step, batch in enumerate(data.iterate_batches(split, 16, train=True, seed=5, epoch=2)):
+    host = data.host_batch(split, draws, step)
+    device = jax.device_get(make(draws.step(step)))
+    for name in ("image", "label"):
+      np.testing.assert_array_equal(host[name], batch[name])
+      np.testing.assert_array_equal(device[name], batch[name])
+
+
+def test_draws_for_steps_continue_into_the_next_epoch():
+  """Fine-tuning longer than an epoch uses epoch 0's batches, then epoch 1's."""
+  draws = data.draws_for_steps(50, 8, 9, seed=1)  # 6 batches per epoch
+  first, second = (data.train_draws(50, 8, seed=1, epoch=e) for e in (0, 1))
+  for name in ("index", "offset", "flip"):
+    expected = np.concatenate([getattr(first, name), getattr(second, name)[:3]])
+    np.testing.assert_array_equal(getattr(draws, name), expected)
+  assert len(data.draws_for_steps(50, 8, 0, seed=1)) == 0
+  with pytest.raises(ValueError, match="no batch"):
+    data.train_draws(5, 8, seed=0, epoch=0)
+
+
+def test_eval_arrays_pad_the_last_batch_with_labels_nothing_predicts():
+  split = _id_split(25)
+  images, labels = data.eval_arrays(split, 10)
+  assert images.shape == (3, 10, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels.ravel()[:25], np.arange(25))
+  np.testing.assert_array_equal(labels.ravel()[25:], -1)
+  np.testing.assert_array_equal(images.reshape(-1, 32, 32, 3)[:25], split.images)
