@@ -7,6 +7,14 @@ the end of every epoch, and a restarted run resumes from the newest checkpoint:
 the data order depends only on ``(seed, epoch)``, so a resumed run sees exactly
 the batches an uninterrupted one would.
 
+Steps run in chunks that end where a log line or a checkpoint is due, or with the
+epoch (:class:`StepRunner`). With ``config.pipeline="fused"`` (the default on GPUs
+and TPUs) the training split sits on the accelerator as uint8, each batch is made
+there, and a chunk is one compiled loop: the host only hears back at its end.
+``device`` makes the same batches on the device with one call per step (the default
+on CPUs, whose compiled loops are slow); ``host`` is the old step-by-step loop
+with numpy batches. All give the same batches.
+
 The steps are reusable: :func:`train_step` takes an optional quantization policy
 (fine-tuning with a fake-quantized edge) and :func:`evaluate` gives top-1 accuracy.
 """
@@ -29,7 +37,10 @@ from flax import struct
 
 from maxpart_jax import checkpoint, data
 from maxpart_jax.models import SplitModel, Variables, get_model
+from maxpart_jax.models.layers import Numerics, resolve_numerics
 from maxpart_jax.quant import QuantPolicy
+
+PIPELINES = ("auto", "fused", "device", "host")
 
 
 @struct.dataclass
@@ -52,10 +63,104 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SplitModel:
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                numerics: Numerics = Numerics()) -> SplitModel:
   """The model ``config.model`` names, with the dataset's number of classes."""
   spec = dict(model_spec(config))
-  return get_model(spec.pop("name"), num_classes=num_classes, **spec)
+  return get_model(spec.pop("name"), num_classes=num_classes, numerics=numerics, **spec)
+
+
+def resolve_pipeline(pipeline: str, platform: str | None = None) -> str:
+  """``fused``, ``device`` or ``host``; ``auto`` is ``fused`` on GPUs and TPUs and
+  ``device`` on CPUs, where XLA runs convolutions inside compiled loops several times
+  slower (jax-ml/jax#12868; 8x for a training step, measured) than one call per step."""
+  if pipeline not in PIPELINES:
+    raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+  if pipeline != "auto":
+    return pipeline
+  return "device" if (platform or jax.default_backend()) == "cpu" else "fused"
+
+
+def fused_steps(step_fn: Any, dataset: str) -> Any:
+  """``step_fn(state, batch, *args) -> (state, metrics)`` as one loop over many steps.
+
+  Returns ``run(state, images, labels, draws, start, stop, *args) -> (state, sums)``,
+  to be jitted: it runs steps ``start..stop-1``, each on the batch that
+  :func:`data.device_batch` makes from the uint8 ``images`` and row ``i`` of
+  ``draws``, and returns the metrics summed over those steps. ``start`` and ``stop``
+  are traced, so one compilation serves chunks of any length, and nothing goes back
+  to the host between steps.
+  """
+
+  def run(state, images, labels, draws, start, stop, *args):
+    def one(state, i):
+      return step_fn(state, data.device_batch(images, labels, draws.step(i), dataset), *args)
+
+    zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype),
+                         jax.eval_shape(one, state, start)[1])
+
+    def body(i, carry):
+      state, sums = carry
+      state, metrics = one(state, i)
+      return state, jax.tree.map(jnp.add, sums, metrics)
+
+    return jax.lax.fori_loop(start, stop, body, (state, zeros))
+
+  return run
+
+
+class StepRunner:
+  """Runs training steps ``start..stop-1`` of ``split`` on the batches of some draws.
+
+  ``pipeline`` (resolved, see :func:`resolve_pipeline`):
+    * ``fused``: the split on the device as uint8, batches made there, all the steps of
+      a call in one compiled loop (:func:`fused_steps`);
+    * ``device``: the same batches made on the device, one call per step;
+    * ``host``: numpy batches (:func:`data.host_batch`) copied per step, one call per step.
+  All three give the same batches. ``sharding`` places the split and the batches
+  (e.g. replicated over a candidate mesh); ``step_fn(state, batch, *args)`` must be
+  jittable and return ``(state, metrics)``.
+  """
+
+  def __init__(self, step_fn: Any, split: data.Split, pipeline: str,
+               sharding: jax.sharding.Sharding | None = None):
+    if pipeline not in PIPELINES[1:]:
+      raise ValueError(f"pipeline must be resolved to one of {PIPELINES[1:]}, got {pipeline!r}")
+    self.split, self.pipeline, self.sharding = split, pipeline, sharding
+    self._draws: tuple[data.Draws | None, Any] = (None, None)
+    if pipeline == "host":
+      self._step = jax.jit(step_fn)
+      return
+    self._arrays = data.to_device(split, sharding)
+    if pipeline == "fused":
+      self._loop = jax.jit(fused_steps(step_fn, split.dataset), donate_argnums=0)
+    else:
+      one = lambda state, images, labels, draws, i, *args: step_fn(
+          state, data.device_batch(images, labels, draws.step(i), split.dataset), *args)
+      self._step = jax.jit(one, donate_argnums=0)
+
+  def _device_draws(self, draws: data.Draws) -> Any:
+    """``draws`` on the device(s), copied once per new set of draws."""
+    if self._draws[0] is not draws:
+      self._draws = (draws, jax.device_put(draws, self.sharding))
+    return self._draws[1]
+
+  def __call__(self, state: Any, draws: data.Draws, start: int, stop: int,
+               *args: Any) -> tuple[Any, Any]:
+    """``(state, metrics summed over the steps)``; the host waits for neither."""
+    if self.pipeline == "fused":
+      return self._loop(state, *self._arrays, self._device_draws(draws), jnp.int32(start),
+                        jnp.int32(stop), *args)
+    sums = None
+    for i in range(start, stop):
+      if self.pipeline == "host":
+        batch = jax.device_put(data.host_batch(self.split, draws, i), self.sharding)
+        state, metrics = self._step(state, batch, *args)
+      else:
+        state, metrics = self._step(state, *self._arrays, self._device_draws(draws),
+                                    jnp.int32(i), *args)
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    return state, sums
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -117,11 +222,15 @@ class Progress:
 
   def __init__(self, total: int, first: int = 0, every: int = 50, name: str = "step"):
     self.total, self.first, self.every, self.name = total, first, every, name
+    self.last = first
     self.start = time.time()
 
   def __call__(self, done: int, extra: str = "") -> None:
-    """Logs after ``done`` of ``total`` units when due (and always at the end)."""
-    if done % self.every and done != self.total:
+    """Logs after ``done`` of ``total`` units if a multiple of ``every`` was reached since
+    the last call (and always at the end)."""
+    due = done // self.every > self.last // self.every or done == self.total
+    self.last = done
+    if not due:
       return
     elapsed = time.time() - self.start
     rate = (done - self.first) / max(elapsed, 1e-9)
@@ -149,7 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train = data.load_split("train" if config.val_fraction > 0 else "train_full",
                           dataset=config.dataset, data_dir=config.data_dir or None,
                           val_fraction=config.val_fraction, seed=config.data_seed)
-  model = build_model(config, train.num_classes)
+  numerics = resolve_numerics(config.compute_dtype, config.matmul_precision)
+  pipeline = resolve_pipeline(config.pipeline)
+  model = build_model(config, train.num_classes, numerics)
   steps_per_epoch = data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True)
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(config, total_steps)
@@ -164,9 +275,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     history = _load_history(history_path, restored)
     logging.info("resuming from step %d of %d", restored, total_steps)
+  logging.info("pre-training %s: %d steps, %s compute (%s precision), %s pipeline", model.name,
+               total_steps, numerics.dtype, numerics.precision, pipeline)
   step = int(state.step)
-  step_fn = jax.jit(functools.partial(train_step, model, tx,
-                                      label_smoothing=config.label_smoothing))
+  run_steps = StepRunner(
+      functools.partial(train_step, model, tx, label_smoothing=config.label_smoothing), train,
+      pipeline)
   progress = Progress(total_steps, first=step, every=config.log_every_steps)
   segment_start, sums = time.time(), np.zeros(2)
 
@@ -177,15 +291,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   for epoch in range(step // steps_per_epoch, config.num_epochs):
     skip = step - epoch * steps_per_epoch
-    batches = data.iterate_batches(train, config.batch_size, train=True, seed=config.data_seed,
-                                   epoch=epoch)
-    for i, batch in enumerate(batches):
-      if i < skip:
-        continue
-      state, metrics = step_fn(state, batch)
-      step += 1
-      sums += np.array([float(metrics["loss"]), float(metrics["accuracy"])])
-      progress(step, f"epoch {epoch + 1}/{config.num_epochs} loss {float(metrics['loss']):.3f}")
+    draws = data.train_draws(len(train), config.batch_size, seed=config.data_seed, epoch=epoch)
+    i = skip
+    while i < steps_per_epoch:
+      # A chunk ends where a log line or a checkpoint is due, or with the epoch.
+      j = min(steps_per_epoch, i + _until_multiple(step, config.log_every_steps),
+              i + _until_multiple(step, config.checkpoint_every_steps))
+      state, chunk = run_steps(state, draws, i, j)
+      chunk = jax.device_get(chunk)
+      sums += np.array([chunk["loss"], chunk["accuracy"]], np.float64)
+      step, n, i = step + j - i, j - i, j
+      progress(step, f"epoch {epoch + 1}/{config.num_epochs} loss {float(chunk['loss']) / n:.3f}")
       if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
         save(step)
         segment_start = time.time()
@@ -212,6 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plot_history(history, os.path.join(workdir, "curves.png"), title=f"{model.name} {config.dataset}")
   logging.info("done: %s", results)
   return results
+
+
+def _until_multiple(step: int, every: int) -> int:
+  """Steps from ``step`` to the next multiple of ``every`` (``every`` if on one)."""
+  return every - step % every
 
 
 def _val_accuracy(config: ml_collections.ConfigDict, model: SplitModel, state: TrainState) -> float:

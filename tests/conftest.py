@@ -2,8 +2,22 @@
 
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+
+
+# XLA_FLAGS of the subprocesses that emulate 8 devices. The 8 device threads share this
+# machine's cores; under load one can take longer than XLA's default 40 s to reach a
+# collective, which then aborts the process, so the timeout is raised.
+EIGHT_CPU_DEVICES = ("--xla_force_host_platform_device_count=8 "
+                     "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+
+
+def relative_distance(a, b) -> float:
+  """‖a − b‖ / ‖b‖ over all leaves of two pytrees (leaves of any shape, stacked or not)."""
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+  return float(np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(b)))
 
 
 def write_fake_cifar(folder: pathlib.Path, n_train: int = 320, n_test: int = 100,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from conftest import EIGHT_CPU_DEVICES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "experiments", "colab_tpu.ipynb")
 
@@ -17,9 +19,10 @@ def test_colab_notebook_runs_on_eight_cpu_devices(fake_data_dir, tmp_path):
       "notebook code must be plain Python so that this test runs it")
   script = tmp_path / "notebook.py"
   script.write_text(source)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=EIGHT_CPU_DEVICES,
              JAX_PLATFORMS="cpu", MPLBACKEND="Agg", MAXPART_NOTEBOOK_VARIANT="smoke",
-             MAXPART_DATA_DIR=fake_data_dir, PYTHONPATH=REPO)
+             MAXPART_DATA_DIR=fake_data_dir,
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import EIGHT_CPU_DEVICES, relative_distance
 from experiments.configs import search as search_configs
 from maxpart_jax import checkpoint, data, profile
 from maxpart_jax.energy import edge_energy
@@ -81,6 +82,37 @@ def test_finetuning_moves_weights_and_divergence_gives_zero(smoke, caplog):
   assert "diverged during fine-tuning: fitness set to 0" in caplog.text
 
 
+def test_device_pipelines_evaluate_like_the_host_loop(smoke):
+  """The fused pipeline (one program for all fine-tuning steps, one for the accuracy) and
+  the device pipeline (uint8 data on the device, one call per step and batch) against the
+  host loop (numpy batches), float32, with 8-bit activations and IRs.
+
+  Catches a loop that skips, repeats or reorders steps, other batches than the host
+  loop's, or padded validation images counted. Tolerances: rounding of differently
+  compiled programs, amplified by the tiny smoke net (relative distance ~1e-4 of the
+  tuned weights; see test_train; another data order gives ~1); accuracy within one
+  validation image.
+  """
+  model, variables, val, images, _ = _evaluator(smoke, finetune_steps=1, batch_size=16)
+  genomes = _genomes(model.info, [(2, 4), (4, 8), (5, 2)])
+  out, tuned = {}, {}
+  for pipeline in ("host", "device", "fused"):
+    ev = _evaluator(smoke, finetune_steps=7, batch_size=16, finetune_lr=1e-2,
+                    compute_dtype="float32", pipeline=pipeline)[-1]
+    tuned[pipeline], _ = ev.finetune(genomes)
+    out[pipeline] = ev.evaluate(genomes)
+  first = jax.tree.map(lambda x: x[0], tuned["host"])
+  assert relative_distance(first, variables) > 1e-3  # the weights did move
+  for pipeline in ("device", "fused"):
+    assert relative_distance(tuned[pipeline], tuned["host"]) < 1e-3, pipeline
+    np.testing.assert_allclose(out[pipeline]["accuracy"], out["host"]["accuracy"],
+                               atol=1.01 / len(val))
+    # 8-bit IR codes that sit on a rounding boundary flip by one step for weights that
+    # differ by 1e-4: privacy moves by up to ~1e-3 (measured 1.2e-3).
+    np.testing.assert_allclose(out[pipeline]["privacy"], out["host"]["privacy"], rtol=5e-3)
+    np.testing.assert_allclose(out[pipeline]["fitness"], out["host"]["fitness"], rtol=5e-3)
+
+
 DEVICE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
@@ -106,7 +138,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_one_and_eight_devices_agree(smoke):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=EIGHT_CPU_DEVICES,
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, smoke.model_dir, smoke.data_dir],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

@@ -47,7 +47,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       budget_mj=0.35, eps_bound=0.03, lambda_energy=0.1, lambda_accuracy=0.1, transmission=True,
       finetune_steps=ml_collections.FieldReference(None, field_type=int), finetune_lr=1e-3,
       finetune_momentum=0.9, batch_size=128, metric="mse", normalization="zscore",
-      per_channel=False, seed=0))
+      per_channel=False, seed=0,
+      # How the K candidates of a device run: "vmap", "map" (one per call) or "auto".
+      candidate_loop="auto",
+      # Convolution / matmul numerics: "float32", "bfloat16" or "auto" (bfloat16 on GPU/TPU,
+      # float32 on CPU); precision of float32 operands ("highest": true float32).
+      compute_dtype="auto", matmul_precision="highest",
+      # "fused": data on the accelerator, one program per fine-tuning; "device": the same
+      # batches, one call per step; "host": numpy batches; "auto": fused on GPU/TPU,
+      # device on CPU (where XLA compiles loops of convolutions badly).
+      pipeline="auto"))
 
   if variant in PAPER:
     train_variant, c.model_dir = PAPER[variant]

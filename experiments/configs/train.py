@@ -45,6 +45,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
   c.eval_every_epochs = 1
+  # Numerics of convolutions and matmuls: "float32", "bfloat16" or "auto" (bfloat16 on
+  # GPU/TPU, float32 on CPU); the precision of float32 operands ("highest": true float32).
+  c.compute_dtype = "auto"
+  c.matmul_precision = "highest"
+  # "fused": data on the accelerator, chunks of steps as compiled loops; "device": the
+  # same batches, one call per step; "host": numpy batches; "auto": fused on GPU/TPU,
+  # device on CPU (where XLA compiles loops of convolutions badly).
+  c.pipeline = "auto"
   if variant in PAPER:
     c.model = PAPER[variant]
     c.num_epochs = 200

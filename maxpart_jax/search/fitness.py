@@ -16,10 +16,20 @@
 The K candidates of a step are fine-tuned together: their variables are stacked on
 a leading candidate axis placed split over all devices (``NamedSharding``), and jit
 partitions the work along it, so on 8 TPU cores 8 candidates train at once. The
-candidates of a device are ``jax.vmap``-ped into one computation (GPU/TPU) or, on a
-CPU, where vmapped convolutions become slow grouped convolutions, taken one per call. All candidates see the same batches, so a genome's fitness does not
-depend on which other genomes share its step. A candidate whose fine-tuning
-diverges (non-finite loss or weights) gets fitness 0.
+candidates of a device are taken one per call or ``jax.vmap``-ped into one
+computation (``candidate_loop``). All candidates see the same batches, so a genome's
+fitness does not depend on which other genomes share its step. A candidate whose
+fine-tuning diverges (non-finite loss or weights) gets fitness 0.
+
+With ``pipeline="fused"`` (the default on GPUs and TPUs) the training and
+validation images sit on the devices as uint8, and the whole fine-tuning, the
+validation accuracy and the privacy score are one compiled program each: nothing
+goes back to the host between steps. ``device`` (the default on CPUs, where XLA
+compiles loops of convolutions badly) makes the same batches on the devices with
+one call per step; ``host`` is the old step-by-step loop with numpy batches. All
+see the same batches (:mod:`maxpart_jax.data`). ``compute_dtype`` and
+``matmul_precision`` set the numerics of convolutions and matmuls
+(:class:`~maxpart_jax.models.layers.Numerics`).
 """
 
 from __future__ import annotations
@@ -40,8 +50,10 @@ from maxpart_jax import data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.models.layers import resolve_numerics
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.train import TrainState, count_correct, train_step
+from maxpart_jax.train import (PIPELINES, StepRunner, TrainState, count_correct,
+                               resolve_pipeline, train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +71,15 @@ class FitnessConfig:
     per_channel: per-channel weight quantization.
     seed: the fine-tuning data order.
     candidate_loop: how a device runs its candidates: ``vmap`` (all in one batched
-      computation, for GPU/TPU), ``map`` (one per device per call, calls in a loop; on a
-      CPU vmapped convolutions become grouped convolutions, several times slower) or
-      ``auto`` (``map`` on CPU devices, else ``vmap``).
+      computation, where convolutions become grouped convolutions) or ``map`` (one per
+      device per call, calls in a loop). ``auto`` is ``map``: measured faster or equal on
+      CPUs (17x) and on an H200 (per candidate, K=1: 1.21 s of fine-tuning, vmapped
+      K=4/8/16: 1.64/1.34/1.27 s; ``results/benchmarks/README.md``).
+    compute_dtype: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 on GPU/TPU, float32
+      on CPU) for convolutions and matmuls.
+    matmul_precision: precision of float32 operands (``highest``: true float32).
+    pipeline: ``fused``, ``device``, ``host`` or ``auto`` (``fused`` on GPU/TPU, ``device``
+      on CPU); see the module docstring.
   """
 
   eps_bound: float = 0.03
@@ -78,6 +96,9 @@ class FitnessConfig:
   per_channel: bool = False
   seed: int = 0
   candidate_loop: str = "auto"
+  compute_dtype: str = "auto"
+  matmul_precision: str = "highest"
+  pipeline: str = "auto"
 
   def __post_init__(self):
     for name in ("lambda_energy", "lambda_accuracy"):
@@ -91,6 +112,9 @@ class FitnessConfig:
       raise ValueError(f"candidate_loop must be auto, vmap or map, got {self.candidate_loop!r}")
     if self.metric not in privacy.METRICS:
       raise ValueError(f"unknown privacy metric {self.metric!r}; choose from {privacy.METRICS}")
+    if self.pipeline not in PIPELINES:
+      raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+    resolve_numerics(self.compute_dtype, self.matmul_precision, "cpu")  # names check
 
 
 def punish(lam: float, value: jax.Array, bound: float) -> jax.Array:
@@ -134,19 +158,20 @@ class Evaluator:
                val: data.Split, privacy_images: np.ndarray, config: FitnessConfig,
                mesh: Mesh | None = None, val_batch_size: int = 500,
                candidates_per_call: int = 1, energy_info: ModelInfo | None = None):
-    self.model, self.variables, self.config = model, variables, config
+    self.mesh = mesh or candidate_mesh()
+    self.num_devices = self.mesh.devices.size
+    platform = self.mesh.devices.flat[0].platform
+    self.numerics = resolve_numerics(config.compute_dtype, config.matmul_precision, platform)
+    self.pipeline = resolve_pipeline(config.pipeline, platform)
+    self.model, self.variables, self.config = model.with_numerics(self.numerics), variables, config
     self.energy_info = energy_info or model.info
     check_same_layers(model.info, self.energy_info)
     self.train, self.val, self.val_batch_size = train, val, val_batch_size
     self.privacy_images = np.asarray(privacy_images, np.float32)
-    self.mesh = mesh or candidate_mesh()
-    self.num_devices = self.mesh.devices.size
     # Fixed inputs go to the devices once, not once per evaluation.
     self._privacy_inputs = self._replicated(
         (data.normalize(self.privacy_images, train.dataset), self.privacy_images))
-    loop = config.candidate_loop
-    if loop == "auto":
-      loop = "map" if self.mesh.devices.flat[0].platform == "cpu" else "vmap"
+    loop = "map" if config.candidate_loop == "auto" else config.candidate_loop
     self.candidate_loop = loop
     # Every compiled call sees exactly `chunk` candidates (a multiple of the device count),
     # so a step whose cache hits leave fewer genomes to evaluate does not recompile.
@@ -156,6 +181,11 @@ class Evaluator:
     self.steps = (config.finetune_steps if config.finetune_steps is not None else
                   data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True))
     self.tx = optax.sgd(config.finetune_lr, momentum=config.finetune_momentum)
+    # Every candidate sees these batches (the first `steps` of epochs 0, 1, ...).
+    self.draws = data.draws_for_steps(len(train), config.batch_size, self.steps, seed=config.seed)
+    self._run_steps = StepRunner(
+        jax.vmap(functools.partial(train_step, self.model, self.tx), in_axes=(0, None, 0)),
+        train, self.pipeline, NamedSharding(self.mesh, PartitionSpec()))
     self.seconds = {"finetune": 0.0, "accuracy": 0.0, "privacy": 0.0}
     self.float_accuracy = self.float_accuracy_on()
 
@@ -179,14 +209,33 @@ class Evaluator:
     return jax.jit(jax.vmap(fn, in_axes=in_axes))
 
   @functools.cached_property
-  def _finetune_step(self):
-    return self._per_candidate(functools.partial(train_step, self.model, self.tx), (0, None, 0))
+  def _count_batch(self):
+    """Correct predictions of every candidate on one batch (float, or uint8 normalized here)."""
+    dataset = self.train.dataset
+
+    def count(variables, policy, images, labels):
+      if images.dtype == jnp.uint8:
+        images = data.normalize_on_device(images, dataset)
+      return count_correct(self.model, variables, images, labels, policy)
+
+    return jax.vmap(count, in_axes=(0, 0, None, None))
 
   @functools.cached_property
   def _count_correct(self):
-    count = lambda variables, policy, images, labels: count_correct(
-        self.model, variables, images, labels, policy)
-    return self._per_candidate(count, (0, 0, None, None))
+    """Correct predictions of every candidate on one batch, one call per batch."""
+    return jax.jit(self._count_batch)
+
+  @functools.cached_property
+  def _count_correct_fused(self):
+    """Correct predictions of every candidate on all batches of a split, in one program."""
+    count = self._count_batch
+
+    def run(variables, policies, images, labels):
+      k = jax.tree.leaves(variables)[0].shape[0]
+      body = lambda total, batch: (total + count(variables, policies, *batch), None)
+      return jax.lax.scan(body, jnp.zeros((k,), jnp.int32), (images, labels))[0]
+
+    return jax.jit(run)
 
   @functools.cached_property
   def _privacy_all_splits(self):
@@ -214,22 +263,34 @@ class Evaluator:
     """Top-1 accuracy of the pre-trained float model on ``split`` (default: val)."""
     return float(self.accuracy(self._stacked_variables(), None, split)[0])
 
-  def _device_batches(self, split: data.Split) -> list[tuple[jax.Array, jax.Array]]:
-    """``split`` as replicated (images, labels) evaluation batches."""
-    return [self._replicated((batch["image"], batch["label"]))
-            for batch in data.iterate_batches(split, self.val_batch_size, train=False)]
+  def _device_batches(self, split: data.Split) -> Any:
+    """``split`` on the devices, replicated, as the pipeline reads it: stacked uint8
+    batches (``fused``), a list of uint8 batches (``device``) or of normalized float
+    batches (``host``)."""
+    if self.pipeline == "host":
+      batches = [(b["image"], b["label"])
+                 for b in data.iterate_batches(split, self.val_batch_size, train=False)]
+    else:
+      # As few batches as val_batch_size allows, evened out so that padding stays small.
+      num_batches = -(-len(split) // self.val_batch_size)
+      images, labels = data.eval_arrays(split, -(-len(split) // num_batches))
+      batches = (images, labels) if self.pipeline == "fused" else list(zip(images, labels))
+    return self._replicated(batches)
 
   @functools.cached_property
-  def _val_batches(self) -> list[tuple[jax.Array, jax.Array]]:
+  def _val_batches(self) -> Any:
     """The validation split on the devices, kept: every candidate is scored on it."""
     return self._device_batches(self.val)
 
   def accuracy(self, variables: Variables, policies: Any, split: data.Split | None = None) -> np.ndarray:
     """(K,) top-1 accuracy of candidate-stacked ``variables`` on ``split`` (default: val)."""
     batches = self._val_batches if split is None else self._device_batches(split)
-    correct = 0
-    for images, labels in batches:
-      correct = correct + self._count_correct(variables, policies, images, labels)
+    if self.pipeline == "fused":
+      correct = self._count_correct_fused(variables, policies, *batches)
+    else:
+      correct = 0
+      for images, labels in batches:
+        correct = correct + self._count_correct(variables, policies, images, labels)
     return np.asarray(correct) / len(split or self.val)
 
   def policies(self, genomes: Genome) -> Any:
@@ -242,11 +303,22 @@ class Evaluator:
     pad = -int(genomes.p.shape[0]) % self.chunk
     return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]), genomes)
 
-  def finetune(self, genomes: Genome, policies: Any = None) -> tuple[Variables, np.ndarray]:
+  def warm_up(self, genomes: Genome) -> None:
+    """Runs what :meth:`evaluate` runs for ``genomes`` (every compilation included) with
+    one fine-tuning step instead of all: benchmarks time compilation and work apart."""
+    seconds = dict(self.seconds)
+    self._evaluate_chunk(self.pad(jax.tree.map(lambda x: x[:self.chunk], genomes)), None,
+                         finetune=True, steps=min(self.steps, 1))
+    self.seconds = seconds
+
+  def finetune(self, genomes: Genome, policies: Any = None,
+               steps: int | None = None) -> tuple[Variables, np.ndarray]:
     """Fine-tunes one copy of the model per genome; returns stacked variables, diverged (K,).
 
     ``policies``: :meth:`policies` of ``genomes``, if the caller has them already.
+    ``steps``: run only the first ``steps`` of the configured fine-tuning steps.
     """
+    steps = self.steps if steps is None else min(steps, self.steps)
     k = genomes.p.shape[0]
     policies = self.policies(genomes) if policies is None else policies
     stack = lambda x: jnp.broadcast_to(x, (k, *x.shape))
@@ -256,16 +328,9 @@ class Evaluator:
                        opt_state=jax.vmap(self.tx.init)(params))
     state = self._candidates(state)
     finite = jnp.ones((k,), bool)
-    done, epoch = 0, 0
-    while done < self.steps:
-      for batch in data.iterate_batches(self.train, self.config.batch_size, train=True,
-                                        seed=self.config.seed, epoch=epoch):
-        if done == self.steps:
-          break
-        state, metrics = self._finetune_step(state, self._replicated(batch), policies)
-        finite = finite & jnp.isfinite(metrics["loss"])
-        done += 1
-      epoch += 1
+    if steps:
+      state, sums = self._run_steps(state, self.draws, 0, steps, policies)
+      finite = jnp.isfinite(sums["loss"])  # a non-finite loss at any step makes the sum so
     leaves_finite = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
                      for x in jax.tree.leaves(state.params)]
     finite = finite & functools.reduce(jnp.logical_and, leaves_finite)
@@ -288,15 +353,15 @@ class Evaluator:
               for i in range(0, int(padded.p.shape[0]), self.chunk)]
     return {name: np.concatenate([c[name] for c in chunks])[:k] for name in chunks[0]}
 
-  def _evaluate_chunk(self, padded: Genome, test: data.Split | None,
-                      finetune: bool) -> dict[str, np.ndarray]:
-    """:meth:`evaluate` of exactly ``chunk`` genomes."""
+  def _evaluate_chunk(self, padded: Genome, test: data.Split | None, finetune: bool,
+                      steps: int | None = None) -> dict[str, np.ndarray]:
+    """:meth:`evaluate` of exactly ``chunk`` genomes (``steps``: see :meth:`finetune`)."""
     energy = np.asarray(population_energy(self.energy_info, padded, self.config.device,
                                           self.config.transmission).total_mj)
     policies = self.policies(padded)
     t0 = time.time()
     if finetune:
-      variables, diverged = self.finetune(padded, policies)
+      variables, diverged = self.finetune(padded, policies, steps)
     else:
       variables, diverged = self._stacked_variables(), np.zeros(self.chunk, bool)
     t1 = time.time()
