@@ -111,7 +111,10 @@ def test_constant_channel_is_uncorrelated_not_amplified_ripple():
   ir = np.full((1, 7, 7, 2), 3.3, np.float32)
   ir[..., 1] = 0.0  # a dead ReLU channel
   ripple = np.ptp(np.asarray(jax.image.resize(ir[0, :, :, 0], (16, 16), "bilinear")))
-  assert ripple > 0  # resizing a constant leaves rounding ripple: the guard is exercised
+  if jax.default_backend() == "cpu":
+    # On the CPU, resizing a constant leaves rounding ripple, so the guard is exercised;
+    # a GPU's resize kept this constant exact (seen on an H200), and the score must agree.
+    assert ripple > 0
   np.testing.assert_allclose(privacy.channel_distances(images, ir, "mse"), 2.0, atol=1e-6)
   gray = minmax_np(luma_np(images[0]))
   np.testing.assert_allclose(
