@@ -73,7 +73,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
 def resolve_pipeline(pipeline: str, platform: str | None = None) -> str:
   """``fused``, ``device`` or ``host``; ``auto`` is ``fused`` on GPUs and TPUs and
   ``device`` on CPUs, where XLA runs convolutions inside compiled loops several times
-  slower (jax-ml/jax#12868; 8x for a training step, measured) than one call per step."""
+  slower (jax-ml/jax#12868; a training step 8-26x, measured) than one call per step."""
   if pipeline not in PIPELINES:
     raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
   if pipeline != "auto":
@@ -321,6 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = {
       "model": model_spec(config), "dataset": config.dataset, "epochs": config.num_epochs,
       "steps": total_steps, "train_seconds": history["train_seconds"],
+      "compute_dtype": numerics.dtype, "matmul_precision": numerics.precision,
+      "pipeline": pipeline, "device": jax.devices()[0].device_kind,
       "test_accuracy": evaluate(model, state.variables, test),
       "val_accuracy": _val_accuracy(config, model, state) if config.val_fraction > 0 else None,
   }

@@ -182,6 +182,25 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "a" / name)
 
 
+def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
+  """A search started where compute_dtype=auto meant bfloat16 (a GPU) must not be resumed
+  here, where it means float32: the cache would mix fitness values of both numerics."""
+  config = copy.deepcopy(smoke)
+  config.search.iterations = 0
+  driver.run_search(config, str(tmp_path))
+  path = tmp_path / driver.STATE_FILE
+  with np.load(path) as f:
+    arrays = dict(f)
+  meta = json.loads(str(arrays["meta"]))
+  assert meta["resolved"]["compute_dtype"] == "float32"  # auto on this CPU
+  meta["resolved"]["compute_dtype"] = "bfloat16"  # as written on a GPU
+  arrays["meta"] = np.array(json.dumps(meta))
+  np.savez(path, **arrays)
+  with pytest.raises(ValueError, match=r"other numerics or pipeline.*'compute_dtype': "
+                                       r"\('bfloat16', 'float32'\)"):
+    driver.run_search(config, str(tmp_path))
+
+
 def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, tmp_path):
   longer = copy.deepcopy(smoke)
   longer.search.iterations = 2 * smoke.search.iterations

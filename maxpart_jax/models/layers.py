@@ -59,9 +59,9 @@ class Numerics:
 def resolve_numerics(dtype: str, precision: str, platform: str | None = None) -> Numerics:
   """:class:`Numerics` from config strings; ``dtype="auto"`` picks by platform.
 
-  ``auto`` is bfloat16 on GPUs and TPUs, where it is several times faster and ranks
-  genomes like float32, and float32 on CPUs, where bfloat16 is slower
-  (``results/benchmarks/README.md`` has the measurements).
+  ``auto`` is bfloat16 on GPUs and TPUs, whose matrix units run it at full rate and where
+  it ranks genomes like float32, and float32 on CPUs, where bfloat16 gains little and
+  float32 keeps results identical to earlier runs (``results/benchmarks/README.md``).
   """
   if dtype == "auto":
     platform = platform or jax.default_backend()

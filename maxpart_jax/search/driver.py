@@ -186,6 +186,18 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resolved_settings(evaluator: Evaluator) -> dict[str, str]:
+  """What the config's ``auto`` settings became on this machine; a resumed search must match.
+
+  The config hash cannot see them: ``compute_dtype="auto"`` is float32 on a CPU and
+  bfloat16 on a GPU, so the same config started on one and resumed on the other would mix
+  fitness values of different numerics in one cache.
+  """
+  return {"compute_dtype": evaluator.numerics.dtype,
+          "matmul_precision": evaluator.numerics.precision, "pipeline": evaluator.pipeline,
+          "candidate_loop": evaluator.candidate_loop}
+
+
 class CachedEvaluator:
   """Evaluates genomes through a cache keyed by the effective genome."""
 
@@ -249,12 +261,21 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   tell = jax.jit(lambda st, c, f: evolution.tell(st, c, f, strategy))
   state_path = os.path.join(workdir, STATE_FILE)
   state = evolution.init(init_key, space, strategy)
+  resolved = resolved_settings(evaluator)
   meta_out: dict[str, Any] = {"config_hash": config_hash(config), "cache": {}, "history": [],
-                              "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False}
+                              "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False,
+                              "resolved": resolved}
   if os.path.exists(state_path):
     state, meta_out = _load(state_path, state)
     if meta_out["config_hash"] != config_hash(config):
       raise ValueError(f"{workdir} holds a search with a different config; use a new --workdir")
+    stored = meta_out.setdefault("resolved", resolved)
+    if stored != resolved:
+      changed = {k: (stored.get(k), v) for k, v in resolved.items() if stored.get(k) != v}
+      raise ValueError(f"{workdir} holds a search that ran with other numerics or pipeline "
+                       f"(was, now): {changed}. Its `auto` settings resolve differently on "
+                       "this machine; set them explicitly to the stored values to resume, or "
+                       "use a new --workdir")
     logging.info("resuming the search at step %d", int(state.step))
   # Wall time and its fine-tune / accuracy / privacy split, summed over every process
   # that worked on this search.
