@@ -1,8 +1,14 @@
 """Shared fixtures: small learnable fake CIFAR-100 shards."""
 
+import os
 import pathlib
 
-import jax
+# Resume tests compare runs bit for bit; XLA's GPU kernels are deterministic only on request
+# (set before JAX starts; CPUs ignore the flag).
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true"]))
+
+import jax  # pylint: disable=wrong-import-position
 import numpy as np
 import pytest
 
