@@ -1,4 +1,4 @@
-r"""The paper's baselines for any model and budget, without a search (SPEC §8).
+r"""The paper's baselines for any model and budget, without a search (docs/method.md §8).
 
   python -m experiments.baselines --config=experiments/configs/reproduce.py:cpu_resnet18 \
       --config.fitness.budget_mj=0.3 [--searched_p=6] [--analytic] [--json=PATH]

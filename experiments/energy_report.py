@@ -1,4 +1,4 @@
-r"""Edge energy of every block split of a model under a uniform policy (SPEC §5).
+r"""Edge energy of every block split of a model under a uniform policy (docs/method.md §5).
 
   python -m experiments.energy_report --model=resnet18 --weight_bits=8 --act_bits=8 \
       [--transmission=true|false] [--budget_mj=0.35] [--json=PATH]

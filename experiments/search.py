@@ -1,4 +1,4 @@
-r"""Searches the partition point and mixed-precision policy of the edge (SPEC §7).
+r"""Searches the partition point and mixed-precision policy of the edge (docs/method.md §7).
 
   python -m experiments.search --config=experiments/configs/search.py:quick --workdir=workdirs/search_quick
 

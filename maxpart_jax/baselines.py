@@ -1,4 +1,4 @@
-"""The deployments the searched policy is compared with (SPEC §8; paper Tables 4-5, Fig. 11).
+"""The deployments the searched policy is compared with (docs/method.md §8; Tables 4-5, Fig. 11).
 
 * ``full_precision``: the deepest block split whose 32-bit edge fits E_b;
 * ``uniform8``: the deepest block split whose 8-bit edge fits E_b;
@@ -97,7 +97,7 @@ def deployment_row(info: ModelInfo, strategy: str, p: int) -> dict[str, Any]:
 def make_baselines(energy_info: ModelInfo, device: DeviceConfig = DeviceConfig(),
                    transmission: bool = True, searched_p: int | None = None,
                    bits: int = 8) -> list[Baseline]:
-  """The baselines of SPEC §8 for a model whose energy is described by ``energy_info``.
+  """The baselines of docs/method.md §8 for a model whose energy is described by ``energy_info``.
 
   ``same_split8`` is included when ``searched_p`` is given.
   """

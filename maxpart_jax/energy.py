@@ -1,4 +1,4 @@
-"""Analytic energy of the edge part (SPEC §5, Eq. 7-9, Table 3).
+"""Analytic energy of the edge part (docs/method.md §5, Eq. 7-9, Table 3).
 
 ``E(M_edge, Π) = Σ_{i on edge} E_L(L_i^{π_i}) + E_T(IR)`` with
 ``E_L = N_MAC · E_MAC(b_w) + N_in · E_mem(b_a) + N_param · E_mem(b_w)``

@@ -1,4 +1,4 @@
-"""Genomes: a partition point plus per-layer bit widths (SPEC §3, §7).
+"""Genomes: a partition point plus per-layer bit widths (docs/method.md §3, §7).
 
 A :class:`Genome` ``(p, w_bits, a_bits)`` names a candidate deployment: blocks
 ``1..p`` run on the edge, each edge layer ``i`` with ``w_bits[i]``-bit weights and

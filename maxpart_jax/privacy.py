@@ -1,4 +1,4 @@
-"""Privacy of an intermediate representation (IR), SPEC §4 (paper Eq. 1, 2).
+"""Privacy of an intermediate representation (IR), docs/method.md §4 (paper Eq. 1, 2).
 
     P(x, IR) = min_i dist(x, resize(IR[..., i]))
 
@@ -6,7 +6,7 @@ Every channel of the IR the edge sends is read as a grayscale image, resized to 
 height and width and compared with the input; the most input-like channel decides, since an
 eavesdropper would look at exactly that one. A low score means the IR reveals the input.
 
-Decisions (SPEC §4 leaves them open):
+Decisions (the paper leaves them open; docs/method.md §4 summarizes them):
 
 * Resize: ``jax.image.resize(..., method="bilinear")`` of each (h, w) channel to (H, W):
   half-pixel centres with edge clamping (TF2 / PyTorch ``align_corners=False`` convention);

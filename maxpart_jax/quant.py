@@ -1,4 +1,4 @@
-"""Fake quantization with the bit width as traced data (SPEC §3, Eq. 3, 5, 6).
+"""Fake quantization with the bit width as traced data (docs/method.md §3, Eq. 3, 5, 6).
 
 Weights use a symmetric uniform quantizer on ``[-c, c]`` and activations an
 unsigned one on ``[0, c]``; both use the step ``s = c / (2^(b-1) - 1)``. The bit

@@ -1,4 +1,6 @@
-"""The paper's comparison for one model: baselines, search, Tables 2/4/5, Figs. 10/11/12 (SPEC §8).
+"""The paper's comparison for one model: baselines, search, Tables 2/4/5, Figs. 10-12.
+
+docs/method.md §8 describes the experiments.
 
 ``run_reproduction(config, workdir)`` builds one evaluator (data, fine-tuning,
 privacy images, energy model), runs the search in ``<workdir>/search`` (resumable),

@@ -1,4 +1,4 @@
-"""Baselines (SPEC §8): deepest splits, offload counts, and their measured metrics."""
+"""Baselines (docs/method.md §8): deepest splits, offload counts, and their measured metrics."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Analytic edge energy (SPEC §5) against hand computations, and the energy report CLI."""
+"""Analytic edge energy (docs/method.md §5) against hand computations; the energy report CLI."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""Models, block metadata and the exact edge / cloud split (SPEC §2)."""
+"""Models, block metadata and the exact edge / cloud split (docs/method.md §2)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Fake quantization (SPEC §3, Eq. 5-6) and genomes with traced bit widths."""
+"""Fake quantization (docs/method.md §3, Eq. 5-6) and genomes with traced bit widths."""
 
 import chex
 import jax

@@ -1,4 +1,4 @@
-"""Block and layer metadata derived from the model definition itself (SPEC §2).
+"""Block and layer metadata derived from the model definition itself (docs/method.md §2).
 
 :func:`derive_info` traces one forward pass with ``jax.eval_shape`` (no FLOPs,
 no memory for activations) and intercepts every block and every conv / dense
@@ -64,7 +64,7 @@ class BlockInfo:
 class ModelInfo:
   """Ordered blocks and layers of a model, with numpy views for vectorized use.
 
-  Block indices here are 0-based; a partition point ``p`` (1-based, SPEC §7) puts
+  Block indices here are 0-based; a partition point ``p`` (1-based, docs/method.md §2) puts
   blocks ``0..p-1`` on the edge. Legal ``p`` are ``1..num_blocks - 1``: at least the
   stem on the edge, at least the classifier in the cloud.
   """

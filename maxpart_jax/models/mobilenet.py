@@ -1,7 +1,7 @@
 """MobileNetV1 for CIFAR (Howard et al. 2017): 3x3 stride-1 stem, 13 separable blocks.
 
 Each depthwise-separable block (3x3 depthwise conv, BN, ReLU, 1x1 pointwise conv,
-BN, ReLU) is one partition block (SPEC §2).
+BN, ReLU) is one partition block (docs/method.md §2).
 """
 
 from __future__ import annotations

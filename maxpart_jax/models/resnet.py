@@ -1,4 +1,4 @@
-"""CIFAR ResNets (He et al. 2016): 3x3 stride-1 stem, no max-pool (SPEC §2).
+"""CIFAR ResNets (He et al. 2016): 3x3 stride-1 stem, no max-pool (docs/method.md §2).
 
 Each BasicBlock / Bottleneck is one partition block; the stride sits on the 3x3
 conv and a 1x1 projection shortcut is used where the shape changes.

@@ -1,4 +1,4 @@
-"""Functional tournament evolution (SPEC §7, Algorithm 1) with K tournaments per step.
+"""Functional tournament evolution (docs/method.md §7, Algorithm 1) with K tournaments per step.
 
     state = init(key, space, strategy)                 # N random genomes, unevaluated
     state = tell_initial(state, fitness)               # their fitness

@@ -1,4 +1,4 @@
-"""Fitness of genomes (SPEC §6-7, Eq. 10-12), evaluated K candidates at a time.
+"""Fitness of genomes (docs/method.md §6-7, Eq. 10-12), evaluated K candidates at a time.
 
 ``F = P · punish(λ1, E, E_b) · punish(λ2, ε, ε_b)`` with
 ``punish(λ, v, b) = λ^(v/b − 1)`` if ``v > b`` else 1, where
