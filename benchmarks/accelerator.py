@@ -127,10 +127,7 @@ def time_pretraining(model, train_split: data.Split, numerics: Numerics, pipelin
   model = model.with_numerics(numerics)
   pipeline = train.resolve_pipeline(pipeline)
   tx = train.make_optimizer(config, per_epoch * config.num_epochs)
-  variables = model.init(jax.random.key(0))
-  state = train.TrainState(step=jnp.int32(0), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
+  state = train.TrainState.create(model.init(jax.random.key(0)), tx)
   run_steps = train.StepRunner(functools.partial(train.train_step, model, tx), train_split,
                                pipeline)
   draws = data.train_draws(len(train_split), config.batch_size, seed=0, epoch=0)

@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
     evaluator = driver.build_evaluator(config)
     if noise:
       evaluator.variables = perturbed(evaluator.variables, noise, jax.random.key(1))
+      evaluator.float_accuracy = evaluator.float_accuracy_on()  # ε against the moved weights
     space = driver.space_from_config(config, evaluator.model.info)
     init = get_operator("init", config.search.init)
     keys = jax.random.split(jax.random.key(_SEED.value), _GENOMES.value)

@@ -333,12 +333,8 @@ def draws_for_steps(num_examples: int, batch_size: int, steps: int, *, seed: int
   """The draws of the first ``steps`` training batches, running into later epochs if needed."""
   per_epoch = steps_per_epoch(num_examples, batch_size, drop_remainder=True)
   epochs = [train_draws(num_examples, batch_size, seed=seed, epoch=e)
-            for e in range(-(-steps // max(per_epoch, 1)))]
-  if not epochs:
-    return Draws(np.zeros((0, batch_size), np.int32), np.zeros((0, batch_size, 2), np.int32),
-                 np.zeros((0, batch_size), bool))
-  return Draws(*(np.concatenate([getattr(d, f) for d in epochs])[:steps]
-                 for f in ("index", "offset", "flip")))
+            for e in range(max(1, -(-steps // max(per_epoch, 1))))]
+  return jax.tree.map(lambda *rows: np.concatenate(rows)[:steps], *epochs)
 
 
 def host_batch(split: Split, draws: Draws, step: int) -> dict[str, np.ndarray]:
