@@ -43,8 +43,8 @@ def main(argv: list[str]) -> None:
       rows = baselines.evaluate_baselines(evaluator, todo, driver.load_test_split(config, evaluator))
   except ValueError as e:  # bad config, split or checkpoint: say what is wrong, no traceback
     sys.exit(f"error: {e}")
-  print(f"E_b = {config.fitness.budget_mj} mJ\n")
-  print(reporting.strategy_table(rows, config.fitness.budget_mj))
+  print(f"E_b = {config.fitness.budget_mj} mJ, {reporting.convention(config.fitness.transmission)}\n")
+  print(reporting.strategy_table(rows, config.fitness.transmission, config.fitness.budget_mj))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=2)

@@ -4,7 +4,8 @@ r"""Searches the partition point and mixed-precision policy of the edge (docs/me
 
 Pre-trains the model first if ``config.model_dir`` holds none. Resumes from
 ``--workdir`` when restarted with the same command. Writes ``best.json`` (the best
-genome with its test accuracy, privacy and energy), ``history.json``/``.csv``,
+genome that meets the constraints, with its test accuracy, privacy and energy; the best
+by fitness beside it when that one breaks them), ``history.json``/``.csv``,
 ``fitness.png`` (Fig. 10) and ``policy.png`` (Fig. 12).
 """
 
@@ -28,7 +29,8 @@ def main(argv: list[str]) -> None:
     report = run_search(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # bad config / checkpoint: say what is wrong, no traceback
     sys.exit(f"error: {e}")
-  print(f"best: p={report['p']} ({report['block']}), privacy {report['privacy']:.4f}, "
+  label = "best" if report["feasible"] else "best (INFEASIBLE: " + "; ".join(report["violations"]) + ")"
+  print(f"{label}: p={report['p']} ({report['block']}), privacy {report['privacy']:.4f}, "
         f"energy {report['energy_mj']:.4f} mJ (budget {report['budget_mj']}), "
         f"test accuracy {report['test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}), "
         f"{report['evaluations']} evaluations in {report['search_seconds']:.0f} s")

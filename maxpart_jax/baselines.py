@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax import data, privacy
-from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, Energy, population_energy
+from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, Energy, edge_energy, population_energy
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import FLOAT_BITS, check_bits
-from maxpart_jax.search.fitness import Evaluator, combine
+from maxpart_jax.search.fitness import Evaluator, combine, violations
 
 STRATEGIES = ("full_precision", "uniform8", "conv_fc8", "same_split8")
 RAW_IMAGE_BITS = 8
@@ -74,6 +74,19 @@ def deepest_split(info: ModelInfo, w_bits: int, a_bits: int, device: DeviceConfi
   return int(fits.max()) + 1 if fits.size else 0
 
 
+def energy_both_ways(info: ModelInfo, genome: Genome | None,
+                     device: DeviceConfig = DeviceConfig()) -> dict[str, float]:
+  """Edge energy of a deployment in both conventions (``genome`` None: the raw image is sent).
+
+  ``compute_mj`` is the paper's convention (Table 5's energies count computation only);
+  ``with_transmission_mj`` adds sending the IR, this project's default for its own searches.
+  """
+  if genome is None:
+    return dict(compute_mj=0.0, with_transmission_mj=raw_image_energy_mj(info, device, True))
+  energy = edge_energy(info, genome, device, transmission=True)
+  return dict(compute_mj=float(energy.compute_mj), with_transmission_mj=float(energy.total_mj))
+
+
 def raw_image_energy_mj(info: ModelInfo, device: DeviceConfig = DeviceConfig(),
                         transmission: bool = True) -> float:
   """Energy of sending the raw image instead of an IR (``p = 0``)."""
@@ -87,11 +100,29 @@ def offloaded(info: ModelInfo, p: int) -> tuple[int, int]:
   return p, int(np.sum(np.asarray(info.layer_block) < p))
 
 
-def deployment_row(info: ModelInfo, strategy: str, p: int) -> dict[str, Any]:
-  """The columns every strategy's row starts with: strategy, p, block, #B, #L."""
+def after_stem(info: ModelInfo, p: int) -> tuple[int, int]:
+  """``(#B, #L)`` the paper's way: edge blocks and weight layers after the stem.
+
+  The paper's ResNet rows do not count the stem ("1 block (2 conv layers)" is the stem
+  plus layer1.0). Models without a block labelled ``stem`` (VGG) count everything.
+  """
   num_blocks, num_layers = offloaded(info, p)
+  if p and info.blocks[0].label == "stem":
+    return num_blocks - 1, num_layers - len(info.blocks[0].layer_ids)
+  return num_blocks, num_layers
+
+
+def deployment_row(info: ModelInfo, strategy: str, p: int) -> dict[str, Any]:
+  """The columns every strategy's row starts with: strategy, p, block, #B, #L.
+
+  ``num_blocks``/``num_layers`` count the stem; ``blocks_after_stem``/``layers_after_stem``
+  do not, like the paper's tables.
+  """
+  num_blocks, num_layers = offloaded(info, p)
+  blocks_after, layers_after = after_stem(info, p)
   return dict(strategy=strategy, p=p, block=info.blocks[p - 1].label if p else "none",
-              num_blocks=num_blocks, num_layers=num_layers)
+              num_blocks=num_blocks, num_layers=num_layers, blocks_after_stem=blocks_after,
+              layers_after_stem=layers_after)
 
 
 def make_baselines(energy_info: ModelInfo, device: DeviceConfig = DeviceConfig(),
@@ -126,7 +157,8 @@ def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
 
   Returns:
     One row per baseline: strategy, p, block, num_blocks (#B), num_layers (#L),
-    energy_mj, privacy, fitness, accuracy / eps (validation), test_accuracy.
+    energy_mj, privacy, fitness, accuracy / eps (validation), test_accuracy, the energy
+    in both conventions (:func:`energy_both_ways`) and the constraints of Eq. 4 it breaks.
   """
   info, config = evaluator.model.info, evaluator.config
   float_test = evaluator.float_accuracy_on(test)
@@ -152,6 +184,9 @@ def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
   out = []
   for b in baselines:
     row = raw if b.p == 0 else measured[(b.p, b.w_bits, b.a_bits, b.finetune)]
+    both = energy_both_ways(evaluator.energy_info, b.genome(evaluator.energy_info) if b.p else None,
+                            config.device)
     out.append(dict(**deployment_row(info, b.name, b.p), w_bits=b.w_bits, a_bits=b.a_bits,
-                    finetuned=b.finetune, test_eps=float_test - row["test_accuracy"], **row))
+                    finetuned=b.finetune, test_eps=float_test - row["test_accuracy"], **row,
+                    **both, violations=violations(row, config)))
   return out

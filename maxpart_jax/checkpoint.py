@@ -57,13 +57,19 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def save_model(directory: str, model_spec: dict[str, Any], variables: Variables,
-               dataset: str) -> None:
-  """Saves a trained model: ``model.json`` (``{"name": ..., **builder kwargs}``) and variables."""
+               dataset: str, split: dict[str, Any]) -> None:
+  """Saves a trained model: variables and ``model.json``.
+
+  ``model.json`` holds the architecture (``{"name": ..., **builder kwargs}``), the
+  dataset and ``split`` (``{"val_fraction", "data_seed"}``): which training images were
+  held out, so that a search can refuse to validate on images the model trained on.
+  """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, "variables"), jax.device_get(variables), force=True)
-  write_json(os.path.join(directory, "model.json"), {"model": model_spec, "dataset": dataset})
+  write_json(os.path.join(directory, "model.json"),
+             {"model": model_spec, "dataset": dataset, "split": split})
 
 
 def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:

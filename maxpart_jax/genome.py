@@ -39,6 +39,17 @@ class Genome:
   w_bits: jax.Array
   a_bits: jax.Array
 
+  def to_json(self) -> dict[str, Any]:
+    """One concrete genome as ``{"p", "w_bits", "a_bits"}`` of plain ints (as in best.json)."""
+    return {"p": int(self.p), "w_bits": np.asarray(self.w_bits).tolist(),
+            "a_bits": np.asarray(self.a_bits).tolist()}
+
+  @classmethod
+  def from_json(cls, g: dict[str, Any]) -> Genome:
+    """The inverse of :meth:`to_json`."""
+    return cls(p=jnp.int32(g["p"]), w_bits=jnp.asarray(g["w_bits"], jnp.int32),
+               a_bits=jnp.asarray(g["a_bits"], jnp.int32))
+
 
 def uniform_genome(info: ModelInfo, p: int, w_bits: int, a_bits: int | None = None) -> Genome:
   """Every layer at ``w_bits`` weights and ``a_bits`` (default: ``w_bits``) inputs."""

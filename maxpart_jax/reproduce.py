@@ -17,7 +17,6 @@ import shutil
 from typing import Any
 
 from absl import logging
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -29,12 +28,6 @@ from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.search import driver
 from maxpart_jax.search.fitness import check_same_layers
 from maxpart_jax.train import model_spec
-
-def _searched_genome(report: dict[str, Any]) -> Genome:
-  g = report["genome"]
-  return Genome(p=jnp.int32(g["p"]), w_bits=jnp.asarray(g["w_bits"], jnp.int32),
-                a_bits=jnp.asarray(g["a_bits"], jnp.int32))
-
 
 def block_energy_mj(info: ModelInfo, genome: Genome, device: DeviceConfig) -> np.ndarray:
   """(p,) compute energy of every edge block of ``genome`` in mJ (transmission excluded)."""
@@ -60,16 +53,17 @@ def analytic_table(info: ModelInfo, device: DeviceConfig, transmission: bool,
     strategies.append(("searched", searched, int(searched.p)))
   rows = []
   for name, genome, p in strategies:
-    energy = (float(edge_energy(info, genome, device, transmission).total_mj) if p else
-              baselines_lib.raw_image_energy_mj(info, device, transmission))
-    rows.append(dict(**baselines_lib.deployment_row(info, name, p), energy_mj=energy))
+    both = baselines_lib.energy_both_ways(info, genome if p else None, device)
+    energy = both["with_transmission_mj" if transmission else "compute_mj"]
+    rows.append(dict(**baselines_lib.deployment_row(info, name, p), energy_mj=energy, **both))
   return rows
 
 
 def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]]:
   """Baseline rows, computed once and kept in ``baselines.json``."""
   path = os.path.join(workdir, "baselines.json")
-  key = {"config_hash": driver.config_hash(config), "searched_p": search_report["p"]}
+  # "rows": the version of the row format (v2: energies both ways and Eq. 4 violations).
+  key = {"config_hash": driver.config_hash(config), "searched_p": search_report["p"], "rows": 2}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -89,7 +83,8 @@ def _searched_row(info: ModelInfo, report: dict[str, Any]) -> dict[str, Any]:
   return dict(**baselines_lib.deployment_row(info, "searched", report["p"]),
               energy_mj=report["energy_mj"], privacy=report["privacy"],
               fitness=report["fitness"], accuracy=report["val_accuracy"], eps=report["val_eps"],
-              test_accuracy=report["test_accuracy"], test_eps=report["test_eps"], finetuned=True)
+              diverged=report["val_diverged"], test_accuracy=report["test_accuracy"],
+              test_eps=report["test_eps"], finetuned=True)
 
 
 # How the paper's qualitative words are read: "a few percent" of top-1, "several times".
@@ -136,9 +131,11 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   info, device = evaluator.model.info, evaluator.config.device
   rows = {r["strategy"]: r for r in _baselines(config, workdir, evaluator, search_report)}
   rows["searched"] = _searched_row(info, search_report)
-
-  searched = _searched_genome(search_report)
+  searched = Genome.from_json(search_report["genome"])
   energy_info = evaluator.energy_info
+  rows["searched"].update(baselines_lib.energy_both_ways(energy_info, searched, device),
+                          violations=search_report["violations"])
+
   same = uniform_genome(energy_info, int(searched.p), 8, 8)
   fig11 = {name: dict(blocks=block_energy_mj(energy_info, g, device).tolist(),
                       transmission_mj=float(edge_energy(energy_info, g, device,
@@ -164,8 +161,11 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
       "strategies": rows, "claims": claims(rows), "fig11": fig11,
       "blocks": [b.label for b in energy_info.blocks],
       "paper_model": config.paper_model.to_dict(),
+      # The baselines move with the convention (what fits E_b), so both are tabulated.
       "paper_size_energy": analytic_table(paper_info, device, evaluator.config.transmission,
                                           paper_searched),
+      "paper_size_energy_other_convention": analytic_table(
+          paper_info, device, not evaluator.config.transmission, paper_searched),
       "search": {k: search_report[k] for k in (
           "search_seconds", "evaluations", "lookups", "cache_hit_rate", "steps",
           "tournaments_per_step", "devices", "phase_seconds", "p", "block", "w_bits", "a_bits",

@@ -56,6 +56,17 @@ class TrainState:
   def variables(self) -> Variables:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
+  @classmethod
+  def create(cls, variables: Variables, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 of training ``variables`` with ``tx``."""
+    return cls(step=jnp.int32(0), params=variables["params"],
+               batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+def split_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The hold-out split a pre-training config trains beside (stored with the model)."""
+  return {"val_fraction": config.val_fraction, "data_seed": config.data_seed}
+
 
 def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """``{"name": ..., **builder kwargs}`` from ``config.model`` (JSON-friendly)."""
@@ -264,9 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True)
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(config, total_steps)
-  variables = model.init(jax.random.key(config.seed))
-  state = TrainState(step=jnp.int32(0), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+  state = TrainState.create(model.init(jax.random.key(config.seed)), tx)
 
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   history_path = os.path.join(workdir, "history.json")
@@ -316,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     segment_start = time.time()
 
   checkpoint.save_model(os.path.join(workdir, "model"), model_spec(config), state.variables,
-                        config.dataset)
+                        config.dataset, split_spec(config))
   test = data.load_split("test", dataset=config.dataset, data_dir=config.data_dir or None)
   results = {
       "model": model_spec(config), "dataset": config.dataset, "epochs": config.num_epochs,

@@ -53,9 +53,17 @@ def test_report_is_consistent_with_the_search_and_the_energy_model(smoke_report)
   for name in ("uniform8", "conv_fc8", "same_split8"):
     r = s[name]
     if r["p"]:
-      want = edge_energy(info, baselines.Baseline(name, r["p"], 8, 8, True).genome(info),
-                         report_device(report)).total_mj
-      assert r["energy_mj"] == pytest.approx(float(want), rel=1e-6)
+      energy = edge_energy(info, baselines.Baseline(name, r["p"], 8, 8, True).genome(info),
+                           report_device(report))
+      assert r["energy_mj"] == pytest.approx(float(energy.total_mj), rel=1e-6)
+      # Both conventions: a row that mixed them up would fail one of these.
+      assert r["compute_mj"] == pytest.approx(float(energy.compute_mj), rel=1e-6)
+      assert r["with_transmission_mj"] == r["energy_mj"] > r["compute_mj"]
+  # Eq. 4 per row, recomputed from its numbers (catches a flag that ignores ε or E).
+  for name, r in s.items():
+    broken = [r["energy_mj"] >= report["budget_mj"], r["eps"] >= report["eps_bound"]]
+    assert [any("E =" in v for v in r["violations"]),
+            any("ε =" in v for v in r["violations"])] == broken, name
   # Fig. 11: per-block energies plus transmission add up to the totals.
   for key, strategy in (("uniform8", "same_split8"), ("searched", "searched")):
     bars = report["fig11"][key]
@@ -84,7 +92,10 @@ def test_report_files_and_markdown(smoke_report):
   s = report["strategies"]
   for heading in ("Table 4", "Table 5", "Table 2", "Fig. 11"):
     assert f"## {heading}" in text
-  assert f"| {s['conv_fc8']['energy_mj']:.4f} | {s['conv_fc8']['privacy']:.4f} |" in text
+  cf = s["conv_fc8"]
+  assert (f"| {cf['energy_mj']:.4f} | {cf['compute_mj']:.4f} | {'; '.join(cf['violations']) or 'met'} "
+          f"| {cf['privacy']:.4f} |") in text
+  assert "### Computation only, the convention of the paper's Table 5" in text
 
 
 def test_restart_reuses_the_search_and_the_baselines(smoke, smoke_report, monkeypatch):
@@ -147,9 +158,14 @@ def test_paper_config_runs_the_same_code_path_at_tiny_scale(fake_data_dir, tmp_p
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "run" / "report.json") as f:
     report = json.load(f)
-  # Energies are those of the tiny model; the paper-size table is full-width ResNet18.
+  # Energies are those of the tiny model; the paper-size table is full-width ResNet18,
+  # computation only like the paper's Table 5 (with transmission, float fits only the stem).
+  assert report["transmission"] is False
   table = {r["strategy"]: r for r in report["paper_size_energy"]}
-  assert (table["full_precision"]["p"], table["uniform8"]["p"], table["conv_fc8"]["p"]) == (1, 5, 9)
+  assert (table["full_precision"]["p"], table["uniform8"]["p"], table["conv_fc8"]["p"]) == (2, 5, 9)
+  other = {r["strategy"]: r for r in report["paper_size_energy_other_convention"]}
+  assert other["full_precision"]["p"] == 1
+  assert report["search"]["tournaments_per_step"] == 2  # the override, the batched variant
   assert report["search_settings"]["w_bits"] == [2, 4, 6, 8]
   assert "report:" in proc.stdout
 
@@ -163,7 +179,10 @@ def test_summary_puts_reports_side_by_side(smoke_report, tmp_path):
   text = (tmp_path / "summary.md").read_text()
   searched = report["strategies"]["searched"]
   row = (f"| resnet18 | Searched (mixed precision) | {searched['block']} | {searched['num_blocks']} "
-         f"| {searched['num_layers']} | {searched['energy_mj']:.4f} | {searched['privacy']:.4f} |")
+         f"| {searched['num_layers']} | {searched['blocks_after_stem']} "
+         f"| {searched['layers_after_stem']} | {searched['compute_mj']:.4f} "
+         f"| {searched['with_transmission_mj']:.4f} | {'; '.join(searched['violations']) or 'met'} "
+         f"| {searched['privacy']:.4f} |")
   assert text.count(row) == 2
   verdict = "yes" if report["claims"]["accuracy_loss_a_few_percent"]["holds"] else "no"
   assert f"| accuracy loss a few percent | {verdict} | {verdict} |" in text
@@ -196,13 +215,34 @@ def test_baselines_cli_analytic_mode_needs_no_data():
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   info = get_model("resnet18").info
-  for line in ("| Full precision | stem | 1 | 1 |", "| 8-bit uniform | layer2.1 | 5 | 10 |",
-               "| 8-bit conv/fc | layer4.1 | 9 | 20 |"):
+  # Computation only (the paper's convention): float fits the stem and layer1.0, which the
+  # paper counts as "1 block (2 conv layers)"; 8-bit conv/fc is Table 5's 0.7269 mJ.
+  for line in ("| Full precision | layer1.0 | 2 | 3 | 1 | 2 |",
+               "| 8-bit uniform | layer2.1 | 5 | 10 | 4 | 9 |",
+               "| 8-bit conv/fc | layer4.1 | 9 | 20 | 8 | 19 | 0.7269 | 0.7335 | no |"):
     assert line in proc.stdout
-  energy = float(edge_energy(info, baselines.Baseline("same_split8", 6, 8, 8, True).genome(info),
-                             DeviceConfig()).total_mj)
-  assert f"| 8-bit uniform, same split | layer3.0 | 6 | 13 | {energy:.4f} | no |" in proc.stdout
+  energy = edge_energy(info, baselines.Baseline("same_split8", 6, 8, 8, True).genome(info),
+                       DeviceConfig())
+  assert (f"| 8-bit uniform, same split | layer3.0 | 6 | 13 | 5 | 12 | "
+          f"{float(energy.compute_mj):.4f} | {float(energy.total_mj):.4f} | no |") in proc.stdout
   bad = subprocess.run([sys.executable, "-m", "experiments.baselines",
                         "--config=experiments/configs/reproduce.py:paper_resnet18", "--analytic",
                         "--searched_p=12"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "partition point p=12 out of range" in bad.stderr
+
+
+@pytest.mark.parametrize("variant, conv_fc8_mj, with_ir_mj", [("paper_resnet18", 0.7269, 0.7335),
+                                                               ("paper_resnet50", 1.6776, 1.7039)])
+def test_paper_variants_reproduce_table5_energies(variant, conv_fc8_mj, with_ir_mj):
+  """The paper's Table 5 energies of 8-bit conv/fc are computation only.
+
+  Catches a paper config that charges the IR's transmission (0.7335 / 1.7039 mJ) or a
+  changed energy constant.
+  """
+  config = reproduce_configs.get_config(variant)
+  assert config.fitness.transmission is False and config.search.num_tournaments == 1
+  info = driver.info_from_spec(config.pretrain.model.to_dict())
+  row = {r["strategy"]: r for r in reproduce.analytic_table(
+      info, driver.fitness_from_config(config).device, config.fitness.transmission)}["conv_fc8"]
+  assert round(row["energy_mj"], 4) == conv_fc8_mj
+  assert round(row["with_transmission_mj"], 4) == with_ir_mj

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from maxpart_jax import checkpoint, data, profile
 from maxpart_jax.energy import edge_energy
 from maxpart_jax.genome import to_policy, uniform_genome
 from maxpart_jax.search import driver
-from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish
+from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish, violations
 from maxpart_jax.train import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +94,8 @@ def test_device_pipelines_evaluate_like_the_host_loop(smoke):
   tuned weights; see test_train; another data order gives ~1); accuracy within one
   validation image.
   """
-  model, variables, val, images, _ = _evaluator(smoke, finetune_steps=1, batch_size=16)
+  model, variables, _ = checkpoint.load_model(smoke.model_dir)
+  val = data.load_split("val", data_dir=smoke.data_dir)
   genomes = _genomes(model.info, [(2, 4), (4, 8), (5, 2)])
   out, tuned = {}, {}
   for pipeline in ("host", "device", "fused"):
@@ -182,6 +184,59 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "a" / name)
 
 
+def test_violations_and_best_feasible_by_hand():
+  """Eq. 4 is strict and has two sides: catches a check on fitness alone, ``<=`` for ``<``,
+  an ignored ε or divergence, and a best that skips the genome-less entries of old caches."""
+  config = FitnessConfig(eps_bound=0.03)  # E_b = 0.35 mJ
+  entry = lambda f, e, eps, div=0.0: dict(fitness=f, energy_mj=e, eps=eps, diverged=div,
+                                          genome={"p": 1})
+  cache = {"over_budget": entry(2.0, 0.36, 0.0), "at_budget": entry(1.9, 0.35, 0.0),
+           "eps_over": entry(1.8, 0.1, 0.031), "diverged": entry(1.7, 0.1, 0.0, 1.0),
+           "old_format": {**entry(1.6, 0.1, 0.0), "genome": None}, "ok": entry(1.5, 0.34, 0.029),
+           "worse": entry(1.0, 0.1, 0.0)}
+  del cache["old_format"]["genome"]
+  assert driver.best_feasible(cache, config)[0] == "ok"
+  assert violations(cache["ok"], config) == []
+  assert violations(cache["at_budget"], config) == ["E = 0.3500 mJ >= E_b = 0.35 mJ"]
+  assert violations(cache["eps_over"], config) == ["ε = 0.0310 >= ε_b = 0.03"]
+  assert violations(cache["diverged"], config) == ["diverged during fine-tuning"]
+  assert driver.best_feasible({"x": cache["over_budget"]}, config) is None
+
+
+def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
+  """With a mild λ1 the deepest genome wins on fitness although it breaks E_b; best.json
+  must name the best genome within the budget instead, and the other beside it."""
+  config = copy.deepcopy(smoke)
+  config.fitness.lambda_energy = 0.9
+  real = Evaluator.evaluate
+  seen = []
+
+  def synthetic(self, genomes, test=None, finetune=True):
+    if test is not None:  # the final test accuracy of the reported genome
+      return real(self, genomes, test=test, finetune=finetune)
+    p = np.asarray(genomes.p, np.float32)
+    seen.extend(p.tolist())
+    energy = 0.0005 * p  # E_b = 0.002 mJ: p <= 3 is feasible
+    fitness = np.asarray(combine(jnp.asarray(p), jnp.asarray(energy), jnp.zeros_like(p),
+                                 self.config))
+    return dict(fitness=fitness, privacy=p, energy_mj=energy, eps=np.zeros_like(p),
+                accuracy=np.ones_like(p), diverged=np.zeros_like(p))
+
+  monkeypatch.setattr(Evaluator, "evaluate", synthetic)
+  report = driver.run_search(config, str(tmp_path))
+  assert min(seen) <= 3 < max(seen), seen  # the run met both kinds of genome
+  assert report["feasible"] and report["violations"] == []
+  assert report["p"] == max(p for p in seen if p <= 3)
+  assert report["energy_mj"] == pytest.approx(0.0005 * report["p"])
+  other = report["best_by_fitness"]
+  assert (other["p"], other["same_genome"]) == (max(seen), False)
+  assert other["violations"] == [f"E = {0.0005 * max(seen):.4f} mJ >= E_b = 0.002 mJ"]
+  history = json.load(open(tmp_path / "history.json"))
+  assert history[-1]["best_feasible_fitness"] == pytest.approx(report["fitness"])
+  assert history[-1]["best_fitness"] == pytest.approx(other["fitness"])
+  assert other["fitness"] > report["fitness"]
+
+
 def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
   """A search started where compute_dtype=auto meant bfloat16 (a GPU) must not be resumed
   here, where it means float32: the cache would mix fitness values of both numerics."""
@@ -244,6 +299,28 @@ def test_mismatched_checkpoint_is_rejected(smoke, tmp_path):
   config.pretrain.model.width = 0.25
   with pytest.raises(ValueError, match="but the config asks for"):
     driver.run_search(config, str(tmp_path))
+
+
+def test_model_trained_beside_another_hold_out_is_rejected(smoke, tmp_path):
+  """The search's validation images are config.pretrain's hold-out: a model pre-trained with
+  another fraction or data seed has trained on some of them, and must be refused."""
+  with open(os.path.join(smoke.model_dir, "model.json")) as f:
+    assert json.load(f)["split"] == {"val_fraction": smoke.pretrain.val_fraction,
+                                     "data_seed": smoke.pretrain.data_seed}
+  for field, value in (("data_seed", 1), ("val_fraction", 0.2)):
+    config = copy.deepcopy(smoke)
+    config.pretrain[field] = value
+    with pytest.raises(ValueError, match=f"pre-trained holding out.*'{field}': {value}"):
+      driver.run_search(config, str(tmp_path / field))
+  unrecorded = tmp_path / "model"
+  shutil.copytree(smoke.model_dir, unrecorded)
+  meta = json.loads((unrecorded / "model.json").read_text())
+  del meta["split"]
+  (unrecorded / "model.json").write_text(json.dumps(meta))
+  config = copy.deepcopy(smoke)
+  config.model_dir = str(unrecorded)
+  with pytest.raises(ValueError, match="does not say which images the model held out"):
+    driver.run_search(config, str(tmp_path / "unrecorded"))
 
 
 def test_search_cli_reports_bad_config(tmp_path):

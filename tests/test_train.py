@@ -101,7 +101,8 @@ def test_load_model_rejects_mismatched_checkpoint(tmp_path):
   small = get_model("resnet18", width=0.0625, stage_sizes=(1, 1, 1, 1))
   variables = small.init(jax.random.key(0))
   spec = {"name": "resnet18", "width": 0.125, "stage_sizes": [1, 1, 1, 1]}
-  checkpoint.save_model(str(tmp_path), spec, variables, "cifar100")
+  checkpoint.save_model(str(tmp_path), spec, variables, "cifar100",
+                        {"val_fraction": 0.1, "data_seed": 0})
   with pytest.raises(ValueError, match="does not match model resnet18.*shape mismatch"):
     checkpoint.load_model(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no pre-trained model"):

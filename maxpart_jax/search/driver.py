@@ -32,9 +32,9 @@ from maxpart_jax.models import available_models, get_model
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import check_bits
 from maxpart_jax.search import evolution
-from maxpart_jax.search.fitness import Evaluator, FitnessConfig
+from maxpart_jax.search.fitness import Evaluator, FitnessConfig, violations
 from maxpart_jax.search.operators import SearchSpace
-from maxpart_jax.train import Progress, model_spec
+from maxpart_jax.train import Progress, model_spec, split_spec
 
 STATE_FILE = "search_state.npz"
 METRICS = ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")
@@ -152,6 +152,18 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
   if stored != expected:
     raise ValueError(f"the checkpoint at {config.model_dir} is {stored}, but the config asks for "
                      f"{expected}: point model_dir at a matching checkpoint")
+  # The search validates on the hold-out of config.pretrain's split: it must be the one
+  # the model did not train on.
+  split = split_spec(config.pretrain)
+  if "split" not in meta:
+    raise ValueError(f"{config.model_dir}/model.json does not say which images the model held "
+                     f"out; if it was pre-trained with {split}, add \"split\": "
+                     f"{json.dumps(split)} to it, otherwise pre-train it again")
+  if meta["split"] != split:
+    raise ValueError(f"the model at {config.model_dir} was pre-trained holding out "
+                     f"{meta['split']}, but config.pretrain asks for {split}: its validation "
+                     "images would include training images. Use the stored settings "
+                     "(--config.pretrain.val_fraction / data_seed) or another model_dir")
   return model, variables, meta
 
 
@@ -199,7 +211,11 @@ def resolved_settings(evaluator: Evaluator) -> dict[str, str]:
 
 
 class CachedEvaluator:
-  """Evaluates genomes through a cache keyed by the effective genome."""
+  """Evaluates genomes through a cache keyed by the effective genome.
+
+  Each entry holds the :data:`METRICS` and, under ``"genome"``, the first genome
+  evaluated with that key (what the final report re-evaluates).
+  """
 
   def __init__(self, evaluator: Evaluator, cache: dict[str, dict[str, float]]):
     self.evaluator, self.cache = evaluator, cache
@@ -215,7 +231,9 @@ class CachedEvaluator:
     if todo:
       fresh = self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(todo)], genomes))
       for j, i in enumerate(todo):
-        self.cache[keys[i]] = {m: float(fresh[m][j]) for m in METRICS}
+        genome = jax.tree.map(lambda x: x[i], genomes)
+        self.cache[keys[i]] = {**{m: float(fresh[m][j]) for m in METRICS},
+                               "genome": Genome.to_json(genome)}
     return {m: np.array([self.cache[key][m] for key in keys]) for m in METRICS}
 
 
@@ -316,33 +334,63 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   return _final_report(config, workdir, evaluator, cached, state, meta_out)
 
 
+def best_feasible(cache: dict[str, dict[str, Any]],
+                  config: FitnessConfig) -> tuple[str, dict[str, Any]] | None:
+  """The cache entry ``(key, entry)`` of highest fitness that meets Eq. 4; None if none does.
+
+  The first evaluated wins a tie, like the search's own best.
+  """
+  feasible = [(k, e) for k, e in cache.items() if "genome" in e and not violations(e, config)]
+  return max(feasible, key=lambda ke: ke[1]["fitness"]) if feasible else None
+
+
 def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: int) -> dict[str, Any]:
   best = cached.cache[effective_key(cached.evaluator.model.info, state.best)]
+  feasible = best_feasible(cached.cache, cached.evaluator.config)
   return {"step": step, "evaluations": len(cached.cache), "lookups": cached.lookups,
           "best_fitness": float(state.best_fitness),
           "mean_fitness": float(jnp.mean(state.fitness)), "best_p": int(state.best.p),
           "best_privacy": best["privacy"], "best_energy_mj": best["energy_mj"],
-          "best_eps": best["eps"]}
+          "best_eps": best["eps"],
+          "best_feasible_fitness": feasible[1]["fitness"] if feasible else None}
 
 
 def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[str, Any]:
-  """Test-set numbers of the best genome, history files and plots."""
+  """Test-set numbers of the reported genome, history files and plots.
+
+  The reported genome is the best *feasible* one (Eq. 4). The best by fitness is named
+  beside it when it differs; if no genome was feasible, it is reported with its
+  violations, and ``feasible`` is false.
+  """
   from maxpart_jax.search import plots
   info = evaluator.model.info
-  best = state.best
+  by_fitness_key = effective_key(info, state.best)
+  feasible = best_feasible(cached.cache, evaluator.config)
+  key = feasible[0] if feasible else by_fitness_key
+  best = state.best if key == by_fitness_key else Genome.from_json(cached.cache[key]["genome"])
+  metrics = cached.cache[key]
+  broken = violations(metrics, evaluator.config)
+  if broken:
+    logging.warning("no evaluated genome meets the constraints; reporting the best by fitness, "
+                    "which breaks: %s", "; ".join(broken))
   test = load_test_split(config, evaluator)
   test_accuracy = float(evaluator.evaluate(jax.tree.map(lambda x: x[None], best),
                                            test=test)["test_accuracy"][0])
   float_test = evaluator.float_accuracy_on(test)
   w, a, ir_bits = effective_bits(info, best)
-  metrics = cached.cache[effective_key(info, best)]
+  by_fitness = cached.cache[by_fitness_key]
   report = {
       "model": evaluator.model.name, "dataset": evaluator.train.dataset, "p": int(best.p),
       "block": info.blocks[int(best.p) - 1].label,
       "w_bits": np.asarray(w).tolist(), "a_bits": np.asarray(a).tolist(), "ir_bits": int(ir_bits),
-      "genome": {"p": int(best.p), "w_bits": np.asarray(best.w_bits).tolist(),
-                 "a_bits": np.asarray(best.a_bits).tolist()},
-      "fitness": float(state.best_fitness), **{f"val_{m}": metrics[m] for m in METRICS},
+      "genome": best.to_json(),
+      "fitness": metrics["fitness"], **{f"val_{m}": metrics[m] for m in METRICS},
+      "feasible": not broken, "violations": broken,
+      "best_by_fitness": {
+          "same_genome": key == by_fitness_key, "p": int(state.best.p),
+          "block": info.blocks[int(state.best.p) - 1].label,
+          **{m: by_fitness[m] for m in ("fitness", "privacy", "energy_mj", "eps")},
+          "violations": violations(by_fitness, evaluator.config)},
       "test_accuracy": test_accuracy, "float_test_accuracy": float_test,
       "test_eps": float_test - test_accuracy, "energy_mj": metrics["energy_mj"],
       "privacy": metrics["privacy"], "budget_mj": config.fitness.budget_mj,

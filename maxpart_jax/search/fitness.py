@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -114,7 +115,8 @@ class FitnessConfig:
       raise ValueError(f"unknown privacy metric {self.metric!r}; choose from {privacy.METRICS}")
     if self.pipeline not in PIPELINES:
       raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
-    resolve_numerics(self.compute_dtype, self.matmul_precision, "cpu")  # names check
+    # Checks both names; the platform only decides what "auto" becomes.
+    resolve_numerics(self.compute_dtype, self.matmul_precision, "cpu")
 
 
 def punish(lam: float, value: jax.Array, bound: float) -> jax.Array:
@@ -126,6 +128,23 @@ def combine(privacy_: jax.Array, energy: jax.Array, eps: jax.Array, config: Fitn
   """Eq. 11: privacy times the energy and accuracy punishments."""
   return (privacy_ * punish(config.lambda_energy, energy, config.device.budget_mj)
           * punish(config.lambda_accuracy, eps, config.eps_bound))
+
+
+def violations(metrics: dict[str, float], config: FitnessConfig) -> list[str]:
+  """The constraints of Eq. 4 that evaluated ``metrics`` break; empty: feasible.
+
+  Feasible means a finite fitness, no divergence, ``E < E_b`` and ``ε < ε_b``. The
+  fitness only *punishes* a violation (Eq. 12), so the genome with the highest fitness
+  can be infeasible; the search reports the best feasible one (docs/method.md §7).
+  """
+  out = []
+  if metrics["diverged"] or not math.isfinite(metrics["fitness"]):
+    out.append("diverged during fine-tuning")
+  if not metrics["energy_mj"] < config.device.budget_mj:
+    out.append(f"E = {metrics['energy_mj']:.4f} mJ >= E_b = {config.device.budget_mj} mJ")
+  if not metrics["eps"] < config.eps_bound:
+    out.append(f"ε = {metrics['eps']:.4f} >= ε_b = {config.eps_bound}")
+  return out
 
 
 def check_same_layers(info: ModelInfo, other: ModelInfo) -> None:
@@ -200,13 +219,8 @@ class Evaluator:
 
   # --- compiled per-candidate steps ------------------------------------------------
 
-  def _per_candidate(self, fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Callable:
-    """``fn`` jitted and vmapped over the candidate axis (``in_axes`` 0; None: shared data).
-
-    Candidate-stacked inputs are placed split over the mesh by :meth:`_candidates`,
-    so jit partitions the work over devices.
-    """
-    return jax.jit(jax.vmap(fn, in_axes=in_axes))
+  # Each is vmapped over the candidate axis; candidate-stacked inputs are placed split over
+  # the mesh (:meth:`_candidates`), so jit partitions the work over devices.
 
   @functools.cached_property
   def _count_batch(self):
@@ -250,7 +264,7 @@ class Evaluator:
                                                   normalization=config.normalization)))
       return jnp.stack(out)
 
-    return self._per_candidate(scores, (0, 0, None, None))
+    return jax.jit(jax.vmap(scores, in_axes=(0, 0, None, None)))
 
   # --- evaluation ------------------------------------------------------------
 

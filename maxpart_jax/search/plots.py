@@ -14,10 +14,14 @@ from maxpart_jax.models.metadata import ModelInfo
 
 
 def fitness_curve(history: list[dict[str, Any]], path: str, title: str = "") -> None:
-  """Best-ever and population-mean fitness per search step."""
+  """Best-ever, best feasible and population-mean fitness per search step."""
   steps = [h["step"] for h in history]
   fig, ax = plt.subplots(figsize=(6, 3.8))
   ax.plot(steps, [h["best_fitness"] for h in history], "-", label="best so far")
+  feasible = [(s, h.get("best_feasible_fitness")) for s, h in zip(steps, history)]
+  feasible = [(s, f) for s, f in feasible if f is not None]
+  if feasible:
+    ax.plot(*zip(*feasible), "--", label="best feasible so far (E < E_b, ε < ε_b)")
   ax.plot(steps, [h["mean_fitness"] for h in history], "-", alpha=0.6, label="population mean")
   ax.set_xlabel("search step"), ax.set_ylabel("fitness F"), ax.legend()
   ax.set_title(title)
