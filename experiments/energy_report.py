@@ -57,7 +57,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{r['index']:>5}  {r['block']:<10} {r['layers']:>6} {r['compute_mj']:>11.4f} "
                  f"{r['transmission_mj']:>11.4f} {r['total_mj']:>9.4f}{mark}")
   deepest = report["deepest_split_within_budget"]
-  lines.append("deepest split within budget: " + (
+  lines.append("* deepest split within budget: " + (
       f"{deepest} ({report['splits'][deepest - 1]['block']})" if deepest else "none"))
   return "\n".join(lines)
 

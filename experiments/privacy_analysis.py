@@ -1,7 +1,7 @@
 r"""The paper's privacy analyses on pre-trained models and real test images.
 
   python -m experiments.privacy_analysis --analysis=all --workdir=results/privacy \
-      --vgg11=workdirs/cpu_vgg11/model --resnet18=workdirs/cpu_resnet18/model
+      --vgg11=workdirs/cpu_vgg11/model --resnet18=pretrained/cpu_resnet18/model
 
 Analyses (each writes ``<name>.json`` and ``<name>.png`` into ``--workdir``):
   fig3_ir_visualization  input images next to the most input-like channel after each of the
@@ -33,7 +33,7 @@ ANALYSES = ("fig3_ir_visualization", "fig4_vgg11_metrics", "fig5_resnet18_layers
 _ANALYSIS = flags.DEFINE_string("analysis", "all", f"one of {ANALYSES} or 'all'")
 _WORKDIR = flags.DEFINE_string("workdir", "results/privacy", "output folder")
 _VGG = flags.DEFINE_string("vgg11", "workdirs/cpu_vgg11/model", "pre-trained VGG11 (model dir)")
-_RESNET = flags.DEFINE_string("resnet18", "workdirs/cpu_resnet18/model",
+_RESNET = flags.DEFINE_string("resnet18", "pretrained/cpu_resnet18/model",
                               "pre-trained ResNet18 (model dir)")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 500, "test images the scores average over")
 _SEED = flags.DEFINE_integer("seed", 0, "which test images")

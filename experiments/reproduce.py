@@ -16,7 +16,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import common
+
 from maxpart_jax.reproduce import run_reproduction
+from maxpart_jax.search.driver import validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/reproduce.py:cpu_resnet18",
                                           "reproduction config file and variant")
@@ -26,8 +29,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and the 
 
 def main(argv: list[str]) -> None:
   del argv
-  logging.info("config:\n%s", _CONFIG.value)
+  common.quiet_logs()
   try:
+    validate_config(_CONFIG.value)  # before anything is written
+    common.record_config(_CONFIG.value, _WORKDIR.value)
     report = run_reproduction(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # bad config / checkpoint: say what is wrong, no traceback
     sys.exit(f"error: {e}")

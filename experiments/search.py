@@ -14,7 +14,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxpart_jax.search.driver import run_search
+from experiments import common
+
+from maxpart_jax.search.driver import run_search, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/search.py:quick",
                                           "search config file and variant")
@@ -24,8 +26,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and resu
 
 def main(argv: list[str]) -> None:
   del argv
-  logging.info("config:\n%s", _CONFIG.value)
+  common.quiet_logs()
   try:
+    validate_config(_CONFIG.value)  # before anything is written
+    common.record_config(_CONFIG.value, _WORKDIR.value)
     report = run_search(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # bad config / checkpoint: say what is wrong, no traceback
     sys.exit(f"error: {e}")

@@ -9,6 +9,8 @@ Writes the model for the search to ``<workdir>/model``, plus ``results.json``
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import common
+
 from maxpart_jax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/train.py:cpu",
@@ -18,7 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results g
 
 def main(argv: list[str]) -> None:
   del argv
-  logging.info("config:\n%s", _CONFIG.value)
+  common.quiet_logs()
+  common.record_config(_CONFIG.value, _WORKDIR.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

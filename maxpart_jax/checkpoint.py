@@ -3,13 +3,14 @@
 Training state goes through an orbax ``CheckpointManager`` (atomic: a step is
 written to a temporary folder and renamed when complete, so a killed run never
 leaves a half-written checkpoint behind). A finished model is saved as
-``<dir>/model.json`` (architecture name and builder arguments, dataset) next to
-``<dir>/variables`` (orbax), and :func:`load_model` rebuilds both and checks that
-they match.
+``<dir>/model.json`` (architecture name and builder arguments, dataset, hold-out
+split, a SHA-256 of the variables) next to ``<dir>/variables`` (orbax), and
+:func:`load_model` rebuilds both and checks that they match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as py_logging
 import os
@@ -56,6 +57,20 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def variables_sha256(variables: Variables) -> str:
+  """SHA-256 of every array's path, dtype, shape and bytes: the weights' identity.
+
+  Independent of how orbax lays the files out, so it identifies the weights themselves.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0],
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    array = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def save_model(directory: str, model_spec: dict[str, Any], variables: Variables,
                dataset: str, split: dict[str, Any]) -> None:
   """Saves a trained model: variables and ``model.json``.
@@ -69,14 +84,15 @@ def save_model(directory: str, model_spec: dict[str, Any], variables: Variables,
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, "variables"), jax.device_get(variables), force=True)
   write_json(os.path.join(directory, "model.json"),
-             {"model": model_spec, "dataset": dataset, "split": split})
+             {"model": model_spec, "dataset": dataset, "split": split,
+              "variables_sha256": variables_sha256(variables)})
 
 
 def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:
   """Loads what :func:`save_model` wrote: ``(model, variables, meta)``.
 
   Raises ``FileNotFoundError`` if nothing is there and ``ValueError`` if the
-  stored variables do not fit the stored architecture.
+  stored variables do not fit the stored architecture or their recorded checksum.
   """
   directory = os.path.abspath(directory)
   spec_path = os.path.join(directory, "model.json")
@@ -93,6 +109,10 @@ def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:
     stored = getattr(stored, "item_metadata", stored)
     check_variables_match(model, expected, stored, directory)
     variables = ckpt.restore(os.path.join(directory, "variables"), expected)
+  if "variables_sha256" in meta and variables_sha256(variables) != meta["variables_sha256"]:
+    raise ValueError(f"the variables in {directory} do not match the SHA-256 in its model.json: "
+                     "the checkpoint is corrupt or was changed. Restore it (for the shipped "
+                     "model: git checkout pretrained/) or pre-train it again")
   return model, variables, meta
 
 

@@ -71,6 +71,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import socket
 import zipfile
 from collections.abc import Iterator
 
@@ -486,6 +487,20 @@ def _check_arrays(image: np.ndarray, label: np.ndarray, num_classes: int, where:
                     f"[{label.min()}, {label.max()}]; is the folder the right dataset?")
 
 
+# Where tfds downloads CIFAR from; checked first so that an offline machine fails in
+# seconds instead of after minutes of retries.
+CIFAR_HOST = "www.cs.toronto.edu"
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+  """Whether a TCP connection to ``host`` opens within ``timeout`` seconds."""
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
 def _missing_prepare_modules() -> list[str]:
   """Modules that tfds needs to download and build CIFAR but that are not installed."""
   return [m for m in ("tensorflow", "importlib_resources") if importlib.util.find_spec(m) is None]
@@ -503,7 +518,17 @@ def _load_tfds(name: str, kind: str, tfds_dir: str) -> tuple[np.ndarray, np.ndar
           f"local data: set {ENV_DATA_DIR} to a folder of train-*.npz / test-*.npz shards "
           "with arrays 'image' (N, 32, 32, 3) uint8 and 'label' (N,).")
     builder = tfds.builder(name, data_dir=tfds_dir, file_format="array_record")
-    builder.download_and_prepare()
+    offline = (f"Offline, set {ENV_DATA_DIR} to a folder of .npz shards; make them from the "
+               "official archive (cifar-100-python.tar.gz, downloaded elsewhere) with "
+               "`python -m experiments.make_shards --archive=... --out=DIR`.")
+    if not _reachable(CIFAR_HOST):
+      raise DataError(f"tfds must download {name!r} once, but {CIFAR_HOST} cannot be reached "
+                      f"from this machine. {offline}")
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # tfds surfaces network failures under many types
+      raise DataError(f"downloading {name!r} for tfds failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}). {offline}") from None
   try:
     source = builder.as_data_source(split=kind)
   except NotImplementedError:  # prepared earlier as TFRecord: no random access

@@ -168,7 +168,7 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
           paper_info, device, not evaluator.config.transmission, paper_searched),
       "search": {k: search_report[k] for k in (
           "search_seconds", "evaluations", "lookups", "cache_hit_rate", "steps",
-          "tournaments_per_step", "devices", "phase_seconds", "p", "block", "w_bits", "a_bits",
+          "tournaments_per_step", "devices", "phase_seconds", "p", "block", "edge_layers",
           "ir_bits", "genome")},
       "search_settings": config.search.to_dict(),
   }

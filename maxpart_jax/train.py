@@ -36,6 +36,7 @@ import optax
 from flax import struct
 
 from maxpart_jax import checkpoint, data
+from maxpart_jax.metrics import MetricWriter
 from maxpart_jax.models import SplitModel, Variables, get_model
 from maxpart_jax.models.layers import Numerics, resolve_numerics
 from maxpart_jax.quant import QuantPolicy
@@ -262,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Writes into ``workdir``: ``checkpoints/`` (resumable state), ``history.json``
   (per-epoch loss and accuracy), ``model/`` (the final model for the search),
-  ``results.json`` (test / validation accuracy, wall time) and ``curves.png``.
+  ``results.json`` (test / validation accuracy, wall time), ``curves.png`` and
+  ``tensorboard/`` (the same numbers as TensorBoard scalars).
   Returns the results dict.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -272,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   numerics = resolve_numerics(config.compute_dtype, config.matmul_precision)
   pipeline = resolve_pipeline(config.pipeline)
   model = build_model(config, train.num_classes, numerics)
-  steps_per_epoch = data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True)
+  steps_per_epoch = epoch_steps(config, len(train))
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(config, total_steps)
   state = TrainState.create(model.init(jax.random.key(config.seed)), tx)
@@ -291,12 +293,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(train_step, model, tx, label_smoothing=config.label_smoothing), train,
       pipeline)
   progress = Progress(total_steps, first=step, every=config.log_every_steps)
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"), resume_step=step)
   segment_start, sums = time.time(), np.zeros(2)
 
   def save(step: int) -> None:
     history["train_seconds"] += time.time() - segment_start
     mngr.save(step, args=checkpoint.ocp.args.StandardSave(state))
     checkpoint.write_json(history_path, {**history, "step": step})
+    writer.flush()
 
   for epoch in range(step // steps_per_epoch, config.num_epochs):
     skip = step - epoch * steps_per_epoch
@@ -311,16 +315,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sums += np.array([chunk["loss"], chunk["accuracy"]], np.float64)
       step, n, i = step + j - i, j - i, j
       progress(step, f"epoch {epoch + 1}/{config.num_epochs} loss {float(chunk['loss']) / n:.3f}")
+      writer.scalars(step, {"train/loss": float(chunk["loss"]) / n,
+                            "train/accuracy": float(chunk["accuracy"]) / n})
       if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
         save(step)
         segment_start = time.time()
     seen = steps_per_epoch - skip
-    history["epochs"].append({"epoch": epoch + 1, "step": step, "train_loss": sums[0] / seen,
-                              "train_accuracy": sums[1] / seen})
+    record = {"epoch": epoch + 1, "step": step, "train_loss": float(sums[0] / seen),
+              "train_accuracy": float(sums[1] / seen)}
     sums[:] = 0
     if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
-      history["epochs"][-1]["val_accuracy"] = _val_accuracy(config, model, state)
-    logging.info("epoch %d: %s", epoch + 1, history["epochs"][-1])
+      record["val_accuracy"] = _val_accuracy(config, model, state)
+    history["epochs"].append(record)
+    writer.scalars(step, {f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)})
+    logging.info("epoch %d/%d: %s", epoch + 1, config.num_epochs,
+                 ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
+                           if isinstance(v, float)))
     save(step)
     segment_start = time.time()
 
@@ -336,9 +346,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "val_accuracy": _val_accuracy(config, model, state) if config.val_fraction > 0 else None,
   }
   checkpoint.write_json(os.path.join(workdir, "results.json"), results)
-  plot_history(history, os.path.join(workdir, "curves.png"), title=f"{model.name} {config.dataset}")
+  writer.scalars(step, {"final/test_accuracy": results["test_accuracy"],
+                        "final/val_accuracy": results["val_accuracy"]})
+  writer.close()
+  plot_history(history, os.path.join(workdir, "curves.png"), title=f"{model.name} {config.dataset}",
+               test_accuracy=results["test_accuracy"])
   logging.info("done: %s", results)
   return results
+
+
+def epoch_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """Training steps per epoch: full batches of the split, at most ``config.steps_per_epoch``
+  when that is set (smoke runs take a fixed number of steps whatever the data size)."""
+  full = data.steps_per_epoch(num_examples, config.batch_size, drop_remainder=True)
+  return min(full, config.steps_per_epoch) if config.steps_per_epoch else full
 
 
 def _until_multiple(step: int, every: int) -> int:
@@ -363,8 +384,9 @@ def _load_history(path: str, step: int) -> dict[str, Any]:
   return history
 
 
-def plot_history(history: dict[str, Any], path: str, title: str = "") -> None:
-  """Loss and accuracy per epoch as a PNG."""
+def plot_history(history: dict[str, Any], path: str, title: str = "",
+                 test_accuracy: float | None = None) -> None:
+  """Loss and accuracy per epoch as a PNG, with the final test accuracy if given."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -376,6 +398,9 @@ def plot_history(history: dict[str, Any], path: str, title: str = "") -> None:
   val = [(e["epoch"], e["val_accuracy"]) for e in history["epochs"] if "val_accuracy" in e]
   if val:
     ax2.plot(*zip(*val), "s-", label="validation")
+  if test_accuracy is not None:
+    ax2.plot([epochs[-1]], [test_accuracy], "*", markersize=12,
+             label=f"test, final model ({100 * test_accuracy:.2f} %)")
   ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 accuracy"), ax2.legend()
   fig.suptitle(title)
   fig.tight_layout()

@@ -52,6 +52,7 @@ def smoke(fake_data_dir, tmp_path_factory):
   from maxpart_jax.search import driver
   config = search_configs.get_config("smoke")
   config.data_dir = fake_data_dir
+  config.pretrain.steps_per_epoch = 0  # the whole fake split: a model that has learned a bit
   config.model_dir = str(tmp_path_factory.mktemp("pretrained") / "model")
   driver.load_or_pretrain(config)
   return config

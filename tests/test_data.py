@@ -352,6 +352,88 @@ def test_tfds_unprepared_without_tensorflow_says_what_to_install(tmp_path, monke
   assert str(tmp_path) in message and data.ENV_DATA_DIR in message
 
 
+@pytest.mark.parametrize("reachable", [False, True])
+def test_offline_download_fails_in_one_line_naming_the_way_out(tmp_path, monkeypatch, reachable):
+  """Offline, tfds retried for minutes and ended in a 160-line ConnectionError; now one
+  DataError naming MAXPART_DATA_DIR and the shard script (unreachable host: no download
+  is even tried; a failed download: its error in one line)."""
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  monkeypatch.setattr(data, "_missing_prepare_modules", lambda: [])
+  monkeypatch.setattr(data, "_reachable", lambda host: reachable)
+
+  def no_network(self, *args, **kwargs):
+    assert reachable, "downloaded although the host is unreachable"
+    raise ConnectionError("HTTPSConnectionPool(host='www.cs.toronto.edu', port=443): Max "
+                          "retries exceeded\n...150 more lines...")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+  data.clear_cache()
+  with pytest.raises(data.DataError) as err:
+    data.load_split("test")
+  message = str(err.value)
+  assert data.ENV_DATA_DIR in message and "experiments.make_shards" in message
+  assert "\n" not in message and err.value.__cause__ is None
+  assert ("ConnectionError: HTTPSConnectionPool" in message) == reachable
+
+
+def _official_archive(path, images, labels, coarse=None):
+  """A CIFAR python archive as the official one is laid out (pickled dicts, rows of 1024
+  R, 1024 G, 1024 B values), written independently of experiments.make_shards."""
+  import io, pickle, tarfile
+  cifar100 = coarse is not None
+  root = "cifar-100-python" if cifar100 else "cifar-10-batches-py"
+  members = {"train": ["train"], "test": ["test"]} if cifar100 else {
+      "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+  with tarfile.open(path, "w:gz") as tar:
+    for split, names in members.items():
+      chunks = np.array_split(np.arange(len(images[split])), len(names))
+      for name, rows in zip(names, chunks):
+        record = {b"data": images[split][rows].transpose(0, 3, 1, 2).reshape(len(rows), -1),
+                  b"fine_labels" if cifar100 else b"labels": labels[split][rows].tolist()}
+        if cifar100:
+          record[b"coarse_labels"] = coarse[split][rows].tolist()
+        payload = pickle.dumps(record, protocol=2)
+        info = tarfile.TarInfo(f"{root}/{name}")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("classes", [100, 10])
+def test_make_shards_from_the_official_archive(tmp_path, classes):
+  """Catches a wrong channel order or transpose, lost images or labels, and shards that
+  load_split cannot read (a pixel of the wrong colour or place fails the equality)."""
+  import subprocess, sys
+  rng = np.random.default_rng(classes)
+  images = {s: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            for s, n in (("train", 25), ("test", 10))}
+  labels = {s: np.arange(len(images[s])) % classes for s in images}
+  coarse = {s: labels[s] // 5 for s in images} if classes == 100 else None
+  archive = tmp_path / "archive.tar.gz"
+  _official_archive(archive, images, labels, coarse)
+  out = tmp_path / "shards"
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "-m", "experiments.make_shards", f"--archive={archive}",
+                         f"--out={out}", "--shard_size=10"], cwd=repo, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert sorted(os.listdir(out)) == ["test-00.npz", "train-00.npz", "train-01.npz", "train-02.npz"]
+  dataset = "cifar100" if classes == 100 else "cifar10"
+  for split in ("train", "test"):
+    got = data.load_split(f"{split}_full" if split == "train" else split, dataset=dataset,
+                          data_dir=str(out))
+    np.testing.assert_array_equal(got.images, images[split])
+    np.testing.assert_array_equal(got.labels, labels[split])
+  if coarse is not None:
+    with np.load(out / "test-00.npz") as f:
+      np.testing.assert_array_equal(f["coarse_label"], coarse["test"])
+  bad = tmp_path / "bad.tar.gz"
+  with __import__("tarfile").open(bad, "w:gz"):
+    pass
+  proc = subprocess.run([sys.executable, "-m", "experiments.make_shards", f"--archive={bad}",
+                         f"--out={out}"], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "not an official CIFAR python archive" in proc.stderr
+
+
 # --- normalization ------------------------------------------------------------------
 
 

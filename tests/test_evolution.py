@@ -1,6 +1,7 @@
 """The functional search: operators, K = 1 equals Algorithm 1, batched tournaments, caching."""
 
 import os
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,10 @@ from maxpart_jax.genome import Genome
 from maxpart_jax.models import get_model
 from maxpart_jax.search import evolution
 from maxpart_jax.search.driver import CachedEvaluator, effective_key
+from maxpart_jax.search.checks import (SPACE, OperatorCheckError, check_legal_genome,
+                                       check_operator)
 from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator, register
 
-SPACE = SearchSpace(w_choices=jnp.array([2, 4, 6, 8]), a_choices=jnp.array([8]),
-                    prob_p=jnp.float32(0.5), prob_gene=jnp.float32(0.3), max_split=9,
-                    num_layers=21, sample_size=4)
 
 
 def cheap_fitness(genomes: Genome) -> jax.Array:
@@ -24,11 +24,7 @@ def cheap_fitness(genomes: Genome) -> jax.Array:
 
 
 def _legal(genome: Genome, space: SearchSpace = SPACE) -> None:
-  assert genome.p.shape == () and genome.w_bits.shape == (space.num_layers,)
-  assert 1 <= int(genome.p) <= space.max_split
-  assert set(np.asarray(genome.w_bits).tolist()) <= set(np.asarray(space.w_choices).tolist())
-  assert set(np.asarray(genome.a_bits).tolist()) <= set(np.asarray(space.a_choices).tolist())
-  assert genome.p.dtype == genome.w_bits.dtype == jnp.int32
+  check_legal_genome(genome, space)
 
 
 def _random_genome(seed: int) -> Genome:
@@ -37,38 +33,62 @@ def _random_genome(seed: int) -> Genome:
 
 @pytest.mark.parametrize("role,name", [(r, n) for r in OPERATORS for n in OPERATORS[r]])
 def test_every_registered_operator(role, name):
-  """Generic check of each operator: legal output, pure (same key, same result), jittable."""
-  op = jax.jit(get_operator(role, name), static_argnames=())
-  key = jax.random.key(3)
-  fitness = jnp.arange(8.0)[::-1]
-  idx = jnp.array([1, 5, 2, 7])
-  a, b = _random_genome(0), _random_genome(1)
-  if role == "init":
-    out = [op(key, SPACE), op(key, SPACE)]
-    _legal(out[0])
-  elif role == "mutate":
-    out = [op(key, a, SPACE), op(key, a, SPACE)]
-    _legal(out[0])
-    changed = [op(jax.random.key(s), a, SPACE) for s in range(20)]
-    assert any(int(c.p) != int(a.p) or not np.array_equal(c.w_bits, a.w_bits) for c in changed)
-  elif role == "crossover":
-    out = [op(key, a, b, SPACE), op(key, a, b, SPACE)]
-    _legal(out[0])
-    for field in ("w_bits", "a_bits"):  # every gene comes from one of the parents
-      child, pa, pb = (np.asarray(getattr(g, field)) for g in (out[0], a, b))
-      assert np.all((child == pa) | (child == pb))
-  elif role == "sample":
-    out = [op(key, fitness, SPACE), op(key, fitness, SPACE)]
-    assert out[0].shape == (SPACE.sample_size,) and len(set(np.asarray(out[0]).tolist())) == 4
-    assert np.all((np.asarray(out[0]) >= 0) & (np.asarray(out[0]) < 8))
-  elif role == "select":
-    out = [op(fitness, idx), op(fitness, idx)]
-    assert int(out[0]) in np.asarray(idx).tolist()
-  else:  # replace
-    age = jnp.array([5, 3, 7, 0, 1, 2, 4, 6])
-    out = [op(fitness, age, idx), op(fitness, age, idx)]
-    assert 0 <= int(out[0]) < 8
-  jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
+  """Generic checks of each registered operator (legal, pure, jittable, does its job)."""
+  check_operator(role, get_operator(role, name))
+
+
+def _bad_mutations():
+  """Plausible bugs in a user's mutation, each with the words its check must say."""
+  def out_of_choices(key, genome, space):
+    return genome.replace(w_bits=genome.w_bits.at[0].set(3))
+
+  def host_random(key, genome, space):
+    return genome.replace(p=jnp.int32(np.random.randint(1, space.max_split + 1)))
+
+  def does_nothing(key, genome, space):
+    return genome
+
+  def p_out_of_range(key, genome, space):
+    return genome.replace(p=genome.p + space.max_split)
+
+  def float_genes(key, genome, space):
+    return genome.replace(w_bits=genome.w_bits.astype(jnp.float32))
+
+  return [(out_of_choices, r"w_bits \[3\] outside the choices"),
+          (host_random, "not pure"), (does_nothing, "never changed the genome"),
+          (p_out_of_range, "outside 1..9"), (float_genes, "expected int32")]
+
+
+@pytest.mark.parametrize("fn,message", _bad_mutations(), ids=lambda x: getattr(x, "__name__", ""))
+def test_check_operator_catches_broken_user_operators(fn, message):
+  with pytest.raises(OperatorCheckError, match=message):
+    check_operator("mutate", fn)
+
+
+def test_check_operator_on_a_user_module(tmp_path, monkeypatch):
+  """A user's module, imported from the working directory as config.operator_modules does,
+  checked with the same function the registry's tests use."""
+  (tmp_path / "user_ops_for_check.py").write_text(textwrap.dedent("""
+      import jax.numpy as jnp
+      from maxpart_jax.search.operators import register
+
+      @register("select", "last_sampled")
+      def last_sampled(fitness, idx):
+        return idx[-1]
+
+      @register("replace", "off_by_one")
+      def off_by_one(fitness, age, idx):
+        return jnp.int32(fitness.shape[0])  # one past the last member
+      """))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  __import__("user_ops_for_check")
+  try:
+    check_operator("select", get_operator("select", "last_sampled"))
+    with pytest.raises(OperatorCheckError, match="replace operator off_by_one.*outside 0..7"):
+      check_operator("replace", get_operator("replace", "off_by_one"))
+  finally:
+    OPERATORS["select"].pop("last_sampled")
+    OPERATORS["replace"].pop("off_by_one")
 
 
 def test_paper_operators_by_hand():
@@ -188,7 +208,7 @@ def test_effective_key_ignores_masked_genes_and_cache_counts_hits():
     model = type("M", (), {"info": info})()
     calls = []
 
-    def evaluate(self, genomes):
+    def evaluate(self, genomes, **kwargs):
       self.calls.append(int(genomes.p.shape[0]))
       f = np.asarray(cheap_fitness(genomes), float)
       return {m: f for m in ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")}
@@ -223,3 +243,16 @@ def test_readme_operator_example(tmp_path, monkeypatch):
     np.testing.assert_array_equal(child.w_bits, np.full(SPACE.num_layers, 2))
   finally:
     OPERATORS["mutate"].pop("lower_bits", None)
+
+
+def test_readme_ask_tell_loop_is_algorithm_1():
+  """The README's init/ask/tell example runs as printed and is Algorithm 1 (catches a README
+  that drifted from the API, or a K = 1 default that is not the paper's algorithm)."""
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  section = readme[readme.index("The evolution itself is a pure"):]
+  start = section.index("```python") + len("```python")
+  namespace = {}
+  exec(section[start:section.index("```\n", start)], namespace)
+  state, space = namespace["state"], namespace["space"]
+  _, best = reference_algorithm_1(jax.random.key(0), space, n=20, iterations=20)
+  jax.tree.map(np.testing.assert_array_equal, state.best, best)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import EIGHT_CPU_DEVICES, relative_distance
 from experiments.configs import search as search_configs
-from maxpart_jax import checkpoint, data, profile
+from maxpart_jax import checkpoint, data, metrics, profile
 from maxpart_jax.energy import edge_energy
 from maxpart_jax.genome import to_policy, uniform_genome
 from maxpart_jax.search import driver
@@ -160,11 +160,11 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   calls = {"n": 0}
   real = Evaluator.evaluate
 
-  def crash_on_third_evaluation(self, genomes):
+  def crash_on_third_evaluation(self, genomes, **kwargs):
     calls["n"] += 1
     if calls["n"] == 3:
       raise KeyboardInterrupt("simulated kill")
-    return real(self, genomes)
+    return real(self, genomes, **kwargs)
 
   monkeypatch.setattr(Evaluator, "evaluate", crash_on_third_evaluation)
   with pytest.raises(KeyboardInterrupt):
@@ -172,13 +172,21 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   monkeypatch.setattr(Evaluator, "evaluate", real)
   resumed = driver.run_search(smoke, str(tmp_path / "b"))
   assert _strip_times(resumed) == _strip_times(straight)
-  # Times are summed over processes: rerunning a finished search keeps them.
+  # Rerunning a finished search evaluates nothing (not even the final test accuracy) and
+  # returns the stored report; its times are summed over processes and stay as they were.
+  monkeypatch.setattr(Evaluator, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
   again = driver.run_search(smoke, str(tmp_path / "b"))
+  assert again == resumed
   assert again["phase_seconds"] == resumed["phase_seconds"]
   assert again["search_seconds"] == resumed["search_seconds"]
   assert 0 < sum(resumed["phase_seconds"].values()) <= resumed["search_seconds"]
   history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
   assert history[0] == history[1] and len(history[0]) == 1 + 2  # init + T/K steps
+  # TensorBoard holds the same curve, also across the kill (no step twice, none lost).
+  for d in "ab":
+    scalars = metrics.read_scalars(str(tmp_path / d / "tensorboard"))
+    assert scalars["search/best_fitness"] == pytest.approx(
+        {h["step"]: h["best_fitness"] for h in history[0]})
   assert 0.0 <= straight["cache_hit_rate"] <= 1.0
   for name in ("best.json", "history.csv", "fitness.png", "policy.png"):
     assert os.path.exists(tmp_path / "a" / name)
@@ -211,9 +219,9 @@ def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
   real = Evaluator.evaluate
   seen = []
 
-  def synthetic(self, genomes, test=None, finetune=True):
+  def synthetic(self, genomes, test=None, **kwargs):
     if test is not None:  # the final test accuracy of the reported genome
-      return real(self, genomes, test=test, finetune=finetune)
+      return real(self, genomes, test=test, **kwargs)
     p = np.asarray(genomes.p, np.float32)
     seen.extend(p.tolist())
     energy = 0.0005 * p  # E_b = 0.002 mJ: p <= 3 is feasible
@@ -231,6 +239,13 @@ def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
   other = report["best_by_fitness"]
   assert (other["p"], other["same_genome"]) == (max(seen), False)
   assert other["violations"] == [f"E = {0.0005 * max(seen):.4f} mJ >= E_b = 0.002 mJ"]
+  # best.json names the bits that run: edge layers only, every other gene at 32 (float).
+  info = checkpoint.load_model(config.model_dir)[0].info
+  edge = [l for l in info.layers if l.block < report["p"]]
+  assert [e["layer"] for e in report["edge_layers"]] == [l.name for l in edge]
+  w = np.array(report["genome"]["w_bits"])
+  assert np.all(w[[l.id for l in info.layers if l.block >= report["p"]]] == 32)
+  assert np.all(w[[l.id for l in edge if l.quantizable]] <= 8)
   history = json.load(open(tmp_path / "history.json"))
   assert history[-1]["best_feasible_fitness"] == pytest.approx(report["fitness"])
   assert history[-1]["best_fitness"] == pytest.approx(other["fitness"])
@@ -291,6 +306,16 @@ def test_bad_config_stops_before_any_work(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     driver.run_search(config, str(tmp_path / "search"))
   assert not os.path.exists(tmp_path / "model") and not os.path.exists(tmp_path / "search")
+
+
+def test_unimportable_operator_module_is_one_clear_error(tmp_path):
+  config = search_configs.get_config("smoke")
+  config.model_dir = str(tmp_path / "model")
+  config.operator_modules = "my_opps"
+  with pytest.raises(ValueError, match="operator_modules names 'my_opps', which cannot be "
+                                       "imported.*folder that holds my_opps.py"):
+    driver.run_search(config, str(tmp_path / "search"))
+  assert not os.path.exists(tmp_path / "model")
 
 
 def test_mismatched_checkpoint_is_rejected(smoke, tmp_path):

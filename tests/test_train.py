@@ -10,17 +10,32 @@ import pytest
 
 from conftest import relative_distance
 from experiments.configs import train as train_configs
-from maxpart_jax import checkpoint, data, train
+from maxpart_jax import checkpoint, data, metrics, train
 from maxpart_jax.models import get_model
 from maxpart_jax.train import cross_entropy, evaluate, make_optimizer, train_and_evaluate
 
 
 def smoke_config(data_dir):
+  """The smoke config over the whole fake split (18 steps per epoch)."""
   config = train_configs.get_config("smoke")
   config.data_dir = data_dir
   config.num_epochs = 2
+  config.steps_per_epoch = 0
   config.checkpoint_every_steps = 5
   return config
+
+
+def test_smoke_run_takes_a_fixed_number_of_steps(fake_data_dir, tmp_path):
+  """A smoke run is 2 epochs of 3 steps on any data: on the real CIFAR-100 train split
+  (45 000 images) the former smoke config ran 5 624 steps."""
+  config = train_configs.get_config("smoke")
+  assert train.epoch_steps(config, 45_000) == 3 and train.epoch_steps(config, 288) == 3
+  assert train.epoch_steps(config, 40) == 2  # fewer full batches than the cap
+  config.data_dir = fake_data_dir
+  train_and_evaluate(config, str(tmp_path))
+  history = json.load(open(tmp_path / "history.json"))
+  assert [e["step"] for e in history["epochs"]] == [3, 6]
+  assert all(type(v) in (int, float) for e in history["epochs"] for v in e.values())
 
 
 @pytest.mark.parametrize("pipeline", ["fused", "device"])
@@ -53,6 +68,12 @@ def test_killed_run_resumes_to_the_same_result(fake_data_dir, tmp_path, monkeypa
   assert resumed["test_accuracy"] == straight["test_accuracy"]
   history = json.load(open(tmp_path / "b" / "history.json"))
   assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+  # TensorBoard: the epochs of the JSON history, and the final test accuracy.
+  scalars = metrics.read_scalars(str(tmp_path / "b" / "tensorboard"))
+  assert scalars["epoch/train_loss"] == pytest.approx(
+      {e["step"]: e["train_loss"] for e in history["epochs"]}, rel=1e-6)
+  assert list(scalars["final/test_accuracy"].values()) == pytest.approx([resumed["test_accuracy"]])
+  assert max(scalars["train/loss"]) == history["epochs"][-1]["step"]
   assert os.path.exists(tmp_path / "b" / "curves.png")
 
 
@@ -95,6 +116,44 @@ def test_training_learns_and_saved_model_reloads(fake_data_dir, tmp_path):
   test = data.load_split("test", data_dir=fake_data_dir)
   assert evaluate(model, variables, test) == results["test_accuracy"]
   assert results["test_accuracy"] > 0.05  # 100 classes: chance is 0.01
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "pretrained", "cpu_resnet18", "model")
+
+
+def test_shipped_model_is_the_quick_configs_and_its_checksum_is_verified(tmp_path):
+  """The committed quick model loads, matches the quick config (architecture and hold-out),
+  and a changed weight is refused (catches a loader that does not verify the checksum)."""
+  from experiments.configs import search as search_configs
+  quick = search_configs.get_config("quick")
+  assert os.path.abspath(quick.model_dir) == SHIPPED or quick.model_dir.endswith(
+      "pretrained/cpu_resnet18/model")
+  model, variables, meta = checkpoint.load_model(SHIPPED)
+  assert meta["model"] == train.model_spec(quick.pretrain)
+  assert meta["split"] == train.split_spec(quick.pretrain)
+  assert meta["variables_sha256"] == checkpoint.variables_sha256(variables)
+  changed = jax.tree.map(np.array, variables)  # writable copies
+  changed["params"]["blocks_1"]["conv1"]["kernel"][0, 0, 0, 0] += 1e-3
+  checkpoint.save_model(str(tmp_path), meta["model"], changed, meta["dataset"], meta["split"])
+  with open(tmp_path / "model.json", "w") as f:
+    json.dump(meta, f)  # the shipped checksum beside other weights
+  with pytest.raises(ValueError, match="do not match the SHA-256"):
+    checkpoint.load_model(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.environ.get(data.ENV_DATA_DIR) and not os.path.isdir(
+    os.path.join(os.path.dirname(SHIPPED), "..", "..", "..", "shared", "data", "cifar100")),
+                    reason="real CIFAR-100 not found (set MAXPART_DATA_DIR)")
+def test_shipped_model_has_its_published_test_accuracy():
+  """58.50 % on the 10 000 real test images, as its README and results.json say."""
+  model, variables, _ = checkpoint.load_model(SHIPPED)
+  folder = os.environ.get(data.ENV_DATA_DIR) or os.path.join(
+      os.path.dirname(SHIPPED), "..", "..", "..", "shared", "data", "cifar100")
+  test = data.load_split("test", data_dir=folder)
+  with open(os.path.join(os.path.dirname(SHIPPED), "results.json")) as f:
+    published = json.load(f)["test_accuracy"]
+  assert evaluate(model, variables, test) == published == 0.585
 
 
 def test_load_model_rejects_mismatched_checkpoint(tmp_path):

@@ -39,7 +39,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c = search_configs.get_config("quick")
     c.pretrain = search_configs.train_configs.get_config(variant)
     c.pretrain.data_dir = c.get_ref("data_dir")
-    c.model_dir = f"workdirs/{variant}/model"
+    # ResNet18 is the quick search's model, shipped with the repository.
+    c.model_dir = (search_configs.SHIPPED_MODEL if arch == "resnet18" else
+                   f"workdirs/{variant}/model")
     c.energy_model = ml_collections.ConfigDict(CPU_ENERGY[arch])
     c.search.update(pop_size=12, sample_size=6, iterations=48, num_tournaments=1)
     if arch == "mobilenet":

@@ -23,6 +23,8 @@ import ml_collections
 
 from experiments.configs import train as train_configs
 
+# The quick model, pre-trained with train.py:cpu_resnet18 and committed (2.7 MB).
+SHIPPED_MODEL = "pretrained/cpu_resnet18/model"
 # (pre-training variant, model dir)
 PAPER = {
     "resnet18": ("resnet18", "workdirs/paper_resnet18/model"),
@@ -68,7 +70,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     train_variant, c.model_dir = PAPER[variant]
     c.fitness.transmission = False  # Table 5's energies are computation only
   elif variant == "quick":
-    train_variant, c.model_dir = "cpu_resnet18", "workdirs/cpu_resnet18/model"
+    # Shipped with the repository (pretrained/cpu_resnet18/README.md); point model_dir
+    # elsewhere (run_quick.sh --retrain) to pre-train it again.
+    train_variant, c.model_dir = "cpu_resnet18", SHIPPED_MODEL
     c.search.update(pop_size=8, sample_size=4, iterations=32, num_tournaments=4)
     # The quarter-width model needs about 1/14 of the paper-size energy: with E_b = 0.025 mJ,
     # float32 fits no split, 8-bit uniform reaches block 4 and 4-bit block 7 (energy_report).

@@ -4,7 +4,8 @@ Variants:
   resnet18, resnet50, mobilenet, vgg11   paper-size CIFAR-100 models (GPU/TPU; 200 epochs)
   cpu (= cpu_resnet18), cpu_vgg11, cpu_mobilenet, cpu_resnet50
                                          narrow models that train on a 2-core CPU in minutes
-  smoke                                  a tiny model and two epochs, for tests
+  smoke                                  a tiny model, two epochs of 3 steps each on any
+                                         data (a smoke run, and the tests' model)
 
 Any field can be overridden: ``--config.num_epochs=5 --config.model.width=0.5``.
 """
@@ -42,6 +43,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.weight_decay = 5e-4
   c.label_smoothing = 0.0
   c.warmup_steps = 200
+  c.steps_per_epoch = 0  # 0: one pass over the training split; > 0: at most that many steps
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
   c.eval_every_epochs = 1
@@ -63,6 +65,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "smoke":
     c.model = dict(name="resnet18", width=0.0625, stage_sizes=(1, 1, 1, 1))
     c.num_epochs = 2
+    c.steps_per_epoch = 3
     c.batch_size = 16
     c.warmup_steps = 2
     c.log_every_steps = 1

@@ -28,6 +28,7 @@ import numpy as np
 from maxpart_jax import checkpoint, data
 from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
+from maxpart_jax.metrics import MetricWriter
 from maxpart_jax.models import available_models, get_model
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import check_bits
@@ -97,7 +98,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   register themselves.
   """
   for module in filter(None, (m.strip() for m in config.operator_modules.split(","))):
-    importlib.import_module(module)
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(f"config.operator_modules names {module!r}, which cannot be imported "
+                       f"({e}). It must be importable from where the search runs: start it "
+                       f"from the folder that holds {module.replace('.', '/')}.py, or add that "
+                       "folder to PYTHONPATH") from None
   s = config.search
   if not s.w_bits or not s.a_bits:
     raise ValueError("search.w_bits and search.a_bits must not be empty")
@@ -143,6 +150,9 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
   """The pre-trained model of ``config.model_dir``; pre-trains it first if there is none."""
   if not os.path.exists(os.path.join(config.model_dir, "model.json")):
     from maxpart_jax.train import train_and_evaluate
+    if os.path.basename(os.path.normpath(config.model_dir)) != "model":
+      raise ValueError(f"no pre-trained model at {config.model_dir}; pre-training writes "
+                       "<workdir>/model, so point model_dir at a folder named model")
     workdir = os.path.dirname(os.path.abspath(config.model_dir))
     logging.info("no pre-trained model at %s: pre-training it first (%s)", config.model_dir,
                  workdir)
@@ -221,7 +231,7 @@ class CachedEvaluator:
     self.evaluator, self.cache = evaluator, cache
     self.lookups = self.hits = 0
 
-  def __call__(self, genomes: Genome) -> dict[str, np.ndarray]:
+  def __call__(self, genomes: Genome, progress: str = "") -> dict[str, np.ndarray]:
     info = self.evaluator.model.info
     k = int(genomes.p.shape[0])
     keys = effective_keys(info, genomes)
@@ -229,7 +239,8 @@ class CachedEvaluator:
     self.lookups += k
     self.hits += k - len(todo)
     if todo:
-      fresh = self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(todo)], genomes))
+      fresh = self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(todo)], genomes),
+                                      progress=progress)
       for j, i in enumerate(todo):
         genome = jax.tree.map(lambda x: x[i], genomes)
         self.cache[keys[i]] = {**{m: float(fresh[m][j]) for m in METRICS},
@@ -244,7 +255,7 @@ def build_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
   split_kwargs = dict(dataset=meta["dataset"], data_dir=config.data_dir or None,
                       val_fraction=config.pretrain.val_fraction, seed=config.pretrain.data_seed)
   train = data.load_split("train", **split_kwargs)
-  val = data.load_split("val", **split_kwargs)
+  val = train_val = data.load_split("val", **split_kwargs)
   if config.val_images:
     val = val.take(min(config.val_images, len(val)), seed=config.search.seed)
   privacy_images = data.load_split("val", **split_kwargs).take(
@@ -252,8 +263,11 @@ def build_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
   evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_from_config(config),
                         candidates_per_call=config.search.num_tournaments,
                         energy_info=energy_info_from_config(config))
-  logging.info("float validation accuracy %.4f; fine-tuning %d steps per candidate on %d device(s)",
-               evaluator.float_accuracy, evaluator.steps, evaluator.num_devices)
+  # Pre-training reports accuracy on the whole hold-out; ε is measured on this subset.
+  logging.info("float model: %.4f top-1 on the %d validation images ε is measured on (of %d "
+               "held out); fine-tuning %d steps per candidate on %d device(s)",
+               evaluator.float_accuracy, len(val), len(train_val), evaluator.steps,
+               evaluator.num_devices)
   return evaluator
 
 
@@ -310,13 +324,23 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
       meta_out["phase_seconds"][k] += v - phases[k]
     segment, phases = time.time(), dict(evaluator.seconds)
     _save(state_path, state, meta_out)
+    writer.flush()
+
+  # A resumed search rewrites the steps after its state's; TensorBoard hides older copies.
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"),
+                        resume_step=int(state.step) + 1 if meta_out["initialized"] else None)
+
+  def record(step: int) -> None:
+    row = _history_row(state, cached, step)
+    meta_out["history"].append(row)
+    writer.scalars(step, {f"search/{k}": v for k, v in row.items() if k != "step"})
 
   if not meta_out["initialized"]:
     validate_genome(info, state.population)
-    results = cached(state.population)
+    results = cached(state.population, progress="initial population")
     state = evolution.tell_initial(state, results["fitness"])
     meta_out["initialized"] = True
-    meta_out["history"].append(_history_row(state, cached, 0))
+    record(0)
     checkpoint_now()
 
   total_steps = math.ceil(config.search.iterations / strategy.num_tournaments)
@@ -326,12 +350,20 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
     children, state = ask(jax.random.fold_in(step_key, int(state.step)), state)
     results = cached(children)
     state = tell(state, children, jnp.asarray(results["fitness"]))
-    meta_out["history"].append(_history_row(state, cached, int(state.step)))
+    record(int(state.step))
     checkpoint_now()
     progress(int(state.step), f"best fitness {float(state.best_fitness):.4f} "
              f"cache hit rate {cached.hits / max(cached.lookups, 1):.2f}")
 
-  return _final_report(config, workdir, evaluator, cached, state, meta_out)
+  writer.close()
+  stored = meta_out.get("report")
+  if stored and stored["steps"] == int(state.step):
+    logging.info("the search in %s had finished: its report is reused (a larger "
+                 "search.iterations extends it)", workdir)
+    return stored
+  meta_out["report"] = _final_report(config, workdir, evaluator, cached, state, meta_out)
+  _save(state_path, state, meta_out)
+  return meta_out["report"]
 
 
 def best_feasible(cache: dict[str, dict[str, Any]],
@@ -382,8 +414,14 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
   report = {
       "model": evaluator.model.name, "dataset": evaluator.train.dataset, "p": int(best.p),
       "block": info.blocks[int(best.p) - 1].label,
-      "w_bits": np.asarray(w).tolist(), "a_bits": np.asarray(a).tolist(), "ir_bits": int(ir_bits),
-      "genome": best.to_json(),
+      "ir_bits": int(ir_bits),
+      # The bits that run: edge layers only (32: left in float, e.g. the stem conv).
+      "edge_layers": [{"layer": layer.name, "block": info.blocks[layer.block].label,
+                       "w_bits": int(w[layer.id]), "a_bits": int(a[layer.id])}
+                      for layer in info.layers if layer.block < int(best.p)],
+      # The genome with every gene that does not run (cloud layers, unquantized layers)
+      # set to 32: evaluates exactly like the one the search found.
+      "genome": Genome(p=best.p, w_bits=w, a_bits=a).to_json(),
       "fitness": metrics["fitness"], **{f"val_{m}": metrics[m] for m in METRICS},
       "feasible": not broken, "violations": broken,
       "best_by_fitness": {
@@ -408,7 +446,7 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
     writer.writerows(meta_out["history"])
   plots.fitness_curve(meta_out["history"], os.path.join(workdir, "fitness.png"),
                       title=f"{evaluator.model.name}: best fitness (Fig. 10)")
-  plots.policy_bits(info, report, os.path.join(workdir, "policy.png"))
+  plots.policy_bits(report, os.path.join(workdir, "policy.png"))
   logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, test accuracy %.4f (float %.4f)",
                report["p"], report["block"], report["privacy"], report["energy_mj"],
                test_accuracy, float_test)

@@ -53,7 +53,7 @@ from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.train import (PIPELINES, StepRunner, TrainState, count_correct,
+from maxpart_jax.train import (PIPELINES, Progress, StepRunner, TrainState, count_correct,
                                resolve_pipeline, train_step)
 
 
@@ -351,7 +351,7 @@ class Evaluator:
     return state.variables, ~np.asarray(finite)
 
   def evaluate(self, genomes: Genome, test: data.Split | None = None,
-               finetune: bool = True) -> dict[str, np.ndarray]:
+               finetune: bool = True, progress: str = "") -> dict[str, np.ndarray]:
     """Metrics of K genomes: fitness, privacy, energy_mj, eps, accuracy, diverged.
 
     Args:
@@ -359,12 +359,18 @@ class Evaluator:
       test: also report ``test_accuracy`` on this split (final reports only).
       finetune: ``False`` measures the pre-trained weights as they are (a float
         baseline, which nothing needs to adapt to).
+      progress: if given, a log line with an ETA after every call, named by it (for
+        long batches such as the initial population).
     """
     k = int(genomes.p.shape[0])
     padded = self.pad(genomes)
-    chunks = [self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded), test,
-                                   finetune)
-              for i in range(0, int(padded.p.shape[0]), self.chunk)]
+    log = Progress(k, every=1, name=f"{progress}: candidate") if progress else None
+    chunks = []
+    for i in range(0, int(padded.p.shape[0]), self.chunk):
+      chunks.append(self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded),
+                                         test, finetune))
+      if log:
+        log(min(i + self.chunk, k))
     return {name: np.concatenate([c[name] for c in chunks])[:k] for name in chunks[0]}
 
   def _evaluate_chunk(self, padded: Genome, test: data.Split | None, finetune: bool,

@@ -10,7 +10,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from maxpart_jax.models.metadata import ModelInfo
 
 
 def fitness_curve(history: list[dict[str, Any]], path: str, title: str = "") -> None:
@@ -30,20 +29,29 @@ def fitness_curve(history: list[dict[str, Any]], path: str, title: str = "") -> 
   plt.close(fig)
 
 
-def policy_bits(info: ModelInfo, report: dict[str, Any], path: str) -> None:
-  """Weight and activation bits of every layer of the best genome, split marked."""
-  w, a = np.asarray(report["w_bits"]), np.asarray(report["a_bits"])
-  layers = np.arange(info.num_layers)
-  edge = info.layer_block < report["p"]
-  fig, ax = plt.subplots(figsize=(max(6, 0.3 * info.num_layers), 3.8))
-  ax.bar(layers - 0.2, np.where(edge, w, 0), 0.4, label="weight bits (edge)")
-  ax.bar(layers + 0.2, np.where(edge, a, 0), 0.4, label="activation bits (edge)")
-  last_edge = int(np.flatnonzero(edge).max())
-  ax.axvline(last_edge + 0.5, color="k", ls="--", label=f"split after {report['block']}")
-  ax.set_xticks(layers, [l.name.replace("blocks_", "b") for l in info.layers], rotation=90,
-                fontsize=7)
-  ax.set_ylabel("bits (32 = float)"), ax.set_yticks([0, 2, 4, 6, 8, 16, 32])
-  ax.set_title(f"{report['model']}: searched policy (Fig. 12); cloud layers run in float")
+def policy_bits(report: dict[str, Any], path: str) -> None:
+  """Weight and activation bits of every edge layer of the reported genome (Fig. 12).
+
+  Layers are named ``<block>/<layer>`` like the splits; a layer left in float (e.g. the
+  stem conv) gets a hatched bar marked "float" above the 2-8 bit range.
+  """
+  layers = report["edge_layers"]
+  float_at = 10  # where float bars end, above 8 bits
+  height = lambda bits: float_at if bits > 8 else bits
+  x = np.arange(len(layers))
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 2), 3.8))
+  for offset, field, label in ((-0.2, "w_bits", "weight bits"), (0.2, "a_bits", "activation bits")):
+    bits = [layer[field] for layer in layers]
+    bars = ax.bar(x + offset, [height(b) for b in bits], 0.4, label=label)
+    for bar, b in zip(bars, bits):
+      if b > 8:
+        bar.set_hatch("//")
+  ax.set_xticks(x, [f"{layer['block']}/{layer['layer'].split('/')[-1]}" for layer in layers],
+                rotation=90, fontsize=7)
+  ax.set_yticks([2, 4, 6, 8, float_at], ["2", "4", "6", "8", "float"])
+  ax.set_ylabel("bits")
+  ax.set_title(f"{report['model']}: searched policy of the edge, split after {report['block']} "
+               f"(Fig. 12); the cloud runs in float", fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
