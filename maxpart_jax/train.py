@@ -232,8 +232,10 @@ _count_correct_jit = jax.jit(count_correct, static_argnums=0)
 class Progress:
   """Periodic log lines with throughput and ETA for a loop of known length."""
 
-  def __init__(self, total: int, first: int = 0, every: int = 50, name: str = "step"):
+  def __init__(self, total: int, first: int = 0, every: int = 50, name: str = "step",
+               unit: str | None = None):
     self.total, self.first, self.every, self.name = total, first, every, name
+    self.unit = unit or name
     self.last = first
     self.start = time.time()
 
@@ -248,7 +250,7 @@ class Progress:
     rate = (done - self.first) / max(elapsed, 1e-9)
     eta = (self.total - done) / rate if rate > 0 else float("nan")
     logging.info("%s %d/%d  %s  %.2f %s/s  elapsed %s  ETA %s", self.name, done, self.total,
-                 extra, rate, self.name, _hms(elapsed), _hms(eta))
+                 extra, rate, self.unit, _hms(elapsed), _hms(eta))
 
 
 def _hms(seconds: float) -> str:

@@ -311,8 +311,10 @@ def test_bad_names_and_arguments_list_valid_choices(tmp_path):
 @pytest.mark.parametrize("dataset, num_classes", [("cifar100", 100), ("cifar10", 10)])
 def test_tfds_source_with_mock_data(tmp_path, monkeypatch, dataset, num_classes):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-  # mock_data turns download_and_prepare into a no-op, so TensorFlow is not needed here.
+  # mock_data turns download_and_prepare into a no-op, so neither TensorFlow nor the
+  # network (whose reachability is probed before a real download) is needed here.
   monkeypatch.setattr(data, "_missing_prepare_modules", lambda: [])
+  monkeypatch.setattr(data, "_reachable", lambda host: True)
   data.clear_cache()
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
     full = data.load_split("train_full", dataset=dataset)

@@ -74,12 +74,30 @@ def test_report_is_consistent_with_the_search_and_the_energy_model(smoke_report)
   table = {r["strategy"]: r for r in report["paper_size_energy"]}
   for name in ("conv_fc8", "same_split8", "searched"):
     assert table[name]["energy_mj"] == pytest.approx(s[name]["energy_mj"], rel=1e-6)
-  # The claims are verdicts on the rows above.
-  claims = report["claims"]
-  assert claims["offloads_more_blocks_than_uniform8_and_full_precision"]["holds"] == (
-      searched["num_blocks"] > max(s["uniform8"]["num_blocks"], s["full_precision"]["num_blocks"]))
-  assert claims["less_energy_than_uniform8_at_the_same_split"]["ratio"] == pytest.approx(
-      s["same_split8"]["energy_mj"] / searched["energy_mj"])
+
+
+def test_claim_verdicts_by_hand():
+  """Hand-made rows with hand-decided verdicts: catches a flipped comparison, a ratio the
+  wrong way round, or a threshold read as strict where it is not (and the reverse)."""
+  row = lambda blocks, privacy, energy, test_eps=0.0: dict(
+      num_blocks=blocks, privacy=privacy, energy_mj=energy, test_eps=test_eps)
+  rows = {"searched": row(6, 0.70, 0.30, test_eps=0.05), "full_precision": row(1, 0.20, 0.21),
+          "uniform8": row(6, 0.40, 0.28), "conv_fc8": row(9, 0.90, 0.60),
+          "same_split8": row(6, 0.70, 0.36)}
+  c = reproduce.claims(rows)
+  assert not c["offloads_more_blocks_than_uniform8_and_full_precision"]["holds"]  # 6 vs 6
+  assert c["more_private_than_uniform8_and_full_precision"]["holds"]
+  assert c["accuracy_loss_a_few_percent"]["holds"]  # exactly 5 points: still "a few"
+  assert c["less_energy_than_uniform8_at_the_same_split"]["ratio"] == pytest.approx(1.2)
+  assert c["several_times_less_energy_than_conv_fc8"]["ratio"] == pytest.approx(2.0)
+  assert c["several_times_less_energy_than_conv_fc8"]["holds"]  # 2x is "several times"
+  assert c["slightly_less_private_than_conv_fc8"]["holds"]
+  rows["searched"] = row(7, 0.95, 0.31, test_eps=0.051)
+  c = reproduce.claims(rows)
+  assert c["offloads_more_blocks_than_uniform8_and_full_precision"]["holds"]
+  assert not c["accuracy_loss_a_few_percent"]["holds"]
+  assert not c["several_times_less_energy_than_conv_fc8"]["holds"]  # 0.60 / 0.31 < 2
+  assert not c["slightly_less_private_than_conv_fc8"]["holds"]
 
 
 def test_report_files_and_markdown(smoke_report):

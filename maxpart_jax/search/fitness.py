@@ -364,7 +364,7 @@ class Evaluator:
     """
     k = int(genomes.p.shape[0])
     padded = self.pad(genomes)
-    log = Progress(k, every=1, name=f"{progress}: candidate") if progress else None
+    log = Progress(k, every=1, name=f"{progress}: candidate", unit="candidate") if progress else None
     chunks = []
     for i in range(0, int(padded.p.shape[0]), self.chunk):
       chunks.append(self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded),

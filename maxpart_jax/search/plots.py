@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 import numpy as np
 
 
@@ -40,19 +41,23 @@ def policy_bits(report: dict[str, Any], path: str) -> None:
   height = lambda bits: float_at if bits > 8 else bits
   x = np.arange(len(layers))
   fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 2), 3.8))
-  for offset, field, label in ((-0.2, "w_bits", "weight bits"), (0.2, "a_bits", "activation bits")):
+  handles = []
+  for offset, field, label, color in ((-0.2, "w_bits", "weight bits", "C0"),
+                                      (0.2, "a_bits", "activation bits", "C1")):
     bits = [layer[field] for layer in layers]
-    bars = ax.bar(x + offset, [height(b) for b in bits], 0.4, label=label)
+    bars = ax.bar(x + offset, [height(b) for b in bits], 0.4, color=color)
     for bar, b in zip(bars, bits):
       if b > 8:
         bar.set_hatch("//")
+    handles.append(Patch(color=color, label=label))
+  handles.append(Patch(facecolor="white", edgecolor="k", hatch="//", label="float (not quantized)"))
   ax.set_xticks(x, [f"{layer['block']}/{layer['layer'].split('/')[-1]}" for layer in layers],
                 rotation=90, fontsize=7)
   ax.set_yticks([2, 4, 6, 8, float_at], ["2", "4", "6", "8", "float"])
   ax.set_ylabel("bits")
   ax.set_title(f"{report['model']}: searched policy of the edge, split after {report['block']} "
                f"(Fig. 12); the cloud runs in float", fontsize=9)
-  ax.legend(fontsize=8)
+  ax.legend(handles=handles, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
