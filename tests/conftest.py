@@ -15,9 +15,17 @@ import pytest
 
 # XLA_FLAGS of the subprocesses that emulate 8 devices. The 8 device threads share this
 # machine's cores; under load one can take longer than XLA's default 40 s to reach a
-# collective, which then aborts the process, so the timeout is raised.
+# collective, which then aborts the process, so the timeout is raised. On a loaded 2-core
+# machine an all-gather once waited 600 s for the 8th of 8 participants, which never came:
+# the devices' programs and their ops' parallel subtasks share the CPU backend's worker
+# threads, and participants blocked in a collective can starve the last one. So each
+# device computes single-threaded (8 device threads already fill the cores), and programs
+# are dispatched one at a time; these tests check results, not speed.
 EIGHT_CPU_DEVICES = ("--xla_force_host_platform_device_count=8 "
-                     "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+                     "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                     "--xla_cpu_multi_thread_eigen=false")
+EIGHT_CPU_ENV = {"XLA_FLAGS": EIGHT_CPU_DEVICES, "JAX_PLATFORMS": "cpu",
+                 "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"}
 
 
 def relative_distance(a, b) -> float:
@@ -56,3 +64,14 @@ def smoke(fake_data_dir, tmp_path_factory):
   config.model_dir = str(tmp_path_factory.mktemp("pretrained") / "model")
   driver.load_or_pretrain(config)
   return config
+
+
+# Tests that need the session's pre-trained smoke model or its reproduction are slow (the
+# fixture alone pre-trains for about 25 s); `pytest -m "not slow"` leaves them out.
+SLOW_FIXTURES = {"smoke", "smoke_report"}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)

@@ -83,6 +83,7 @@ def test_bad_input_is_named():
     baselines.deepest_split(info, 1, 8)
 
 
+@pytest.mark.slow
 def test_evaluated_baselines_match_independent_computations(smoke):
   evaluator = driver.build_evaluator(smoke)
   info, config = evaluator.model.info, evaluator.config

@@ -246,6 +246,7 @@ def test_readme_operator_example(tmp_path, monkeypatch):
     OPERATORS["mutate"].pop("lower_bits", None)
 
 
+@pytest.mark.slow
 def test_readme_ask_tell_loop_is_algorithm_1():
   """The README's init/ask/tell example runs as printed and is Algorithm 1 (catches a README
   that drifted from the API, or a K = 1 default that is not the paper's algorithm)."""

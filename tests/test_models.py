@@ -119,6 +119,7 @@ def test_macs_against_xla_cost_analysis(name):
     assert 0 <= extra <= 6 * elementwise, (b.label, extra, elementwise)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 def test_split_is_exact(name):
   model = _tiny(name)
@@ -133,6 +134,7 @@ def test_split_is_exact(name):
     np.testing.assert_allclose(model.cloud(variables, ir, p), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_split_out_of_range_and_bad_inputs():
   model = _tiny("resnet18")
   variables = model.init(jax.random.key(0))
@@ -157,6 +159,7 @@ def test_unknown_model_lists_available():
   assert set(ARCHS) <= set(available_models())
 
 
+@pytest.mark.slow
 def test_train_mode_updates_batch_stats():
   model = _tiny("resnet18")
   variables = model.init(jax.random.key(0))
@@ -215,6 +218,7 @@ def test_bfloat16_convolution_rounds_operands_after_quantization():
   np.testing.assert_allclose(np.asarray(out_q, np.float64), expected_q, rtol=2 ** -8, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_numerics_keep_parameters_and_logits_float32_and_stay_close():
   model = _tiny("resnet18")
   variables = model.init(jax.random.key(0))

@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
-from conftest import EIGHT_CPU_DEVICES
+import pytest
+
+from conftest import EIGHT_CPU_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "experiments", "colab_tpu.ipynb")
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_on_eight_cpu_devices(fake_data_dir, tmp_path):
   with open(NOTEBOOK) as f:
     cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
@@ -19,8 +22,7 @@ def test_colab_notebook_runs_on_eight_cpu_devices(fake_data_dir, tmp_path):
       "notebook code must be plain Python so that this test runs it")
   script = tmp_path / "notebook.py"
   script.write_text(source)
-  env = dict(os.environ, XLA_FLAGS=EIGHT_CPU_DEVICES,
-             JAX_PLATFORMS="cpu", MPLBACKEND="Agg", MAXPART_NOTEBOOK_VARIANT="smoke",
+  env = dict(os.environ, **EIGHT_CPU_ENV, MPLBACKEND="Agg", MAXPART_NOTEBOOK_VARIANT="smoke",
              MAXPART_DATA_DIR=fake_data_dir,
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,

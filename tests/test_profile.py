@@ -18,6 +18,7 @@ def setup():
   return model, variables, images
 
 
+@pytest.mark.slow
 def test_block_profile_matches_direct_scores(setup):
   model, variables, images = setup
   x = data.normalize(images)

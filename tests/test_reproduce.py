@@ -35,6 +35,7 @@ def smoke_report(smoke, tmp_path_factory):
   return workdir, reproduce.run_reproduction(_smoke_config(smoke), workdir)
 
 
+@pytest.mark.slow
 def test_report_is_consistent_with_the_search_and_the_energy_model(smoke_report):
   workdir, report = smoke_report
   with open(os.path.join(workdir, "search", "best.json")) as f:
@@ -160,6 +161,7 @@ def test_mismatched_energy_model_is_rejected(smoke, tmp_path):
     reproduce.run_reproduction(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_paper_config_runs_the_same_code_path_at_tiny_scale(fake_data_dir, tmp_path):
   """paper_resnet18 with only its sizes shrunk, through the command line."""
   args = ["--config=experiments/configs/reproduce.py:paper_resnet18",
@@ -206,6 +208,7 @@ def test_summary_puts_reports_side_by_side(smoke_report, tmp_path):
   assert f"| accuracy loss a few percent | {verdict} | {verdict} |" in text
 
 
+@pytest.mark.slow
 def test_baselines_cli_matches_the_reproduction(smoke, smoke_report, tmp_path):
   """Same config, same evaluator settings: the stand-alone baselines equal the report's."""
   _, report = smoke_report

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import EIGHT_CPU_DEVICES, relative_distance
+from conftest import EIGHT_CPU_ENV, relative_distance
 from experiments.configs import search as search_configs
 from maxpart_jax import checkpoint, data, metrics, profile
 from maxpart_jax.energy import edge_energy
@@ -47,6 +47,7 @@ def test_punish_and_fitness_by_hand():
   assert float(combine(jnp.float32(1.5), jnp.float32(0.1), jnp.float32(-0.01), config)) == 1.5
 
 
+@pytest.mark.slow
 def test_evaluator_metrics_match_independent_computations(smoke):
   model, variables, val, images, ev = _evaluator(smoke, finetune_steps=0, batch_size=16,
                                                  eps_bound=0.05)
@@ -67,6 +68,7 @@ def test_evaluator_metrics_match_independent_computations(smoke):
     assert out["fitness"][i] == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_finetuning_moves_weights_and_divergence_gives_zero(smoke, caplog):
   model, variables, _, _, ev = _evaluator(smoke, finetune_steps=3, batch_size=16)
   genomes = _genomes(model.info, [(3, 2), (3, 8)])
@@ -83,6 +85,7 @@ def test_finetuning_moves_weights_and_divergence_gives_zero(smoke, caplog):
   assert "diverged during fine-tuning: fitness set to 0" in caplog.text
 
 
+@pytest.mark.slow
 def test_device_pipelines_evaluate_like_the_host_loop(smoke):
   """The fused pipeline (one program for all fine-tuning steps, one for the accuracy) and
   the device pipeline (uint8 data on the device, one call per step and batch) against the
@@ -139,9 +142,9 @@ DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree(smoke):
-  env = dict(os.environ, XLA_FLAGS=EIGHT_CPU_DEVICES,
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **EIGHT_CPU_ENV)
   proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, smoke.model_dir, smoke.data_dir],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,6 +158,7 @@ def _strip_times(report):
   return {k: v for k, v in report.items() if k not in ("search_seconds", "phase_seconds")}
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   straight = driver.run_search(smoke, str(tmp_path / "a"))
   calls = {"n": 0}
@@ -213,6 +217,7 @@ def test_violations_and_best_feasible_by_hand():
   assert driver.best_feasible({"x": cache["over_budget"]}, config) is None
 
 
+@pytest.mark.slow
 def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
   """With a mild λ1 the deepest genome wins on fitness although it breaks E_b; best.json
   must name the best genome within the budget instead, and the other beside it."""
@@ -254,6 +259,7 @@ def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
   assert other["fitness"] > report["fitness"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
   """A search started where compute_dtype=auto meant bfloat16 (a GPU) must not be resumed
   here, where it means float32: the cache would mix fitness values of both numerics."""
@@ -273,6 +279,7 @@ def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
     driver.run_search(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, tmp_path):
   longer = copy.deepcopy(smoke)
   longer.search.iterations = 2 * smoke.search.iterations

@@ -25,6 +25,7 @@ def smoke_config(data_dir):
   return config
 
 
+@pytest.mark.slow
 def test_smoke_run_takes_a_fixed_number_of_steps(fake_data_dir, tmp_path):
   """A smoke run is 2 epochs of 3 steps on any data: on the real CIFAR-100 train split
   (45 000 images) the former smoke config ran 5 624 steps."""
@@ -38,6 +39,7 @@ def test_smoke_run_takes_a_fixed_number_of_steps(fake_data_dir, tmp_path):
   assert all(type(v) in (int, float) for e in history["epochs"] for v in e.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["fused", "device"])
 def test_killed_run_resumes_to_the_same_result(fake_data_dir, tmp_path, monkeypatch, pipeline):
   """Catches a resume that restarts the data order, skips or repeats steps, or loses an
@@ -77,6 +79,7 @@ def test_killed_run_resumes_to_the_same_result(fake_data_dir, tmp_path, monkeypa
   assert os.path.exists(tmp_path / "b" / "curves.png")
 
 
+@pytest.mark.slow
 def test_device_pipelines_train_like_the_host_loop(fake_data_dir, tmp_path):
   """The fused pipeline (steps in compiled loops) and the device pipeline (batches made on
   the device, one call per step) against the host loop (numpy batches), in float32.
@@ -104,6 +107,7 @@ def test_device_pipelines_train_like_the_host_loop(fake_data_dir, tmp_path):
                                                             abs=1e-6)
 
 
+@pytest.mark.slow
 def test_training_learns_and_saved_model_reloads(fake_data_dir, tmp_path):
   config = smoke_config(fake_data_dir)
   config.num_epochs = 4
