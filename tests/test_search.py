@@ -130,8 +130,8 @@ DEVICE_SCRIPT = textwrap.dedent("""
     train, val = data.load_split("train", data_dir=data_dir), data.load_split("val", data_dir=data_dir)
     images = val.take(8, seed=1).float_images()
     specs = [(1, 2), (2, 4), (3, 6), (4, 8), (5, 2)]   # K = 5: padded to 8 on 8 devices
-    genomes = jax.tree.map(lambda *x: jax.numpy.stack(x),
-                           *[uniform_genome(model.info, p, w, 32) for p, w in specs])
+    genomes = jax.tree.map(lambda *x: jax.numpy.stack(x),   # 8-bit activations, as searched
+                           *[uniform_genome(model.info, p, w, 8) for p, w in specs])
     config = FitnessConfig(finetune_steps=3, batch_size=16)
     out = {}
     for n in (1, 8):
@@ -149,8 +149,14 @@ def test_one_and_eight_devices_agree(smoke):
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  for metric in ("fitness", "privacy", "energy_mj", "eps", "accuracy"):
-    np.testing.assert_allclose(out["1"][metric], out["8"][metric], rtol=1e-4, atol=1e-4,
+  # Tolerances: with 8-bit activations an IR code on a rounding boundary can flip by one
+  # step when the fine-tuned weights differ in the last float bits, which moves privacy
+  # (and so fitness) by ~1e-3 (as between pipelines, above); energy is analytic and the
+  # accuracies must agree to within one validation image.
+  for metric, rtol in (("fitness", 5e-3), ("privacy", 5e-3), ("energy_mj", 1e-6)):
+    np.testing.assert_allclose(out["1"][metric], out["8"][metric], rtol=rtol, err_msg=metric)
+  for metric in ("eps", "accuracy"):
+    np.testing.assert_allclose(out["1"][metric], out["8"][metric], atol=1.01 / 32,
                                err_msg=metric)
 
 

@@ -341,14 +341,27 @@ class Evaluator:
                        batch_stats=jax.tree.map(stack, self.variables["batch_stats"]),
                        opt_state=jax.vmap(self.tx.init)(params))
     state = self._candidates(state)
-    finite = jnp.ones((k,), bool)
+    loss = jnp.zeros((k,), jnp.float32)
     if steps:
       state, sums = self._run_steps(state, self.draws, 0, steps, policies)
-      finite = jnp.isfinite(sums["loss"])  # a non-finite loss at any step makes the sum so
-    leaves_finite = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-                     for x in jax.tree.leaves(state.params)]
-    finite = finite & functools.reduce(jnp.logical_and, leaves_finite)
-    return state.variables, ~np.asarray(finite)
+      loss = sums["loss"]  # a non-finite loss at any step makes the sum so
+    # Wait for the fine-tuning before the next multi-device program: on the CPU backend
+    # two such programs in flight can starve each other's collectives of worker threads
+    # (seen with 8 emulated devices: an all-gather waiting forever for its last participant).
+    jax.block_until_ready(state)
+    return state.variables, ~np.asarray(self._finite(state.params, loss))
+
+  @functools.cached_property
+  def _finite(self):
+    """``(params, loss) -> (K,)``: whether each candidate's loss and weights are finite, as
+    one program."""
+
+    def finite(params, loss):
+      leaves = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                for x in jax.tree.leaves(params)]
+      return functools.reduce(jnp.logical_and, leaves, jnp.isfinite(loss))
+
+    return jax.jit(finite)
 
   def evaluate(self, genomes: Genome, test: data.Split | None = None,
                finetune: bool = True, progress: str = "") -> dict[str, np.ndarray]:
