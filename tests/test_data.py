@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import make_shards
 from maxpart_jax import data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -404,7 +405,6 @@ def _official_archive(path, images, labels, coarse=None):
 def test_make_shards_from_the_official_archive(tmp_path, classes):
   """Catches a wrong channel order or transpose, lost images or labels, and shards that
   load_split cannot read (a pixel of the wrong colour or place fails the equality)."""
-  import subprocess, sys
   rng = np.random.default_rng(classes)
   images = {s: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
             for s, n in (("train", 25), ("test", 10))}
@@ -413,11 +413,7 @@ def test_make_shards_from_the_official_archive(tmp_path, classes):
   archive = tmp_path / "archive.tar.gz"
   _official_archive(archive, images, labels, coarse)
   out = tmp_path / "shards"
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  proc = subprocess.run([sys.executable, "-m", "experiments.make_shards", f"--archive={archive}",
-                         f"--out={out}", "--shard_size=10"], cwd=repo, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  make_shards.write_shards(make_shards.read_archive(str(archive)), str(out), shard_size=10)
   assert sorted(os.listdir(out)) == ["test-00.npz", "train-00.npz", "train-01.npz", "train-02.npz"]
   dataset = "cifar100" if classes == 100 else "cifar10"
   for split in ("train", "test"):
@@ -431,9 +427,26 @@ def test_make_shards_from_the_official_archive(tmp_path, classes):
   bad = tmp_path / "bad.tar.gz"
   with __import__("tarfile").open(bad, "w:gz"):
     pass
-  proc = subprocess.run([sys.executable, "-m", "experiments.make_shards", f"--archive={bad}",
-                         f"--out={out}"], cwd=repo, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "not an official CIFAR python archive" in proc.stderr
+  with pytest.raises(ValueError, match="not an official CIFAR python archive"):
+    make_shards.read_archive(str(bad))
+
+
+def test_make_shards_command_line(tmp_path):
+  """The script as the README runs it: shards written, and a bad archive is one error line."""
+  import subprocess, sys
+  rng = np.random.default_rng(0)
+  images = {s: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            for s, n in (("train", 4), ("test", 2))}
+  labels = {s: np.zeros(len(images[s]), int) for s in images}
+  _official_archive(tmp_path / "a.tar.gz", images, labels, labels)
+  (tmp_path / "bad.tar.gz").write_bytes(b"not a tar file")
+  run = lambda archive: subprocess.run(
+      [sys.executable, "-m", "experiments.make_shards", f"--archive={tmp_path / archive}",
+       f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  ok, bad = run("a.tar.gz"), run("bad.tar.gz")
+  assert ok.returncode == 0 and "export MAXPART_DATA_DIR=" in ok.stdout, ok.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / "out")) == ["test-00.npz", "train-00.npz"]
+  assert bad.returncode != 0 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # --- normalization ------------------------------------------------------------------
