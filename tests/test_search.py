@@ -185,8 +185,10 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   # Rerunning a finished search evaluates nothing (not even the final test accuracy) and
   # returns the stored report; its times are summed over processes and stay as they were.
   monkeypatch.setattr(Evaluator, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+  events = sorted(os.listdir(tmp_path / "b" / "tensorboard"))
   again = driver.run_search(smoke, str(tmp_path / "b"))
   assert again == resumed
+  assert sorted(os.listdir(tmp_path / "b" / "tensorboard")) == events  # no empty event file
   assert again["phase_seconds"] == resumed["phase_seconds"]
   assert again["search_seconds"] == resumed["search_seconds"]
   assert 0 < sum(resumed["phase_seconds"].values()) <= resumed["search_seconds"]

@@ -241,10 +241,10 @@ class CachedEvaluator:
     if todo:
       fresh = self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(todo)], genomes),
                                       progress=progress)
+      on_host = jax.device_get(genomes)  # one copy, not one per candidate
       for j, i in enumerate(todo):
-        genome = jax.tree.map(lambda x: x[i], genomes)
         self.cache[keys[i]] = {**{m: float(fresh[m][j]) for m in METRICS},
-                               "genome": Genome.to_json(genome)}
+                               "genome": jax.tree.map(lambda x: x[i], on_host).to_json()}
     return {m: np.array([self.cache[key][m] for key in keys]) for m in METRICS}
 
 
@@ -309,6 +309,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
                        "this machine; set them explicitly to the stored values to resume, or "
                        "use a new --workdir")
     logging.info("resuming the search at step %d", int(state.step))
+  total_steps = math.ceil(config.search.iterations / strategy.num_tournaments)
+  finished = meta_out.get("report")
+  if finished and finished["steps"] == int(state.step) >= total_steps:
+    logging.info("the search in %s had finished: its report is reused (a larger "
+                 "search.iterations extends it)", workdir)
+    return finished
   # Wall time and its fine-tune / accuracy / privacy split, summed over every process
   # that worked on this search.
   meta_out.setdefault("phase_seconds", {k: 0.0 for k in evaluator.seconds})
@@ -343,7 +349,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
     record(0)
     checkpoint_now()
 
-  total_steps = math.ceil(config.search.iterations / strategy.num_tournaments)
   progress = Progress(total_steps, first=int(state.step), every=config.log_every_steps,
                       name="search step")
   while int(state.step) < total_steps:
@@ -356,11 +361,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
              f"cache hit rate {cached.hits / max(cached.lookups, 1):.2f}")
 
   writer.close()
-  stored = meta_out.get("report")
-  if stored and stored["steps"] == int(state.step):
-    logging.info("the search in %s had finished: its report is reused (a larger "
-                 "search.iterations extends it)", workdir)
-    return stored
   meta_out["report"] = _final_report(config, workdir, evaluator, cached, state, meta_out)
   _save(state_path, state, meta_out)
   return meta_out["report"]

@@ -218,7 +218,6 @@ class Evaluator:
     return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
   # --- compiled per-candidate steps ------------------------------------------------
-
   # Each is vmapped over the candidate axis; candidate-stacked inputs are placed split over
   # the mesh (:meth:`_candidates`), so jit partitions the work over devices.
 
