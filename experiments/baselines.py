@@ -13,14 +13,15 @@ import json
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from experiments import common
 
 from maxpart_jax import baselines, reporting
 from maxpart_jax.reproduce import analytic_table
 from maxpart_jax.search import driver
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/reproduce.py:cpu_resnet18",
-                                          "reproduction (or search) config file and variant")
+_CONFIG = common.define_config("experiments/configs/reproduce.py:cpu_resnet18",
+                               "reproduction (or search) config file and variant")
 _SEARCHED_P = flags.DEFINE_integer("searched_p", None, "also 8-bit uniform at this split")
 _ANALYTIC = flags.DEFINE_bool("analytic", False, "energies only: no data, no checkpoint")
 _JSON = flags.DEFINE_string("json", None, "also write the rows as JSON here")
@@ -51,4 +52,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -1,12 +1,82 @@
-"""What every experiment script does first: quiet the log and record its config."""
+"""What every experiment script shares: its --config flag, a quiet log, and running a job in
+its workdir (held, config recorded, errors as one line)."""
 
 from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
+import sys
+from typing import Callable, TypeVar
 
-from absl import logging
+from absl import flags, logging
 import ml_collections
+from ml_collections import config_flags
+
+from maxpart_jax import runs
+
+T = TypeVar("T")
+
+
+def define_config(default: str, help_: str) -> flags.FlagHolder:
+  """``--config`` (a config file and variant, with ``--config.field=value`` overrides).
+
+  ml_collections reads the overrides as the flag is defined, at import: a typo or an
+  unknown variant would end the script in chained tracebacks, so they end it here in one
+  line ("unknown config field search.pop_sise; did you mean search.pop_size?").
+  """
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_)
+  except (AttributeError, KeyError, ValueError) as e:
+    sys.exit(f"error: {config_error(e, sys.argv)}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """``app.run``'s flag parser, with config errors (a typo in an override, an unknown
+  variant, a value of the wrong type) as one line instead of tracebacks:
+  ``app.run(main, flags_parser=common.parse_flags)``."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"error: {config_error(e, argv)}")
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f"error: {lines[-1] if 'Traceback' in str(e) else ' '.join(lines)}")
+
+
+def config_error(error: Exception, argv: list[str]) -> str:
+  """One line for an error ml_collections raised while applying ``argv``'s overrides."""
+  text = str(error)
+  unknown = re.search(r"'(\w+)\\?'", text)
+  if isinstance(error, ValueError) or not unknown:
+    return text.strip("'\"")
+  name = unknown.group(1)
+  for arg in argv:
+    path = arg[len("--config."):].split("=")[0].split(".") if arg.startswith("--config.") else []
+    if name in path:
+      parent = ".".join(path[:path.index(name)])
+      suggestion = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+      hint = (f"; did you mean {parent + '.' if parent else ''}{suggestion.group(1)}?"
+              if suggestion else "")
+      return f"unknown config field {'.'.join(path[:path.index(name) + 1])} (in {arg}){hint}"
+  return f"unknown config field {name}"
+
+
+def run_in_workdir(config: ml_collections.ConfigDict, workdir: str, job: Callable[[], T],
+                   validate: Callable[[ml_collections.ConfigDict], None] | None = None) -> T:
+  """Validates ``config``, holds ``workdir``, records the config there and runs ``job``.
+
+  A ``ValueError`` (bad config, data, checkpoint or workdir; another run holding it)
+  ends the process with its one-line message and a non-zero exit code.
+  """
+  try:
+    if validate:
+      validate(config)  # before anything is written
+    with runs.workdir_lock(workdir):
+      record_config(config, workdir)
+      return job()
+  except ValueError as e:
+    sys.exit(f"error: {e}")
 
 
 def quiet_logs() -> None:

@@ -11,18 +11,15 @@ fine-tuning and privacy images, and writes ``report.md``, ``report.json``,
 ``table4_strategies.png`` to ``--workdir``. Restarting the same command resumes.
 """
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
 from experiments import common
 
 from maxpart_jax.reproduce import run_reproduction
 from maxpart_jax.search.driver import validate_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/reproduce.py:cpu_resnet18",
-                                          "reproduction config file and variant")
+_CONFIG = common.define_config("experiments/configs/reproduce.py:cpu_resnet18",
+                               "reproduction config file and variant")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and the report go",
                                required=True)
 
@@ -30,16 +27,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and the 
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
-  try:
-    validate_config(_CONFIG.value)  # before anything is written
-    common.record_config(_CONFIG.value, _WORKDIR.value)
-    report = run_reproduction(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # bad config / checkpoint: say what is wrong, no traceback
-    sys.exit(f"error: {e}")
+  report = common.run_in_workdir(_CONFIG.value, _WORKDIR.value,
+                                 lambda: run_reproduction(_CONFIG.value, _WORKDIR.value),
+                                 validate=validate_config)
   for name, claim in report["claims"].items():
     print(f"{name.replace('_', ' ')}: {'holds' if claim['holds'] else 'does not hold'}")
   print(f"report: {_WORKDIR.value}/report.md")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

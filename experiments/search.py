@@ -9,17 +9,14 @@ by fitness beside it when that one breaks them), ``history.json``/``.csv``,
 ``fitness.png`` (Fig. 10) and ``policy.png`` (Fig. 12).
 """
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
 from experiments import common
 
 from maxpart_jax.search.driver import run_search, validate_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/search.py:quick",
-                                          "search config file and variant")
+_CONFIG = common.define_config("experiments/configs/search.py:quick",
+                               "search config file and variant")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and results go",
                                required=True)
 
@@ -27,12 +24,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and resu
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
-  try:
-    validate_config(_CONFIG.value)  # before anything is written
-    common.record_config(_CONFIG.value, _WORKDIR.value)
-    report = run_search(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # bad config / checkpoint: say what is wrong, no traceback
-    sys.exit(f"error: {e}")
+  report = common.run_in_workdir(_CONFIG.value, _WORKDIR.value,
+                                 lambda: run_search(_CONFIG.value, _WORKDIR.value),
+                                 validate=validate_config)
   label = "best" if report["feasible"] else "best (INFEASIBLE: " + "; ".join(report["violations"]) + ")"
   print(f"{label}: p={report['p']} ({report['block']}), privacy {report['privacy']:.4f}, "
         f"energy {report['energy_mj']:.4f} mJ (budget {report['budget_mj']}), "
@@ -41,4 +35,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -6,24 +6,24 @@ Writes the model for the search to ``<workdir>/model``, plus ``results.json``
 (test accuracy, wall time), ``history.json`` and ``curves.png``.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.train import train_and_evaluate
+from maxpart_jax.train import train_and_evaluate, validate_train_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/train.py:cpu",
-                                          "training config file and variant")
+_CONFIG = common.define_config("experiments/configs/train.py:cpu",
+                               "training config file and variant")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results go", required=True)
 
 
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
-  common.record_config(_CONFIG.value, _WORKDIR.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  common.run_in_workdir(_CONFIG.value, _WORKDIR.value,
+                        lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value),
+                        validate=validate_train_config)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -178,7 +178,8 @@ def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
     images = jnp.asarray(evaluator.privacy_images)
     score = privacy.mean_privacy(images, images, config.metric, normalization=config.normalization)
     energy = raw_image_energy_mj(info, config.device, config.transmission)
-    raw = dict(privacy=float(score), energy_mj=energy, eps=0.0, diverged=0.0,
+    raw = dict(privacy=float(score), energy_mj=energy, eps=0.0, diverged=0.0, failed=0.0,
+               collapsed=0.0,
                accuracy=evaluator.float_accuracy, test_accuracy=float_test,
                fitness=float(combine(score, jnp.float32(energy), jnp.float32(0.0), config)))
   out = []

@@ -13,14 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging as py_logging
+import math
 import os
 from typing import Any
+
+from absl import logging
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from maxpart_jax.models import SplitModel, Variables, get_model
+from maxpart_jax.runs import unique_tmp
 
 
 class _DropOrbaxInfo(py_logging.Filter):
@@ -41,20 +45,47 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int | None, Any]:
-  """``(step, state)`` of the newest checkpoint, or ``(None, like)`` if there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, like
+  """``(step, state)`` of the newest checkpoint that loads, or ``(None, like)`` if there is none.
+
+  A step that does not load (corrupt or incomplete files) is logged and the one before it
+  is tried; if none loads, a ``ValueError`` names the folder.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  errors = []
+  for step in steps:
+    try:
+      return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      logging.warning("checkpoint step %d in %s does not load (%s); trying an earlier one",
+                      step, mngr.directory, errors[-1])
+  if steps:
+    raise ValueError(f"no checkpoint in {mngr.directory} loads ({'; '.join(errors)}); delete "
+                     "that folder to start the run again from the beginning")
+  return None, like
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temporary file + rename), so readers never see half a file."""
-  tmp = f"{path}.tmp"
+  """Writes JSON atomically (temporary file + rename), so readers never see half a file.
+
+  Non-finite floats become ``null``: the file stays valid JSON for every reader.
+  """
+  tmp = unique_tmp(path)
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+    json.dump(finite_or_none(obj), f, indent=2, allow_nan=False)
   os.replace(tmp, path)
+
+
+def finite_or_none(obj: Any) -> Any:
+  """``obj`` with every NaN or infinite float (at any depth) replaced by ``None``."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_or_none(v) for v in obj]
+  return obj
 
 
 def variables_sha256(variables: Variables) -> str:
@@ -80,6 +111,7 @@ def save_model(directory: str, model_spec: dict[str, Any], variables: Variables,
   held out, so that a search can refuse to validate on images the model trained on.
   """
   directory = os.path.abspath(directory)
+  check_finite(variables, "the variables to save")
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, "variables"), jax.device_get(variables), force=True)
@@ -113,7 +145,18 @@ def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:
     raise ValueError(f"the variables in {directory} do not match the SHA-256 in its model.json: "
                      "the checkpoint is corrupt or was changed. Restore it (for the shipped "
                      "model: git checkout pretrained/) or pre-train it again")
+  check_finite(variables, f"the variables in {directory}")
   return model, variables, meta
+
+
+def check_finite(variables: Variables, what: str) -> None:
+  """Raises ``ValueError`` if any array of ``variables`` holds a NaN or an infinity."""
+  bad = [jax.tree_util.keystr(k)
+         for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
+         if not np.all(np.isfinite(v))]
+  if bad:
+    raise ValueError(f"{what} hold NaN or infinite values ({len(bad)} arrays, first {bad[0]}): "
+                     "the model diverged; pre-train it again with a lower learning rate")
 
 
 def check_variables_match(model: SplitModel, expected: Any, stored: Any, where: str) -> None:

@@ -128,6 +128,16 @@ def channel_distances(
   return jax.vmap(one_image)(images, ir)
 
 
+def flat_channels(ir: jax.Array) -> jax.Array:
+  """(B, C) whether each IR channel is constant over its image (the ``FLAT_RTOL`` rule).
+
+  An edge whose every channel is flat for every image sends nothing about its input, and
+  nothing the cloud can classify: its privacy score (2 under z-scores) is meaningless.
+  """
+  per_channel = jax.vmap(lambda c: _normalize(c, "zscore")[1], in_axes=-1)
+  return jax.vmap(per_channel)(jnp.asarray(ir))
+
+
 def privacy_score(
     images: jax.Array,
     ir: jax.Array,

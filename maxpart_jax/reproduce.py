@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from maxpart_jax import baselines as baselines_lib
-from maxpart_jax import checkpoint, reporting
+from maxpart_jax import checkpoint, reporting, runs
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, layer_energy_pj
 from maxpart_jax.genome import Genome, effective_bits, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
@@ -62,8 +62,9 @@ def analytic_table(info: ModelInfo, device: DeviceConfig, transmission: bool,
 def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]]:
   """Baseline rows, computed once and kept in ``baselines.json``."""
   path = os.path.join(workdir, "baselines.json")
-  # "rows": the version of the row format (v2: energies both ways and Eq. 4 violations).
-  key = {"config_hash": driver.config_hash(config), "searched_p": search_report["p"], "rows": 2}
+  # "rows": the version of the row format (v3: failed / collapsed candidates).
+  key = {"search": driver.identity_hash(driver.search_identity(config, evaluator)),
+         "searched_p": search_report["p"], "rows": 3}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -83,7 +84,8 @@ def _searched_row(info: ModelInfo, report: dict[str, Any]) -> dict[str, Any]:
   return dict(**baselines_lib.deployment_row(info, "searched", report["p"]),
               energy_mj=report["energy_mj"], privacy=report["privacy"],
               fitness=report["fitness"], accuracy=report["val_accuracy"], eps=report["val_eps"],
-              diverged=report["val_diverged"], test_accuracy=report["test_accuracy"],
+              diverged=report["val_diverged"], failed=report["val_failed"],
+              collapsed=report["val_collapsed"], test_accuracy=report["test_accuracy"],
               test_eps=report["test_eps"], finetuned=True)
 
 
@@ -124,62 +126,62 @@ def claims(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the search and the baselines of ``config``; writes the report."""
-  os.makedirs(workdir, exist_ok=True)
-  evaluator = driver.build_evaluator(config)
-  search_dir = os.path.join(workdir, "search")
-  search_report = driver.run_search(config, search_dir, evaluator)
-  info, device = evaluator.model.info, evaluator.config.device
-  rows = {r["strategy"]: r for r in _baselines(config, workdir, evaluator, search_report)}
-  rows["searched"] = _searched_row(info, search_report)
-  searched = Genome.from_json(search_report["genome"])
-  energy_info = evaluator.energy_info
-  rows["searched"].update(baselines_lib.energy_both_ways(energy_info, searched, device),
-                          violations=search_report["violations"])
+  with runs.workdir_lock(workdir):
+    evaluator = driver.build_evaluator(config)
+    search_dir = os.path.join(workdir, "search")
+    search_report = driver.run_search(config, search_dir, evaluator)
+    info, device = evaluator.model.info, evaluator.config.device
+    rows = {r["strategy"]: r for r in _baselines(config, workdir, evaluator, search_report)}
+    rows["searched"] = _searched_row(info, search_report)
+    searched = Genome.from_json(search_report["genome"])
+    energy_info = evaluator.energy_info
+    rows["searched"].update(baselines_lib.energy_both_ways(energy_info, searched, device),
+                            violations=search_report["violations"])
 
-  same = uniform_genome(energy_info, int(searched.p), 8, 8)
-  fig11 = {name: dict(blocks=block_energy_mj(energy_info, g, device).tolist(),
-                      transmission_mj=float(edge_energy(energy_info, g, device,
-                                                        evaluator.config.transmission)
-                                            .transmission_mj))
-           for name, g in (("uniform8", same), ("searched", searched))}
-  paper_info = driver.info_from_spec(config.paper_model.to_dict())
-  try:
-    check_same_layers(info, paper_info)
-    paper_searched = searched
-  except ValueError:  # e.g. a shallower CPU-size ResNet50: only the baselines transfer
-    paper_searched = None
-  report = {
-      "model": search_report["model"],
-      "energy_model": (config.energy_model.to_dict() if config.energy_model.get("name")
-                       else model_spec(config.pretrain)),
-      "dataset": search_report["dataset"],
-      "budget_mj": device.budget_mj, "eps_bound": config.fitness.eps_bound,
-      "transmission": evaluator.config.transmission,
-      "float_test_accuracy": search_report["float_test_accuracy"],
-      "float_val_accuracy": search_report["float_val_accuracy"],
-      "finetune_steps": evaluator.steps,
-      "strategies": rows, "claims": claims(rows), "fig11": fig11,
-      "blocks": [b.label for b in energy_info.blocks],
-      "paper_model": config.paper_model.to_dict(),
-      # The baselines move with the convention (what fits E_b), so both are tabulated.
-      "paper_size_energy": analytic_table(paper_info, device, evaluator.config.transmission,
-                                          paper_searched),
-      "paper_size_energy_other_convention": analytic_table(
-          paper_info, device, not evaluator.config.transmission, paper_searched),
-      "search": {k: search_report[k] for k in (
-          "search_seconds", "evaluations", "lookups", "cache_hit_rate", "steps",
-          "tournaments_per_step", "devices", "phase_seconds", "p", "block", "edge_layers",
-          "ir_bits", "genome")},
-      "search_settings": config.search.to_dict(),
-  }
-  report["search"]["seconds_per_evaluation"] = (
-      report["search"]["search_seconds"] / max(report["search"]["evaluations"], 1))
-  checkpoint.write_json(os.path.join(workdir, "report.json"), report)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(reporting.markdown(report))
-  for src, dst in (("fitness.png", "fig10_fitness.png"), ("policy.png", "fig12_policy.png")):
-    shutil.copyfile(os.path.join(search_dir, src), os.path.join(workdir, dst))
-  reporting.energy_at_split(report, os.path.join(workdir, "fig11_energy.png"))
-  reporting.strategies(report, os.path.join(workdir, "table4_strategies.png"))
-  logging.info("report written to %s", os.path.join(workdir, "report.md"))
-  return report
+    same = uniform_genome(energy_info, int(searched.p), 8, 8)
+    fig11 = {name: dict(blocks=block_energy_mj(energy_info, g, device).tolist(),
+                        transmission_mj=float(edge_energy(energy_info, g, device,
+                                                          evaluator.config.transmission)
+                                              .transmission_mj))
+             for name, g in (("uniform8", same), ("searched", searched))}
+    paper_info = driver.info_from_spec(config.paper_model.to_dict())
+    try:
+      check_same_layers(info, paper_info)
+      paper_searched = searched
+    except ValueError:  # e.g. a shallower CPU-size ResNet50: only the baselines transfer
+      paper_searched = None
+    report = {
+        "model": search_report["model"],
+        "energy_model": (config.energy_model.to_dict() if config.energy_model.get("name")
+                         else model_spec(config.pretrain)),
+        "dataset": search_report["dataset"],
+        "budget_mj": device.budget_mj, "eps_bound": config.fitness.eps_bound,
+        "transmission": evaluator.config.transmission,
+        "float_test_accuracy": search_report["float_test_accuracy"],
+        "float_val_accuracy": search_report["float_val_accuracy"],
+        "finetune_steps": evaluator.steps,
+        "strategies": rows, "claims": claims(rows), "fig11": fig11,
+        "blocks": [b.label for b in energy_info.blocks],
+        "paper_model": config.paper_model.to_dict(),
+        # The baselines move with the convention (what fits E_b), so both are tabulated.
+        "paper_size_energy": analytic_table(paper_info, device, evaluator.config.transmission,
+                                            paper_searched),
+        "paper_size_energy_other_convention": analytic_table(
+            paper_info, device, not evaluator.config.transmission, paper_searched),
+        "search": {k: search_report[k] for k in (
+            "search_seconds", "evaluations", "lookups", "cache_hit_rate", "steps",
+            "tournaments_per_step", "devices", "phase_seconds", "p", "block", "edge_layers",
+            "ir_bits", "genome")},
+        "search_settings": config.search.to_dict(),
+    }
+    report["search"]["seconds_per_evaluation"] = (
+        report["search"]["search_seconds"] / max(report["search"]["evaluations"], 1))
+    checkpoint.write_json(os.path.join(workdir, "report.json"), report)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+      f.write(reporting.markdown(report))
+    for src, dst in (("fitness.png", "fig10_fitness.png"), ("policy.png", "fig12_policy.png")):
+      shutil.copyfile(os.path.join(search_dir, src), os.path.join(workdir, dst))
+    reporting.energy_at_split(report, os.path.join(workdir, "fig11_energy.png"))
+    reporting.strategies(report, os.path.join(workdir, "table4_strategies.png"))
+    logging.info("report written to %s", os.path.join(workdir, "report.md"))
+    return report

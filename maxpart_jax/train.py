@@ -5,7 +5,11 @@
 directly. The run checkpoints every ``config.checkpoint_every_steps`` steps and at
 the end of every epoch, and a restarted run resumes from the newest checkpoint:
 the data order depends only on ``(seed, epoch)``, so a resumed run sees exactly
-the batches an uninterrupted one would.
+the batches an uninterrupted one would. ``history.json`` is written before each
+checkpoint and carries the running sums of the epoch in progress, so a resumed run
+ends with the same per-epoch history as an uninterrupted one. A workdir that holds a
+run with other settings or data (:func:`train_identity`) is refused, a non-finite loss
+stops the run before anything more is saved, and one run at a time holds the workdir.
 
 Steps run in chunks that end where a log line or a checkpoint is due, or with the
 epoch (:class:`StepRunner`). With ``config.pipeline="fused"`` (the default on GPUs
@@ -35,7 +39,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from maxpart_jax import checkpoint, data
+from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.metrics import MetricWriter
 from maxpart_jax.models import SplitModel, Variables, get_model
 from maxpart_jax.models.layers import Numerics, resolve_numerics
@@ -62,6 +66,53 @@ class TrainState:
     """Step 0 of training ``variables`` with ``tx``."""
     return cls(step=jnp.int32(0), params=variables["params"],
                batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+class TrainingDiverged(ValueError):
+  """The training loss became NaN or infinite."""
+
+
+# Fields that do not change what pre-training computes (logging, checkpoint cadence, where
+# the data lives: its content counts instead, and settings that count once resolved).
+_NOT_IDENTITY = ("data_dir", "log_every_steps", "checkpoint_every_steps", "eval_every_epochs",
+                 "compute_dtype", "matmul_precision", "pipeline")
+
+
+def validate_train_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Raises ``ValueError`` naming the first field out of range (before any work).
+
+  ``prefix``: how the fields are named in messages (``"pretrain."`` inside a search config).
+  """
+  data.dataset_info(config.dataset)
+  from maxpart_jax.models import available_models  # pylint: disable=import-outside-toplevel
+  if config.model.name not in available_models():
+    raise ValueError(f"unknown model {config.model.name!r} in {prefix}model; available: "
+                     f"{available_models()}")
+  for name, low in (("num_epochs", 1), ("batch_size", 1), ("log_every_steps", 1),
+                    ("checkpoint_every_steps", 1), ("eval_every_epochs", 0),
+                    ("steps_per_epoch", 0), ("warmup_steps", 0), ("seed", 0), ("data_seed", 0),
+                    ("learning_rate", 0.0), ("weight_decay", 0.0)):
+    if config[name] < low:
+      raise ValueError(f"{prefix}{name} must be >= {low}, got {config[name]}")
+  for name, high in (("val_fraction", 1.0), ("label_smoothing", 1.0), ("momentum", 1.0)):
+    if not 0.0 <= config[name] < high:
+      raise ValueError(f"{prefix}{name} must be in [0, {high}), got {config[name]}")
+  if config.pipeline not in PIPELINES:
+    raise ValueError(f"{prefix}pipeline must be one of {PIPELINES}, got {config.pipeline!r}")
+
+
+def train_identity(config: ml_collections.ConfigDict, numerics: Numerics, pipeline: str,
+                   train_split: data.Split) -> dict[str, Any]:
+  """Everything pre-training's result depends on, as ``{field: value}`` (see
+  :func:`maxpart_jax.runs.check_identity`): the config less :data:`_NOT_IDENTITY`, the
+  resolved numerics and pipeline, and the content of the data."""
+  identity = {k: v for k, v in runs.flatten(config.to_dict()).items()
+              if k.split(".")[0] not in _NOT_IDENTITY}
+  identity.update({
+      "resolved.compute_dtype": numerics.dtype, "resolved.matmul_precision": numerics.precision,
+      "resolved.pipeline": pipeline,
+      "data_content": data.fingerprint(train_split.dataset, config.data_dir or None)["content"]})
+  return json.loads(json.dumps(identity, default=str))
 
 
 def split_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -269,13 +320,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ``tensorboard/`` (the same numbers as TensorBoard scalars).
   Returns the results dict.
   """
-  os.makedirs(workdir, exist_ok=True)
+  validate_train_config(config)
+  with runs.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """:func:`train_and_evaluate` inside the workdir lock."""
   train = data.load_split("train" if config.val_fraction > 0 else "train_full",
                           dataset=config.dataset, data_dir=config.data_dir or None,
                           val_fraction=config.val_fraction, seed=config.data_seed)
   numerics = resolve_numerics(config.compute_dtype, config.matmul_precision)
   pipeline = resolve_pipeline(config.pipeline)
+  if config.batch_size > len(train):
+    raise ValueError(f"batch_size={config.batch_size} is more than the {len(train)} training "
+                     "images (every step takes a full batch); lower it")
   model = build_model(config, train.num_classes, numerics)
+  identity = train_identity(config, numerics, pipeline, train)
   steps_per_epoch = epoch_steps(config, len(train))
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(config, total_steps)
@@ -283,10 +344,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   history_path = os.path.join(workdir, "history.json")
+  history: dict[str, Any] = {"identity": identity, "epochs": [], "train_seconds": 0.0,
+                             "checkpoints": {}}
+  sums, seen = np.zeros(2), 0  # train loss and accuracy summed over the epoch's steps so far
+  if mngr.latest_step() is not None:
+    stored = _read_history(history_path)
+    runs.check_identity(stored and stored.get("identity"), identity, workdir, "pre-training")
   restored, state = checkpoint.restore_latest(mngr, state)
-  history: dict[str, Any] = {"epochs": [], "train_seconds": 0.0}
   if restored is not None:
-    history = _load_history(history_path, restored)
+    history = _history_at(stored, restored)
+    at = history["checkpoints"][str(restored)]
+    sums, seen = np.array(at["sums"], np.float64), at["seen"]
     logging.info("resuming from step %d of %d", restored, total_steps)
   logging.info("pre-training %s: %d steps, %s compute (%s precision), %s pipeline", model.name,
                total_steps, numerics.dtype, numerics.precision, pipeline)
@@ -296,13 +364,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pipeline)
   progress = Progress(total_steps, first=step, every=config.log_every_steps)
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), resume_step=step)
-  segment_start, sums = time.time(), np.zeros(2)
+  segment_start = time.time()
 
   def save(step: int) -> None:
+    # The history first: a kill in between leaves a history ahead of the newest
+    # checkpoint, which the resumed run cuts back (never one behind it).
     history["train_seconds"] += time.time() - segment_start
+    kept = sorted(int(k) for k in history["checkpoints"])[-2:]  # orbax keeps two steps
+    history["checkpoints"] = {str(k): history["checkpoints"][str(k)] for k in kept}
+    history["checkpoints"][str(step)] = {"sums": sums.tolist(), "seen": seen,
+                                         "train_seconds": history["train_seconds"]}
+    checkpoint.write_json(history_path, history)
+    writer.flush()  # TensorBoard too: a resumed run rewrites what follows its checkpoint
     mngr.save(step, args=checkpoint.ocp.args.StandardSave(state))
-    checkpoint.write_json(history_path, {**history, "step": step})
-    writer.flush()
 
   for epoch in range(step // steps_per_epoch, config.num_epochs):
     skip = step - epoch * steps_per_epoch
@@ -314,18 +388,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               i + _until_multiple(step, config.checkpoint_every_steps))
       state, chunk = run_steps(state, draws, i, j)
       chunk = jax.device_get(chunk)
+      if not np.isfinite(chunk["loss"]):
+        raise TrainingDiverged(
+            f"pre-training diverged: the loss is {float(chunk['loss'])} in steps {step + 1}-"
+            f"{step + j - i} (epoch {epoch + 1}); nothing after step "
+            f"{mngr.latest_step() or 0} was saved. Lower learning_rate (now "
+            f"{config.learning_rate}) or raise warmup_steps, and use a new --workdir")
       sums += np.array([chunk["loss"], chunk["accuracy"]], np.float64)
-      step, n, i = step + j - i, j - i, j
+      step, n, i, seen = step + j - i, j - i, j, seen + j - i
       progress(step, f"epoch {epoch + 1}/{config.num_epochs} loss {float(chunk['loss']) / n:.3f}")
       writer.scalars(step, {"train/loss": float(chunk["loss"]) / n,
                             "train/accuracy": float(chunk["accuracy"]) / n})
       if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
         save(step)
         segment_start = time.time()
-    seen = steps_per_epoch - skip
     record = {"epoch": epoch + 1, "step": step, "train_loss": float(sums[0] / seen),
               "train_accuracy": float(sums[1] / seen)}
-    sums[:] = 0
+    sums[:], seen = 0, 0
     if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
       record["val_accuracy"] = _val_accuracy(config, model, state)
     history["epochs"].append(record)
@@ -375,14 +454,26 @@ def _val_accuracy(config: ml_collections.ConfigDict, model: SplitModel, state: T
   return evaluate(model, state.variables, val)
 
 
-def _load_history(path: str, step: int) -> dict[str, Any]:
-  """The history written with checkpoint ``step`` (entries after it are dropped)."""
+def _read_history(path: str) -> dict[str, Any] | None:
+  """``history.json`` as written, or None if there is none."""
   if not os.path.exists(path):
-    return {"epochs": [], "train_seconds": 0.0}
-  with open(path) as f:
-    history = json.load(f)
-  history["epochs"] = [e for e in history["epochs"] if e["step"] <= step]
-  history.pop("step", None)
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise runs.WorkdirError(f"{path} is not valid JSON ({e}); delete the workdir to pre-train "
+                            "again") from None
+
+
+def _history_at(history: dict[str, Any], step: int) -> dict[str, Any]:
+  """The history as it was when checkpoint ``step`` was written (later entries dropped)."""
+  if str(step) not in history.get("checkpoints", {}):
+    raise runs.WorkdirError(f"the pre-training history has no record of checkpoint step {step}; "
+                            "it was written by another run or version: use a new --workdir")
+  history = dict(history, epochs=[e for e in history["epochs"] if e["step"] <= step],
+                 train_seconds=history["checkpoints"][str(step)]["train_seconds"])
+  history["checkpoints"] = {k: v for k, v in history["checkpoints"].items() if int(k) <= step}
   return history
 
 

@@ -60,9 +60,18 @@ def smoke(fake_data_dir, tmp_path_factory):
   return config
 
 
+@pytest.fixture(scope="session")
+def smoke_search(smoke, tmp_path_factory):
+  """The finished smoke search, run once per session: (its report, its workdir). Copy the
+  workdir before changing anything in it."""
+  from maxpart_jax.search import driver
+  workdir = tmp_path_factory.mktemp("smoke_search")
+  return driver.run_search(smoke, str(workdir)), workdir
+
+
 # Tests that need the session's pre-trained smoke model or its reproduction are slow (the
 # fixture alone pre-trains for about 25 s); `pytest -m "not slow"` leaves them out.
-SLOW_FIXTURES = {"smoke", "smoke_report"}
+SLOW_FIXTURES = {"smoke", "smoke_report", "smoke_search"}
 
 
 def pytest_collection_modifyitems(items):

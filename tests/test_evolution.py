@@ -11,7 +11,7 @@ import pytest
 from maxpart_jax.genome import Genome
 from maxpart_jax.models import get_model
 from maxpart_jax.search import evolution
-from maxpart_jax.search.driver import CachedEvaluator, effective_key
+from maxpart_jax.search.driver import METRICS, CachedEvaluator, effective_key
 from maxpart_jax.search.checks import (SPACE, OperatorCheckError, check_legal_genome,
                                        check_operator)
 from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator, register
@@ -212,7 +212,7 @@ def test_effective_key_ignores_masked_genes_and_cache_counts_hits():
     def evaluate(self, genomes, **kwargs):
       self.calls.append(int(genomes.p.shape[0]))
       f = np.asarray(cheap_fitness(genomes), float)
-      return {m: f for m in ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")}
+      return {m: f for m in METRICS}
 
   evaluator = Counting()
   cached = CachedEvaluator(evaluator, {})

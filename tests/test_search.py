@@ -165,8 +165,8 @@ def _strip_times(report):
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
-  straight = driver.run_search(smoke, str(tmp_path / "a"))
+def test_killed_search_resumes_to_the_same_result(smoke, smoke_search, tmp_path, monkeypatch):
+  straight, workdirs = smoke_search[0], {"a": smoke_search[1], "b": tmp_path / "b"}
   calls = {"n": 0}
   real = Evaluator.evaluate
 
@@ -192,18 +192,18 @@ def test_killed_search_resumes_to_the_same_result(smoke, tmp_path, monkeypatch):
   assert again["phase_seconds"] == resumed["phase_seconds"]
   assert again["search_seconds"] == resumed["search_seconds"]
   assert 0 < sum(resumed["phase_seconds"].values()) <= resumed["search_seconds"]
-  history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
+  history = [json.load(open(workdirs[d] / "history.json")) for d in "ab"]
   assert history[0] == history[1] and len(history[0]) == 1 + 2  # init + T/K steps
   # TensorBoard holds the same curve, also across the kill (no step twice, none lost).
   for d in "ab":
-    scalars = metrics.read_scalars(str(tmp_path / d / "tensorboard"))
+    scalars = metrics.read_scalars(str(workdirs[d] / "tensorboard"))
     assert scalars["search/best_fitness"] == pytest.approx(
         {h["step"]: h["best_fitness"] for h in history[0]})
   # Every distinct effective genome is evaluated once; every other lookup is a hit.
   assert straight["cache_hit_rate"] == pytest.approx(
       (straight["lookups"] - straight["evaluations"]) / straight["lookups"])
   for name in ("best.json", "history.csv", "fitness.png", "policy.png"):
-    assert os.path.exists(tmp_path / "a" / name)
+    assert os.path.exists(workdirs["a"] / name)
 
 
 def test_violations_and_best_feasible_by_hand():
@@ -243,7 +243,8 @@ def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
     fitness = np.asarray(combine(jnp.asarray(p), jnp.asarray(energy), jnp.zeros_like(p),
                                  self.config))
     return dict(fitness=fitness, privacy=p, energy_mj=energy, eps=np.zeros_like(p),
-                accuracy=np.ones_like(p), diverged=np.zeros_like(p))
+                accuracy=np.ones_like(p), diverged=np.zeros_like(p), failed=np.zeros_like(p),
+                collapsed=np.zeros_like(p))
 
   monkeypatch.setattr(Evaluator, "evaluate", synthetic)
   report = driver.run_search(config, str(tmp_path))
@@ -278,28 +279,29 @@ def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
   with np.load(path) as f:
     arrays = dict(f)
   meta = json.loads(str(arrays["meta"]))
-  assert meta["resolved"]["compute_dtype"] == "float32"  # auto on this CPU
-  meta["resolved"]["compute_dtype"] = "bfloat16"  # as written on a GPU
+  assert meta["identity"]["resolved.compute_dtype"] == "float32"  # auto on this CPU
+  meta["identity"]["resolved.compute_dtype"] = "bfloat16"  # as written on a GPU
   arrays["meta"] = np.array(json.dumps(meta))
   np.savez(path, **arrays)
-  with pytest.raises(ValueError, match=r"other numerics or pipeline.*'compute_dtype': "
-                                       r"\('bfloat16', 'float32'\)"):
+  with pytest.raises(ValueError, match=r"resolved.compute_dtype: was 'bfloat16', now 'float32'"
+                                       r".*`auto` settings resolve differently"):
     driver.run_search(config, str(tmp_path))
 
 
 @pytest.mark.slow
-def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, tmp_path):
+def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, smoke_search,
+                                                                  tmp_path):
   longer = copy.deepcopy(smoke)
   longer.search.iterations = 2 * smoke.search.iterations
   straight = driver.run_search(longer, str(tmp_path / "a"))
-  driver.run_search(smoke, str(tmp_path / "b"))
+  shutil.copytree(smoke_search[1], tmp_path / "b")  # the finished shorter search
   extended = driver.run_search(longer, str(tmp_path / "b"))
   assert _strip_times(extended) == _strip_times(straight)
   history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
   assert history[0] == history[1] and len(history[0]) == 1 + 4  # init + T/K steps
   changed = copy.deepcopy(smoke)
   changed.search.prob_p = 0.9
-  with pytest.raises(ValueError, match="different config"):
+  with pytest.raises(ValueError, match="Changed: search.prob_p: was 0.5, now 0.9"):
     driver.run_search(changed, str(tmp_path / "b"))
 
 

@@ -69,6 +69,8 @@ def test_killed_run_resumes_to_the_same_result(fake_data_dir, tmp_path, monkeypa
                params_a, params_b)
   assert resumed["test_accuracy"] == straight["test_accuracy"]
   history = json.load(open(tmp_path / "b" / "history.json"))
+  # Epoch 2's means run over all its steps, those before the kill too.
+  assert history["epochs"] == json.load(open(tmp_path / "a" / "history.json"))["epochs"]
   assert [e["epoch"] for e in history["epochs"]] == [1, 2]
   # TensorBoard: the epochs of the JSON history, and the final test accuracy.
   scalars = metrics.read_scalars(str(tmp_path / "b" / "tensorboard"))

@@ -83,7 +83,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     train_variant, c.model_dir = "smoke", "workdirs/smoke/model"
     c.search.update(pop_size=4, sample_size=2, iterations=4, num_tournaments=2)
     c.fitness.update(budget_mj=0.002, finetune_steps=2, batch_size=16)
-    c.val_images = 64
+    c.val_images = 32
     c.privacy_images = 8
   else:
     raise ValueError(f"unknown search config variant {variant!r}; choose from "

@@ -3,9 +3,12 @@
 ``run_search(config, workdir)`` validates the config before any work, loads (or
 pre-trains) the model, runs the evolution with K tournaments per step, and after
 every step writes ``<workdir>/search_state.npz`` atomically (population, cache,
-history), so a run killed at any point and restarted with the same command ends
-with the same result. Genomes that differ only in masked genes are the same
-candidate: results are cached by the *effective* genome and reused.
+history; the state before it stays as ``search_state.prev.npz`` to fall back to), so a
+run killed at any point and restarted with the same command ends with the same result.
+A resumed search must depend on the same things (:func:`search_identity`: settings, data
+content, pre-trained weights, numerics) or it is refused. Genomes that differ only in
+masked genes are the same candidate: results are cached by the *effective* genome and
+reused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxpart_jax import checkpoint, data
+from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.metrics import MetricWriter
@@ -35,10 +38,12 @@ from maxpart_jax.quant import check_bits
 from maxpart_jax.search import evolution
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig, violations
 from maxpart_jax.search.operators import SearchSpace
-from maxpart_jax.train import Progress, model_spec, split_spec
+from maxpart_jax.train import Progress, model_spec, split_spec, validate_train_config
 
 STATE_FILE = "search_state.npz"
-METRICS = ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged")
+PREVIOUS_STATE_FILE = "search_state.prev.npz"
+METRICS = ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged", "failed",
+           "collapsed")
 
 
 def effective_keys(info: ModelInfo, genomes: Genome) -> list[str]:
@@ -120,6 +125,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"search.{name} must be in [0, 1], got {s[name]}")
   if config.fitness.budget_mj <= 0:
     raise ValueError(f"fitness.budget_mj (E_b) must be > 0, got {config.fitness.budget_mj}")
+  for name, low in (("privacy_images", 1), ("val_images", 0), ("log_every_steps", 1),
+                    ("fitness.batch_size", 1), ("fitness.finetune_steps", 0)):
+    value = config[name] if "." not in name else config.fitness[name.split(".")[1]]
+    if value is not None and value < low:
+      raise ValueError(f"{name} must be >= {low}, got {value}")
+  validate_train_config(config.pretrain, "pretrain.")
   strategy_from_config(config)  # unknown operators
   fitness_from_config(config)  # λ, ε_b, metric
   for where, name in (("pretrain.model", config.pretrain.model.name),
@@ -146,6 +157,17 @@ def info_from_spec(spec: dict[str, Any]) -> ModelInfo:
   return get_model(spec["name"], **kwargs).info
 
 
+def check_data_sizes(config: ml_collections.ConfigDict, train: data.Split, val: data.Split) -> None:
+  """Raises ``ValueError`` naming the field that asks for more images than the split holds."""
+  for name, value, split, what in (
+      ("privacy_images", config.privacy_images, val, "validation"),
+      ("val_images", config.val_images, val, "validation"),
+      ("fitness.batch_size", config.fitness.batch_size, train, "training")):
+    if value > len(split):
+      raise ValueError(f"{name}={value} is more than the {len(split)} {what} images of this "
+                       f"split (pretrain.val_fraction={config.pretrain.val_fraction}); lower it")
+
+
 def load_or_pretrain(config: ml_collections.ConfigDict):
   """The pre-trained model of ``config.model_dir``; pre-trains it first if there is none."""
   if not os.path.exists(os.path.join(config.model_dir, "model.json")):
@@ -158,6 +180,9 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
                  workdir)
     train_and_evaluate(config.pretrain, workdir)
   model, variables, meta = checkpoint.load_model(config.model_dir)
+  if meta["dataset"] != config.pretrain.dataset:
+    raise ValueError(f"the model at {config.model_dir} was pre-trained on {meta['dataset']}, but "
+                     f"config.pretrain.dataset is {config.pretrain.dataset}")
   stored, expected = meta["model"], model_spec(config.pretrain)
   if stored != expected:
     raise ValueError(f"the checkpoint at {config.model_dir} is {stored}, but the config asks for "
@@ -177,47 +202,91 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
   return model, variables, meta
 
 
-def _save(path: str, state: evolution.SearchState, meta: dict[str, Any]) -> None:
-  """Writes the state leaves and the JSON metadata in one file, atomically."""
-  leaves = jax.tree.leaves(state)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, meta=np.array(json.dumps(meta)), **{f"leaf{i}": np.asarray(x)
-                                                     for i, x in enumerate(leaves)})
+def _save(workdir: str, state: evolution.SearchState, meta: dict[str, Any]) -> None:
+  """Writes the state leaves and the JSON metadata in one file, atomically; the file it
+  replaces stays as :data:`PREVIOUS_STATE_FILE`."""
+  path = os.path.join(workdir, STATE_FILE)
+  tmp = runs.unique_tmp(path)
+  with open(tmp, "wb") as f:
+    np.savez(f, meta=np.array(json.dumps(meta)),
+             **{f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})
+  if os.path.exists(path):
+    os.replace(path, os.path.join(workdir, PREVIOUS_STATE_FILE))
   os.replace(tmp, path)
 
 
 def _load(path: str, like: evolution.SearchState) -> tuple[evolution.SearchState, dict[str, Any]]:
+  """One state file; raises if it is unreadable or does not fit ``like``."""
   with np.load(path) as f:
     meta = json.loads(str(f["meta"]))
     treedef = jax.tree.structure(like)
-    leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
-  return jax.tree.unflatten(treedef, leaves), meta
+    leaves = [np.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
+  for got, want in zip(leaves, jax.tree.leaves(like)):
+    if got.shape != want.shape or got.dtype != want.dtype:
+      raise ValueError(f"an array is {got.dtype}{list(got.shape)}, the search needs "
+                       f"{want.dtype}{list(want.shape)}")
+  return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), meta
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """Hash of the settings a resumed run must share (everything that changes results).
+def load_state(workdir: str, like: evolution.SearchState
+               ) -> tuple[evolution.SearchState, dict[str, Any]] | None:
+  """The latest search state of ``workdir`` that loads, or None if it holds none.
 
-  ``search.iterations`` is left out: it only says when to stop, and step ``t`` draws
-  the same randomness whatever the total, so a finished search can be extended with a
-  larger T and ends exactly where a run with that T from the start would.
+  Falls back (logged) to the state before it when the latest is damaged or missing, e.g.
+  after a kill between the two renames of :func:`_save`; a ``WorkdirError`` names the files
+  if neither loads.
   """
-  relevant = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-              for k in ("search", "fitness", "model_dir", "privacy_images", "val_images",
-                        "energy_model")}
-  relevant["search"].pop("iterations")
-  return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  paths = [os.path.join(workdir, f) for f in (STATE_FILE, PREVIOUS_STATE_FILE)]
+  errors = []
+  for path in filter(os.path.exists, paths):
+    try:
+      state, meta = _load(path, like)
+    except Exception as e:  # pylint: disable=broad-except  (zip, npz, JSON and shape errors)
+      errors.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
+      logging.warning("the search state %s does not load (%s)", path, errors[-1])
+      continue
+    if errors or path != paths[0]:
+      logging.warning("resuming from the previous search state %s (step %d)", path,
+                      int(state.step))
+    return state, meta
+  if errors:
+    raise runs.WorkdirError(f"no search state in {workdir} loads ({'; '.join(errors)}); delete "
+                            f"{STATE_FILE} and {PREVIOUS_STATE_FILE} there to start the search "
+                            "again")
+  return None
 
 
-def resolved_settings(evaluator: Evaluator) -> dict[str, str]:
-  """What the config's ``auto`` settings became on this machine; a resumed search must match.
+def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> dict[str, Any]:
+  """Everything a search's results depend on, as ``{name: value}``; a resumed search must match.
 
-  The config hash cannot see them: ``compute_dtype="auto"`` is float32 on a CPU and
-  bfloat16 on a GPU, so the same config started on one and resumed on the other would mix
-  fitness values of different numerics in one cache.
+  Settings of ``config`` (``search.iterations`` is left out: it only says when to stop,
+  and step ``t`` draws the same randomness whatever the total, so a finished search can
+  be extended with a larger T and ends exactly where a run with that T from the start
+  would), the hold-out split, the content of the data and of the pre-trained weights
+  (not where they live: moving them is harmless), and what the ``auto`` settings resolved
+  to on this machine (``compute_dtype="auto"`` is float32 on a CPU and bfloat16 on a GPU).
   """
-  return {"compute_dtype": evaluator.numerics.dtype,
-          "matmul_precision": evaluator.numerics.precision, "pipeline": evaluator.pipeline,
-          "candidate_loop": evaluator.candidate_loop}
+  identity = runs.flatten({
+      k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+      for k in ("search", "fitness", "privacy_images", "val_images", "energy_model")})
+  del identity["search.iterations"]
+  identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
+  identity.update({
+      "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
+      "data_content": data.fingerprint(evaluator.train.dataset, config.data_dir or None)["content"],
+      "resolved.compute_dtype": evaluator.numerics.dtype,
+      "resolved.matmul_precision": evaluator.numerics.precision,
+      "resolved.pipeline": evaluator.pipeline, "resolved.candidate_loop": evaluator.candidate_loop})
+  return json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+  """A short hash of :func:`search_identity` (keys of results derived from a search)."""
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+AUTO_HINT = ("(resolved.*: the config's `auto` settings resolve differently on this machine; "
+             "set them explicitly to the stored values to resume)")
 
 
 class CachedEvaluator:
@@ -251,13 +320,14 @@ class CachedEvaluator:
 def build_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
   """Validates ``config``, loads (or pre-trains) its model and builds its fitness evaluator."""
   validate_config(config)
-  model, variables, meta = load_or_pretrain(config)
-  split_kwargs = dict(dataset=meta["dataset"], data_dir=config.data_dir or None,
+  split_kwargs = dict(dataset=config.pretrain.dataset, data_dir=config.data_dir or None,
                       val_fraction=config.pretrain.val_fraction, seed=config.pretrain.data_seed)
   train = data.load_split("train", **split_kwargs)
   val = train_val = data.load_split("val", **split_kwargs)
+  check_data_sizes(config, train, val)  # before the model loads (or pre-trains)
+  model, variables, _ = load_or_pretrain(config)
   if config.val_images:
-    val = val.take(min(config.val_images, len(val)), seed=config.search.seed)
+    val = val.take(config.val_images, seed=config.search.seed)
   privacy_images = data.load_split("val", **split_kwargs).take(
       config.privacy_images, seed=config.search.seed + 1).float_images()
   evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_from_config(config),
@@ -283,31 +353,41 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   ``evaluator``: one :func:`build_evaluator` made for ``config`` already (reused by
   callers that evaluate more genomes of the same setting, such as the baselines).
   """
-  evaluator = evaluator or build_evaluator(config)
-  os.makedirs(workdir, exist_ok=True)
+  validate_config(config)  # before the workdir is created
+  with runs.workdir_lock(workdir):
+    evaluator = evaluator or build_evaluator(config)
+    report = _run_search(config, workdir, evaluator)
+  if report["failed_candidates"] == report["evaluations"]:
+    raise SearchFailed(
+        f"every one of the {report['evaluations']} evaluated candidates failed "
+        f"({report['diverged_candidates']} diverged during fine-tuning, the others had a "
+        f"non-finite privacy or fitness); {workdir}/best.json records the search. Lower "
+        f"fitness.finetune_lr (now {config.fitness.finetune_lr}) or check the pre-trained model")
+  return report
+
+
+class SearchFailed(ValueError):
+  """Every candidate of a search failed: its report means nothing."""
+
+
+def _run_search(config: ml_collections.ConfigDict, workdir: str,
+                evaluator: Evaluator) -> dict[str, Any]:
+  """:func:`run_search` inside the workdir lock."""
   info = evaluator.model.info
   strategy, space = strategy_from_config(config), space_from_config(config, info)
 
   init_key, step_key = jax.random.split(jax.random.key(config.search.seed))
   ask = jax.jit(lambda k, st: evolution.ask(k, st, space, strategy))
   tell = jax.jit(lambda st, c, f: evolution.tell(st, c, f, strategy))
-  state_path = os.path.join(workdir, STATE_FILE)
   state = evolution.init(init_key, space, strategy)
-  resolved = resolved_settings(evaluator)
-  meta_out: dict[str, Any] = {"config_hash": config_hash(config), "cache": {}, "history": [],
-                              "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False,
-                              "resolved": resolved}
-  if os.path.exists(state_path):
-    state, meta_out = _load(state_path, state)
-    if meta_out["config_hash"] != config_hash(config):
-      raise ValueError(f"{workdir} holds a search with a different config; use a new --workdir")
-    stored = meta_out.setdefault("resolved", resolved)
-    if stored != resolved:
-      changed = {k: (stored.get(k), v) for k, v in resolved.items() if stored.get(k) != v}
-      raise ValueError(f"{workdir} holds a search that ran with other numerics or pipeline "
-                       f"(was, now): {changed}. Its `auto` settings resolve differently on "
-                       "this machine; set them explicitly to the stored values to resume, or "
-                       "use a new --workdir")
+  identity = search_identity(config, evaluator)
+  meta_out: dict[str, Any] = {"identity": identity, "cache": {}, "history": [],
+                              "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False}
+  stored = load_state(workdir, state)
+  if stored is not None:
+    state, meta_out = stored
+    runs.check_identity(meta_out.get("identity"), identity, workdir, "search",
+                        hints={"resolved.": AUTO_HINT})
     logging.info("resuming the search at step %d", int(state.step))
   total_steps = math.ceil(config.search.iterations / strategy.num_tournaments)
   finished = meta_out.get("report")
@@ -329,8 +409,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
     for k, v in evaluator.seconds.items():
       meta_out["phase_seconds"][k] += v - phases[k]
     segment, phases = time.time(), dict(evaluator.seconds)
-    _save(state_path, state, meta_out)
-    writer.flush()
+    writer.flush()  # before the state: a resumed run rewrites the steps after its state's
+    _save(workdir, state, meta_out)
 
   # A resumed search rewrites the steps after its state's; TensorBoard hides older copies.
   writer = MetricWriter(os.path.join(workdir, "tensorboard"),
@@ -362,7 +442,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
 
   writer.close()
   meta_out["report"] = _final_report(config, workdir, evaluator, cached, state, meta_out)
-  _save(state_path, state, meta_out)
+  _save(workdir, state, meta_out)
   return meta_out["report"]
 
 
@@ -385,6 +465,12 @@ def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: in
           "best_privacy": best["privacy"], "best_energy_mj": best["energy_mj"],
           "best_eps": best["eps"],
           "best_feasible_fitness": feasible[1]["fitness"] if feasible else None}
+
+
+def _failure_counts(cache: dict[str, dict[str, Any]]) -> dict[str, int]:
+  """How many evaluated candidates failed (fitness set to 0), diverged, or collapsed."""
+  return {f"{m}_candidates": sum(bool(e[m]) for e in cache.values())
+          for m in ("failed", "diverged", "collapsed")}
 
 
 def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[str, Any]:
@@ -435,6 +521,7 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
       "eps_bound": config.fitness.eps_bound, "float_val_accuracy": evaluator.float_accuracy,
       "evaluations": len(cached.cache), "lookups": cached.lookups,
       "cache_hit_rate": cached.hits / max(cached.lookups, 1), "search_seconds": meta_out["seconds"],
+      **_failure_counts(cached.cache), "collapsed": bool(metrics["collapsed"]),
       "phase_seconds": meta_out["phase_seconds"], "steps": int(state.step),
       "tournaments_per_step": config.search.num_tournaments, "devices": evaluator.num_devices,
   }

@@ -138,8 +138,12 @@ def violations(metrics: dict[str, float], config: FitnessConfig) -> list[str]:
   can be infeasible; the search reports the best feasible one (docs/method.md §7).
   """
   out = []
-  if metrics["diverged"] or not math.isfinite(metrics["fitness"]):
+  if metrics["diverged"]:
     out.append("diverged during fine-tuning")
+  elif metrics.get("failed") or not math.isfinite(metrics["fitness"]):
+    out.append("non-finite privacy or fitness")
+  if metrics.get("collapsed"):
+    out.append("the edge collapsed: every IR channel is constant in every image")
   if not metrics["energy_mj"] < config.device.budget_mj:
     out.append(f"E = {metrics['energy_mj']:.4f} mJ >= E_b = {config.device.budget_mj} mJ")
   if not metrics["eps"] < config.eps_bound:
@@ -252,15 +256,18 @@ class Evaluator:
 
   @functools.cached_property
   def _privacy_all_splits(self):
-    """(variables, policy, x, images) -> (max_split,) mean privacy at every split."""
+    """(variables, policy, x, images) -> (max_split, 2): at every split, the mean privacy
+    and whether the IR collapsed (every channel constant in every image)."""
     info, config = self.model.info, self.config
 
     def scores(variables, policy, x, images):
       out = []
       for q in range(1, info.max_split + 1):
         x = self.model.apply(variables, x, start=q - 1, stop=q, policy=policy)
-        out.append(jnp.mean(privacy.privacy_score(images, x, config.metric,
-                                                  normalization=config.normalization)))
+        out.append(jnp.stack([
+            jnp.mean(privacy.privacy_score(images, x, config.metric,
+                                           normalization=config.normalization)),
+            jnp.all(privacy.flat_channels(x)).astype(jnp.float32)]))
       return jnp.stack(out)
 
     return jax.jit(jax.vmap(scores, in_axes=(0, 0, None, None)))
@@ -401,7 +408,8 @@ class Evaluator:
     extra = {} if test is None else {"test_accuracy": self.accuracy(variables, policies, test)}
     t2 = time.time()
     all_splits = np.asarray(self._privacy_all_splits(variables, policies, *self._privacy_inputs))
-    priv = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1]
+    priv, collapsed = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1].T
+    collapsed = collapsed > 0
     t3 = time.time()
     self.seconds["finetune"] += t1 - t0
     self.seconds["accuracy"] += t2 - t1
@@ -410,9 +418,13 @@ class Evaluator:
     fitness = np.asarray(combine(jnp.asarray(priv), jnp.asarray(energy), jnp.asarray(eps),
                                  self.config))
     bad = diverged | ~np.isfinite(fitness) | ~np.isfinite(priv)
-    for i in np.flatnonzero(bad):
-      logging.warning("candidate p=%d w=%s diverged during fine-tuning: fitness set to 0",
-                      int(padded.p[i]), np.asarray(padded.w_bits[i]).tolist())
+    for i in np.flatnonzero(bad | collapsed):
+      why = ("diverged during fine-tuning" if diverged[i] else
+             f"privacy {priv[i]}, fitness {fitness[i]}" if bad[i] else
+             "collapsed: every IR channel is constant in every image")
+      logging.warning("candidate p=%d w=%s %s%s", int(padded.p[i]),
+                      np.asarray(padded.w_bits[i]).tolist(), why,
+                      ": fitness set to 0" if bad[i] else "")
     fitness = np.where(bad, 0.0, fitness)
     return dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, accuracy=accuracy,
-                diverged=bad, **extra)
+                diverged=diverged, failed=bad, collapsed=collapsed, **extra)

@@ -1,0 +1,112 @@
+"""Workdirs that never mix, clash or hide: one writer at a time, and run identities.
+
+A workdir belongs to one run. :func:`workdir_lock` keeps a second process out while the
+first works (the operating system drops the lock when its holder dies, even by SIGKILL,
+so a killed run never leaves a stale lock behind). :func:`check_identity` compares what
+a resumed run depends on (config, data content, pre-trained weights, numerics) with what
+the workdir recorded and refuses any difference, naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from typing import Any, Iterator
+
+LOCK_FILE = ".lock"
+_held: dict[str, int] = {}  # workdirs this process holds: how many nested holds
+
+
+class WorkdirError(ValueError):
+  """A workdir cannot be used: held by another run, not writable, or holding another run."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds ``workdir`` for this process; raises :class:`WorkdirError` if another holds it.
+
+  Re-entrant within one process (a search that pre-trains into the same folder). Also
+  checks, before any work, that ``workdir`` can be created and written.
+  """
+  workdir = os.path.realpath(workdir)
+  if workdir in _held:
+    _held[workdir] += 1
+    try:
+      yield
+    finally:
+      _held[workdir] -= 1
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(os.path.join(workdir, LOCK_FILE), "a+")
+  except OSError as e:
+    raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror}; choose a "
+                       "writable --workdir") from None
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    owner = f.read().strip() or "another process"
+    f.close()
+    raise WorkdirError(f"{workdir} is in use by another run ({owner}); wait for it to end "
+                       "or use another --workdir") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+  f.flush()
+  _held[workdir] = 1
+  try:
+    yield
+  finally:
+    del _held[workdir]
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def check_identity(stored: dict[str, Any] | None, current: dict[str, Any], workdir: str,
+                   what: str, hints: dict[str, str] | None = None) -> None:
+  """Raises :class:`WorkdirError` unless ``stored`` (what ``workdir`` recorded) equals
+  ``current`` (what this run would do); the message names every difference.
+
+  ``None`` for ``stored``: the workdir was written by a version that recorded no identity.
+  ``hints``: ``{key prefix: advice}`` added to the message when a key with that prefix differs.
+  """
+  if stored is None:
+    raise WorkdirError(f"{workdir} holds a {what} from an earlier version of maxpart_jax that "
+                       "did not record what it depends on, so it cannot be resumed safely; "
+                       "use a new --workdir (or delete this one)")
+  changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+  if changed:
+    lines = "; ".join(f"{k}: was {_short(stored.get(k))}, now {_short(current.get(k))}"
+                      for k in changed)
+    advice = [text for prefix, text in (hints or {}).items()
+              if any(k.startswith(prefix) for k in changed)]
+    raise WorkdirError(f"{workdir} holds a {what} that ran with other settings, so resuming "
+                       f"would mix two runs. Changed: {lines}. Start fresh with a new "
+                       "--workdir (or delete this one), or restore the earlier settings"
+                       + "".join(f" {a}" for a in advice))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` as ``{"a.b": 1}``: identities name the exact field that changed."""
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _short(value: Any, limit: int = 200) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "…"
+
+
+def unique_tmp(path: str) -> str:
+  """A temporary name beside ``path`` that no other writer uses (for atomic replaces)."""
+  return f"{path}.{os.getpid()}.{time.time_ns()}.tmp"
