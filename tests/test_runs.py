@@ -9,11 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import write_fake_cifar
@@ -123,36 +121,41 @@ def test_identity_message_names_every_change_and_old_workdirs(tmp_path):
 # --- damaged checkpoints --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["truncated", "emptied", "flipped", "deleted"])
-def test_damaged_search_state_falls_back_to_the_previous_one(smoke, smoke_search, tmp_path,
-                                                             damage, caplog):
-  """Catches a raw BadZipFile/EOFError naming no file, and a search that cannot recover
-  although the state of the step before is intact: it resumes from there to the result
-  of an undamaged run."""
-  straight, finished = smoke_search
-  workdir = tmp_path / "b"
-  shutil.copytree(finished, workdir)
-  path = workdir / driver.STATE_FILE
+def _damage(path, how: str) -> None:
   raw = path.read_bytes()
-  if damage == "truncated":
+  if how == "truncated":
     path.write_bytes(raw[:len(raw) // 2])
-  elif damage == "emptied":
+  elif how == "emptied":
     path.write_bytes(b"")
-  elif damage == "flipped":
+  elif how == "flipped":
     middle = len(raw) // 2
     path.write_bytes(raw[:middle] + bytes(b ^ 0xFF for b in raw[middle:middle + 64])
                      + raw[middle + 64:])
-  else:  # a kill between the two renames of a save
+  else:  # "deleted": a kill between the two renames of a save
     path.unlink()
-  with caplog.at_level("WARNING"):
-    resumed = driver.run_search(smoke, str(workdir))
-  assert "resuming from the previous search state" in caplog.text
+
+
+def test_damaged_search_state_falls_back_to_the_previous_one(smoke, smoke_search, tmp_path,
+                                                             caplog):
+  """Catches a raw BadZipFile/EOFError naming no file, and a search that cannot recover
+  although the state of the step before is intact: for a truncated, emptied, bit-flipped or
+  missing newest state it resumes from the one before to the result of an undamaged run."""
+  straight, finished = smoke_search
   strip = lambda r: {k: v for k, v in r.items() if k not in ("search_seconds", "phase_seconds")}
-  assert strip(resumed) == strip(straight)
+  evaluator = driver.build_evaluator(smoke)  # one for all four resumes
+  for how in ("truncated", "emptied", "flipped", "deleted"):
+    workdir = tmp_path / how
+    shutil.copytree(finished, workdir)
+    _damage(workdir / driver.STATE_FILE, how)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      resumed = driver.run_search(smoke, str(workdir), evaluator)
+    assert "resuming from the previous search state" in caplog.text, how
+    assert strip(resumed) == strip(straight), how
   for name in (driver.STATE_FILE, driver.PREVIOUS_STATE_FILE):
     (workdir / name).write_bytes(b"not a state")
   with pytest.raises(runs.WorkdirError, match=f"no search state in .* loads \\({driver.STATE_FILE}: "):
-    driver.run_search(smoke, str(workdir))
+    driver.run_search(smoke, str(workdir), evaluator)
 
 
 @pytest.mark.slow
