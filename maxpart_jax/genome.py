@@ -22,7 +22,7 @@ from flax import struct
 
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
+from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_activation_levels, check_bits
 
 
 @struct.dataclass
@@ -86,11 +86,14 @@ def effective_bits(info: ModelInfo, genome: Genome) -> tuple[jax.Array, jax.Arra
   return w, a, ir_bits
 
 
-def to_policy(info: ModelInfo, genome: Genome, per_channel: bool = False) -> QuantPolicy:
+def to_policy(info: ModelInfo, genome: Genome, per_channel: bool = False,
+              activation_levels: str = "paper") -> QuantPolicy:
   """The :class:`QuantPolicy` a forward pass needs to run ``genome``."""
+  check_activation_levels(activation_levels)
   w, a, ir_bits = effective_bits(info, genome)
   return QuantPolicy(w_bits=w, a_bits=a, split=jnp.asarray(genome.p, jnp.int32),
-                     ir_bits=ir_bits, per_channel=per_channel)
+                     ir_bits=ir_bits, per_channel=per_channel,
+                     activation_levels=activation_levels)
 
 
 def quantized_apply(model: SplitModel, variables: Variables, x: jax.Array, genome: Genome, *,

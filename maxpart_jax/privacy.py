@@ -19,6 +19,11 @@ Decisions (the paper leaves them open; docs/method.md §4 summarizes them):
   copy, 2 for an uncorrelated channel, 4 for an inverted copy; a constant image correlates
   with nothing, so its z-score MSE is set to 2 (comparing its zeros would give 1 and let a
   dead channel look more input-like than noise). Under min-max a constant image is all zeros.
+* ``mse_abs``: ``mse`` that also counts a channel's negative as a copy: the smaller of the
+  distances to the channel and to its negative, 2 (1 - |r|) under z-scores. Plain ``mse``
+  scores an inverted copy of the input (r = -1) as 4, "more private" than noise, although
+  an eavesdropper sees the image in it just as well. The search uses ``mse`` (the paper's
+  Eq. 1) unless ``fitness.metric`` says otherwise; ``results/options/`` compares the two.
 * ``ssim``: ``1 - SSIM`` with the Wang et al. (2004) Gaussian window (11x11, sigma 1.5,
   K1 = 0.01, K2 = 0.03), means over the valid region. SSIM's constants assume a known data
   range and its luminance term assumes intensities, so both images are always min-max scaled
@@ -42,7 +47,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 
-METRICS = ("mse", "ssim", "kl")
+METRICS = ("mse", "mse_abs", "ssim", "kl")
 NORMALIZATIONS = ("zscore", "minmax")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
 SSIM_WINDOW = 11
@@ -92,7 +97,7 @@ def channel_distances(
   height, width = images.shape[1:3]
 
   def one_image(image: jax.Array, feature_map: jax.Array) -> jax.Array:
-    if metric == "mse":
+    if metric in ("mse", "mse_abs"):
       ref, ref_flat = _normalize(to_grayscale(image), normalization)
     elif metric == "ssim":
       ref = standardize(to_grayscale(image), "minmax")
@@ -101,9 +106,11 @@ def channel_distances(
 
     def one_channel(channel: jax.Array) -> jax.Array:
       channel = jax.image.resize(channel, (height, width), method="bilinear")
-      if metric == "mse":
+      if metric in ("mse", "mse_abs"):
         normalized, flat = _normalize(channel, normalization)
         mse = jnp.mean((ref - normalized)**2)
+        if metric == "mse_abs":
+          mse = jnp.minimum(mse, jnp.mean((ref - _normalize(-channel, normalization)[0])**2))
         if normalization == "zscore":
           mse = jnp.where(ref_flat | flat, ZSCORE_MSE_UNCORRELATED, mse)
         return mse

@@ -3,7 +3,9 @@
 For block splits the IR is exactly what the edge would send at that split: with a
 genome, the edge layers are fake-quantized by the genome's genes and the IR is
 quantized to the genome's IR bits (``genome.p`` is ignored: every split ``q`` is
-scored as the genome truncated at ``q``). Per-layer profiles score the raw output
+scored as the genome truncated at ``q``). With ``ir_bits`` instead, only the IR is
+quantized and the edge runs in float, as the paper's Fig. 8 does. Per-layer profiles
+score the raw output
 of every conv / dense layer (before batch norm and ReLU, projection shortcuts
 included) of the float model, the view of the paper's Fig. 5.
 """
@@ -22,6 +24,7 @@ from maxpart_jax import data, privacy
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import QConv, QDense
+from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
 
 
 def classifier(model: SplitModel, variables: Variables,
@@ -40,24 +43,38 @@ def _batched(fn: Callable[[slice], jax.Array], n: int, batch_size: int) -> np.nd
 def block_profile(model: SplitModel, variables: Variables, images: np.ndarray, *,
                   dataset: str = "cifar100", genome: Genome | None = None, metric: str = "mse",
                   normalization: str = "zscore", per_channel: bool = False,
-                  batch_size: int = 100) -> dict[str, Any]:
+                  batch_size: int = 100, ir_bits: int | None = None,
+                  activation_levels: str = "paper") -> dict[str, Any]:
   """Privacy after every legal split ``1..max_split``.
 
   Args:
     images: (N, H, W, 3) float images in [0, 1] (unnormalized).
     genome: quantize the edge as this genome says; ``None`` scores the float model.
+    ir_bits: quantize only the IR, to these bits (the edge stays float; not with ``genome``).
+    activation_levels: the step of non-negative activations (:mod:`maxpart_jax.quant`).
     metric, normalization: as in :func:`maxpart_jax.privacy.privacy_score`.
 
   Returns:
     ``{"metric", "blocks": [{"index", "label", "privacy", "privacy_std"}, ...]}``,
     privacy being the mean of P over the images.
   """
+  if genome is not None and ir_bits is not None:
+    raise ValueError("give a genome (the whole edge quantized) or ir_bits (the IR only), not both")
+  if ir_bits is not None:
+    check_bits([ir_bits], "ir_bits")
   classify_fn = classifier(model, variables, dataset) if metric == "kl" else None
   x_all = data.normalize(np.asarray(images, np.float32), dataset)
+  floats = jnp.full((model.info.num_layers,), FLOAT_BITS, jnp.int32)
   rows = []
   for q in range(1, model.info.max_split + 1):
-    policy = None if genome is None else to_policy(model.info, genome.replace(p=jnp.int32(q)),
-                                                   per_channel)
+    if genome is not None:
+      policy = to_policy(model.info, genome.replace(p=jnp.int32(q)), per_channel,
+                         activation_levels)
+    elif ir_bits is not None:
+      policy = QuantPolicy(w_bits=floats, a_bits=floats, split=jnp.int32(q),
+                           ir_bits=jnp.int32(ir_bits), activation_levels=activation_levels)
+    else:
+      policy = None
     score = _block_scorer(model, q, metric, normalization, classify_fn)
     scores = _batched(lambda s: score(variables, x_all[s], images[s], policy), len(images),
                       batch_size)

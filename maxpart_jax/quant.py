@@ -1,7 +1,10 @@
 """Fake quantization with the bit width as traced data (docs/method.md §3, Eq. 3, 5, 6).
 
 Weights use a symmetric uniform quantizer on ``[-c, c]`` and activations an
-unsigned one on ``[0, c]``; both use the step ``s = c / (2^(b-1) - 1)``. The bit
+unsigned one on ``[0, c]``; both use the step ``s = c / (2^(b-1) - 1)``, Eq. 5 as the
+paper writes it (``activation_levels="paper"``). On ``[0, c]`` that step leaves half of
+the ``2^b`` codes a b-bit activation is charged for unused; ``activation_levels="unsigned"``
+uses them all, ``s = c / (2^b - 1)`` (docs/method.md §3). The bit
 width ``b`` is an array, not a Python constant, so one compiled function serves
 every policy and a population of policies can be ``jax.vmap``-ped. A bit width of
 ``FLOAT_BITS`` (32) is the "not quantized" sentinel: the tensor passes through
@@ -23,15 +26,25 @@ import numpy as np
 FLOAT_BITS = 32
 """Sentinel bit width meaning "not quantized" (float32)."""
 
+ACTIVATION_LEVELS = ("paper", "unsigned")
+"""How non-negative activations use their codes: Eq. 5's signed step, or all 2^b levels."""
+
 MIN_BITS = 2
 MAX_BITS = 16
 """Quantized bit widths allowed by the quantizer (``2^(b-1) - 1 >= 1``)."""
 
 
-def _step(c: jax.Array, bits: jax.Array) -> jax.Array:
-  """Quantization step ``c / (2^(b-1) - 1)``; 1 where ``c == 0`` to avoid 0/0."""
-  levels = jnp.exp2(jnp.asarray(bits, jnp.float32) - 1.0) - 1.0
+def _step(c: jax.Array, bits: jax.Array, signed: bool = True) -> jax.Array:
+  """Quantization step ``c / (2^(b-1) - 1)`` (``signed``) or ``c / (2^b - 1)``; 1 where
+  ``c == 0`` to avoid 0/0."""
+  levels = jnp.exp2(jnp.asarray(bits, jnp.float32) - (1.0 if signed else 0.0)) - 1.0
   return jnp.where(c > 0, c / levels, 1.0)
+
+
+def check_activation_levels(levels: str) -> None:
+  """Raises ``ValueError`` unless ``levels`` is one of :data:`ACTIVATION_LEVELS`."""
+  if levels not in ACTIVATION_LEVELS:
+    raise ValueError(f"activation_levels must be one of {ACTIVATION_LEVELS}, got {levels!r}")
 
 
 def _clip(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -60,7 +73,8 @@ def quantize_weights(w: jax.Array, bits: jax.Array, per_channel: bool = False) -
   return jnp.where(bits >= FLOAT_BITS, w, _ste(w_clipped, q))
 
 
-def quantize_activations(x: jax.Array, bits: jax.Array, signed: bool = False) -> jax.Array:
+def quantize_activations(x: jax.Array, bits: jax.Array, signed: bool = False,
+                         levels: str = "paper") -> jax.Array:
   """Fake quantization of activations, one clipping value ``c`` per example.
 
   Activations after ReLU are non-negative and use ``[0, c]`` with ``c = max x``;
@@ -68,11 +82,13 @@ def quantize_activations(x: jax.Array, bits: jax.Array, signed: bool = False) ->
   ``c = max |x|``. ``c`` is taken over all non-batch axes of each example, so an
   image's quantized activations (and the IR the edge sends) do not depend on the
   other images in the batch, as on an edge device that processes one image.
+  ``levels`` (static): the step on ``[0, c]``, see :data:`ACTIVATION_LEVELS`.
   """
+  check_activation_levels(levels)
   axes = tuple(range(1, x.ndim))
   ref = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
   c = jax.lax.stop_gradient(jnp.max(ref, axis=axes, keepdims=True))
-  s = _step(c, bits)
+  s = _step(c, bits, signed=signed or levels == "paper")
   x_clipped = _clip(x, -c if signed else jnp.zeros_like(c), c)
   q = jnp.round(x_clipped / s) * s
   return jnp.where(bits >= FLOAT_BITS, x, _ste(x_clipped, q))
@@ -103,6 +119,8 @@ class QuantPolicy:
       quantized to ``ir_bits``. 0 quantizes no IR.
     ir_bits: bits of the IR sent to the cloud.
     per_channel: static; one weight clipping value per output channel.
+    activation_levels: static; the step of non-negative activations
+      (:data:`ACTIVATION_LEVELS`).
   """
 
   w_bits: jax.Array
@@ -110,3 +128,4 @@ class QuantPolicy:
   split: jax.Array
   ir_bits: jax.Array
   per_channel: bool = struct.field(pytree_node=False, default=False)
+  activation_levels: str = struct.field(pytree_node=False, default="paper")

@@ -171,6 +171,30 @@ def test_mse_matches_numpy_loop(ir_size, normalization):
   )
 
 
+@pytest.mark.parametrize("normalization", ["zscore", "minmax"])
+def test_mse_abs_scores_an_inverted_copy_as_a_copy(normalization):
+  """Catches mse_abs ignoring the sign (an inverted copy scoring 4) or changing plain mse."""
+  images, ir = random_inputs(7, ir_size=(16, 16), channels=3)
+  for b in range(2):
+    ir[b, :, :, 0] = -luma_np(images[b])  # an inverted copy of the input
+  mse = privacy.channel_distances(images, ir, "mse", normalization=normalization)
+  both = privacy.channel_distances(images, ir, "mse_abs", normalization=normalization)
+  normalize = zscore_np if normalization == "zscore" else minmax_np
+  for b in range(2):
+    ref = normalize(luma_np(images[b]))
+    for c in range(3):
+      plain = np.mean((ref - normalize(ir[b, :, :, c]))**2)
+      negated = np.mean((ref - normalize(-ir[b, :, :, c]))**2)
+      assert mse[b, c] == pytest.approx(plain, rel=1e-4, abs=1e-6)
+      assert both[b, c] == pytest.approx(min(plain, negated), rel=1e-4, abs=1e-6)
+      if normalization == "zscore":  # 2 (1 - |r|)
+        r = np.corrcoef(ref.ravel(), ir[b, :, :, c].ravel())[0, 1]
+        assert both[b, c] == pytest.approx(2 * (1 - abs(r)), rel=1e-4, abs=1e-6)
+  np.testing.assert_allclose(both[:, 0], 0.0, atol=1e-5)
+  if normalization == "zscore":
+    np.testing.assert_allclose(mse[:, 0], 4.0, rtol=1e-5)
+
+
 def test_ssim_matches_skimage():
   images, ir = random_inputs(6, size=(24, 20), ir_size=(12, 5), channels=3)
   # a smooth first image and a channel that resembles it, so the SSIMs span a wide range
@@ -284,7 +308,7 @@ _INF_IR[1, 0, 0, 1] = np.inf
 @pytest.mark.parametrize(
     "images,ir,kwargs,message",
     [
-        (_IMAGES, _IR, dict(metric="psnr"), r"unknown metric 'psnr'; valid: mse, ssim, kl"),
+        (_IMAGES, _IR, dict(metric="psnr"), r"unknown metric 'psnr'; valid: mse, mse_abs, ssim, kl"),
         (_IMAGES, _IR, dict(normalization="l2"), r"unknown normalization 'l2'; valid: zscore"),
         (_IMAGES[0], _IR, {}, r"images must have shape \(B, H, W, 3\); got \(16, 16, 3\)"),
         (_IMAGES[..., :1], _IR, {}, r"images must have shape \(B, H, W, 3\)"),

@@ -8,6 +8,7 @@ import pytest
 from maxpart_jax import data, privacy, profile
 from maxpart_jax.genome import quantized_edge, uniform_genome
 from maxpart_jax.models import get_model
+from maxpart_jax.quant import quantize_activations
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,23 @@ def test_block_profile_matches_direct_scores(setup):
   quant_prof = profile.block_profile(model, variables, images, genome=genome)
   assert float_prof["blocks"][0]["privacy"] == pytest.approx(quant_prof["blocks"][0]["privacy"])
   assert float_prof["blocks"][2]["privacy"] != pytest.approx(quant_prof["blocks"][2]["privacy"])
+
+
+def test_ir_only_profile_quantizes_the_ir_and_nothing_else(setup):
+  """Catches Fig. 8's IR-only curve quantizing the edge too (or not the IR): every split,
+  the stem's included, scores the float IR quantized to b bits."""
+  model, variables, images = setup
+  x = data.normalize(images)
+  prof = profile.block_profile(model, variables, images, ir_bits=2, batch_size=6)
+  for row in prof["blocks"]:
+    ir = quantize_activations(model.edge(variables, x, row["index"]), jnp.int32(2))
+    scores = privacy.privacy_score(jnp.asarray(images), ir)
+    assert row["privacy"] == pytest.approx(float(scores.mean()), rel=1e-5)
+  float_stem = profile.block_profile(model, variables, images)["blocks"][0]["privacy"]
+  assert prof["blocks"][0]["privacy"] != pytest.approx(float_stem)  # the stem IR too
+  with pytest.raises(ValueError, match="not both"):
+    profile.block_profile(model, variables, images, ir_bits=2,
+                          genome=uniform_genome(model.info, 1, 4))
 
 
 def test_layer_outputs_are_the_raw_convolutions(setup):

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from maxpart_jax.genome import (Genome, effective_bits, quantized_apply, quantized_edge,
-                                uniform_genome, validate_genome)
+                                to_policy, uniform_genome, validate_genome)
 from maxpart_jax.models import get_model
 from maxpart_jax.models.layers import QConv
-from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits, quantize_activations, quantize_weights
+from maxpart_jax.quant import (ACTIVATION_LEVELS, FLOAT_BITS, QuantPolicy, check_bits,
+                               quantize_activations, quantize_weights)
 
 
 def np_quantize(x, bits, lo_zero=False, axes=None):
@@ -48,6 +49,28 @@ def test_activations_match_numpy(bits):
   got = quantize_activations(jnp.asarray(x), jnp.int32(bits), signed=True)
   np.testing.assert_allclose(got, np.stack([np_quantize(xi, bits) for xi in x]), rtol=1e-5,
                              atol=1e-6)
+
+
+def test_unsigned_activation_levels_use_all_codes_by_hand():
+  """Catches the unsigned option falling back to Eq. 5's signed step (half the codes unused)
+  or leaking into signed inputs. c = 1 at 2 bits: paper step 1/(2^1 - 1) = 1, levels {0, 1};
+  unsigned step 1/(2^2 - 1) = 1/3, levels {0, 1/3, 2/3, 1}."""
+  x = jnp.array([[0.0, 0.3, 0.55, 0.7, 1.0]])
+  np.testing.assert_allclose(quantize_activations(x, jnp.int32(2)), [[0, 0, 1, 1, 1]])
+  np.testing.assert_allclose(quantize_activations(x, jnp.int32(2), levels="unsigned"),
+                             [[0, 1 / 3, 2 / 3, 2 / 3, 1]], rtol=1e-6)
+  rng = np.random.default_rng(0)
+  relu = np.maximum(rng.normal(size=(3, 32, 32, 4)), 0)
+  for bits in (2, 4, 8):
+    got = np.asarray(quantize_activations(jnp.asarray(relu), jnp.int32(bits), levels="unsigned"))
+    assert all(len(np.unique(g)) <= 2**bits for g in got)
+    assert max(len(np.unique(g)) for g in got) > 2**(bits - 1)  # more than the paper's codes
+  signed = jnp.asarray(rng.normal(size=(2, 5)))
+  np.testing.assert_array_equal(quantize_activations(signed, jnp.int32(4), signed=True),
+                                quantize_activations(signed, jnp.int32(4), signed=True,
+                                                     levels="unsigned"))
+  with pytest.raises(ValueError, match="activation_levels must be one of"):
+    quantize_activations(x, jnp.int32(2), levels="half")
 
 
 def test_sentinel_is_identity_and_zero_tensor_is_safe():
@@ -96,6 +119,25 @@ def tiny():
   variables = model.init(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   return model, variables, x
+
+
+def test_activation_levels_reach_every_quantizer_of_the_model(tiny):
+  """Catches the option set on the policy but ignored by the layers or by the IR quantizer."""
+  model, variables, x = tiny
+  info = model.info
+  ir_only = Genome(p=jnp.int32(3), w_bits=jnp.full(info.num_layers, FLOAT_BITS),
+                   a_bits=jnp.full(info.num_layers, FLOAT_BITS).at[info.block_last_layer[2]].set(2))
+  inner_only = Genome(p=jnp.int32(3), w_bits=jnp.full(info.num_layers, FLOAT_BITS),
+                      a_bits=jnp.full(info.num_layers, FLOAT_BITS).at[2].set(2))
+  irs = {levels: model.edge(variables, x, 3, to_policy(info, ir_only, activation_levels=levels))
+         for levels in ACTIVATION_LEVELS}
+  assert max(len(np.unique(ir)) for ir in irs["paper"]) <= 2  # {0, c}
+  assert max(len(np.unique(ir)) for ir in irs["unsigned"]) == 4  # {0, c/3, 2c/3, c}
+  inner = [model.apply(variables, x, policy=to_policy(info, inner_only, activation_levels=levels))
+           for levels in ACTIVATION_LEVELS]
+  assert not np.allclose(inner[0], inner[1])
+  with pytest.raises(ValueError, match="activation_levels must be one of"):
+    to_policy(info, ir_only, activation_levels="signed")
 
 
 def test_effective_bits_masks_cloud_and_end_layers(tiny):

@@ -56,6 +56,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       finetune_steps=ml_collections.FieldReference(None, field_type=int), finetune_lr=1e-3,
       finetune_momentum=0.9, batch_size=128, metric="mse", normalization="zscore",
       per_channel=False, seed=0,
+      # The step of non-negative activations: "paper" (Eq. 5 as written, c / (2^(b-1) - 1))
+      # or "unsigned" (c / (2^b - 1), all 2^b codes; results/options/).
+      activation_levels="paper",
       # How the K candidates of a device run: "vmap", "map" (one per call) or "auto".
       candidate_loop="auto",
       # Convolution / matmul numerics: "float32", "bfloat16" or "auto" (bfloat16 on GPU/TPU,

@@ -73,7 +73,8 @@ def _quantize_inputs(x, kernel, layer_id, quantizable, signed_input, policy):
   """Applies the policy's bits for ``layer_id`` to a layer's input and kernel."""
   if policy is None or not quantizable:
     return x, kernel
-  x = quantize_activations(x, policy.a_bits[layer_id], signed=signed_input)
+  x = quantize_activations(x, policy.a_bits[layer_id], signed=signed_input,
+                           levels=policy.activation_levels)
   kernel = quantize_weights(kernel, policy.w_bits[layer_id], policy.per_channel)
   return x, kernel
 
@@ -195,7 +196,8 @@ class Chain(nn.Module):
       x = self.blocks[i](x, train=train, policy=policy)
       if policy is not None:
         # The IR the edge sends is quantized; `split` is traced, so test every boundary.
-        x = jnp.where(policy.split == i + 1, quantize_activations(x, policy.ir_bits), x)
+        x = jnp.where(policy.split == i + 1, quantize_activations(
+            x, policy.ir_bits, levels=policy.activation_levels), x)
     return x
 
 

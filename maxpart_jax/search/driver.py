@@ -91,7 +91,8 @@ def fitness_from_config(config: ml_collections.ConfigDict) -> FitnessConfig:
       device=DeviceConfig(budget_mj=f.budget_mj), transmission=f.transmission,
       finetune_steps=f.finetune_steps, finetune_lr=f.finetune_lr,
       finetune_momentum=f.finetune_momentum, batch_size=f.batch_size, metric=f.metric,
-      normalization=f.normalization, per_channel=f.per_channel, seed=f.seed,
+      normalization=f.normalization, per_channel=f.per_channel,
+      activation_levels=f.activation_levels, seed=f.seed,
       candidate_loop=f.candidate_loop, compute_dtype=f.compute_dtype,
       matmul_precision=f.matmul_precision, pipeline=f.pipeline)
 

@@ -18,8 +18,13 @@ a leading candidate axis placed split over all devices (``NamedSharding``), and 
 partitions the work along it, so on 8 TPU cores 8 candidates train at once. The
 candidates of a device are taken one per call or ``jax.vmap``-ped into one
 computation (``candidate_loop``). All candidates see the same batches, so a genome's
-fitness does not depend on which other genomes share its step. A candidate whose
-fine-tuning diverges (non-finite loss or weights) gets fitness 0.
+fitness does not depend on which other genomes share its step, up to float rounding:
+with ``vmap``, or on another device count or pipeline, the same genome's fine-tuned
+weights can differ in their last bits, and an 8-bit IR code on a rounding boundary then
+flips by one step (privacy moves by ~1e-3; the tests bound it). With the default
+``map`` on a fixed device count, a genome's metrics repeat bit for bit. A candidate whose
+fine-tuning diverges (non-finite loss or weights) gets fitness 0; one whose privacy is not
+finite too, and one whose IR collapsed (every channel constant) is marked.
 
 With ``pipeline="fused"`` (the default on GPUs and TPUs) the training and
 validation images sit on the devices as uint8, and the whole fine-tuning, the
@@ -53,6 +58,7 @@ from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
 from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.quant import check_activation_levels
 from maxpart_jax.train import (PIPELINES, Progress, StepRunner, TrainState, count_correct,
                                resolve_pipeline, train_step)
 
@@ -70,6 +76,8 @@ class FitnessConfig:
     finetune_lr, finetune_momentum, batch_size: the fine-tuning optimizer.
     metric, normalization: the privacy score.
     per_channel: per-channel weight quantization.
+    activation_levels: ``paper`` (Eq. 5's step for every activation) or ``unsigned``
+      (all 2^b codes for non-negative activations); see :mod:`maxpart_jax.quant`.
     seed: the fine-tuning data order.
     candidate_loop: how a device runs its candidates: ``vmap`` (all in one batched
       computation, where convolutions become grouped convolutions) or ``map`` (one per
@@ -95,6 +103,7 @@ class FitnessConfig:
   metric: str = "mse"
   normalization: str = "zscore"
   per_channel: bool = False
+  activation_levels: str = "paper"
   seed: int = 0
   candidate_loop: str = "auto"
   compute_dtype: str = "auto"
@@ -115,6 +124,7 @@ class FitnessConfig:
       raise ValueError(f"unknown privacy metric {self.metric!r}; choose from {privacy.METRICS}")
     if self.pipeline not in PIPELINES:
       raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+    check_activation_levels(self.activation_levels)
     # Checks both names; the platform only decides what "auto" becomes.
     resolve_numerics(self.compute_dtype, self.matmul_precision, "cpu")
 
@@ -316,7 +326,8 @@ class Evaluator:
   def policies(self, genomes: Genome) -> Any:
     """Candidate-sharded quantization policies of K genomes."""
     return self._candidates(
-        jax.vmap(lambda g: to_policy(self.model.info, g, self.config.per_channel))(genomes))
+        jax.vmap(lambda g: to_policy(self.model.info, g, self.config.per_channel,
+                                     self.config.activation_levels))(genomes))
 
   def pad(self, genomes: Genome) -> Genome:
     """Repeats the last genome so that K is a multiple of the compiled chunk size."""
