@@ -31,13 +31,9 @@ import os
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from scipy import stats
 
+from experiments import k_compare
 from experiments.configs import search as search_configs
 from maxpart_jax.energy import population_energy
 from maxpart_jax.genome import Genome, effective_bits
@@ -106,49 +102,19 @@ def run(k: int, seeds: int, iterations: int) -> dict[str, np.ndarray]:
           "children": config.search.pop_size + k * np.arange(1, steps + 1)}
 
 
-def summarize(k: int, out: dict[str, np.ndarray]) -> dict[str, object]:
-  """Per-seed final best, best feasible and children-to-best of one K."""
-  best = out["best"]
-  final = best[:, -1]
-  first = np.argmax(best >= final[:, None], axis=1)  # first step at the final best
-  to_best = out["children"][first]
-  return {"k": k, "final_best": final.tolist(), "final_best_feasible": out["best_feasible"][:, -1].tolist(),
-          "children_to_best": to_best.tolist(),
-          "median_final_best": float(np.median(final)), "mean_final_best": float(np.mean(final)),
-          "median_children_to_best": float(np.median(to_best))}
-
-
 def main(argv: list[str]) -> None:
   del argv
   ks = [int(k) for k in _KS.value]
   outs = {k: run(k, _SEEDS.value, _ITERATIONS.value) for k in ks}
-  rows = [summarize(k, outs[k]) for k in ks]
-  result = {"seeds": _SEEDS.value, "iterations": _ITERATIONS.value, "rows": rows}
-  if len(ks) == 2:  # are the two K's final best fitnesses from one distribution?
-    a, b = (np.asarray(r["final_best"]) for r in rows)
-    result["mann_whitney_p_final_best"] = float(stats.mannwhitneyu(a, b).pvalue)
-    a, b = (np.asarray(r["children_to_best"]) for r in rows)
-    result["mann_whitney_p_children_to_best"] = float(stats.mannwhitneyu(a, b).pvalue)
+  rows = [k_compare.summarize(k, outs[k]) for k in ks]
+  tests = k_compare.compare(rows) if len(ks) == 2 else {}
+  result = {"seeds": _SEEDS.value, "iterations": _ITERATIONS.value, "rows": rows, **tests}
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "k_study.json"), "w") as f:
     json.dump(result, f, indent=2)
-  fig, ax = plt.subplots(figsize=(6, 3.8))
-  for k in ks:
-    q = np.percentile(outs[k]["best"], [25, 50, 75], axis=0)
-    line, = ax.plot(outs[k]["children"], q[1], label=f"K = {k} (median, quartiles)")
-    ax.fill_between(outs[k]["children"], q[0], q[2], color=line.get_color(), alpha=0.2)
-  ax.set_xlabel("children evaluated"), ax.set_ylabel("best fitness so far"), ax.legend()
-  ax.set_title(f"Algorithm 1 (K = 1) vs batched, {_SEEDS.value} seeds, synthetic fitness")
-  fig.tight_layout()
-  fig.savefig(os.path.join(_OUT.value, "k_study.png"), dpi=120)
-  plt.close(fig)
-  for r in rows:
-    print(f"K={r['k']}: final best median {r['median_final_best']:.4f} "
-          f"(mean {r['mean_final_best']:.4f}), children to best median "
-          f"{r['median_children_to_best']:.0f}")
-  if "mann_whitney_p_final_best" in result:
-    print(f"Mann-Whitney p: final best {result['mann_whitney_p_final_best']:.3f}, "
-          f"children to best {result['mann_whitney_p_children_to_best']:.3f}")
+  k_compare.plot(outs, os.path.join(_OUT.value, "k_study.png"),
+                 f"Algorithm 1 (K = 1) vs batched, {_SEEDS.value} seeds, synthetic fitness")
+  print(k_compare.report(rows, tests))
 
 
 if __name__ == "__main__":

@@ -264,8 +264,9 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
   and step ``t`` draws the same randomness whatever the total, so a finished search can
   be extended with a larger T and ends exactly where a run with that T from the start
   would), the hold-out split, the content of the data and of the pre-trained weights
-  (not where they live: moving them is harmless), and what the ``auto`` settings resolved
-  to on this machine (``compute_dtype="auto"`` is float32 on a CPU and bfloat16 on a GPU).
+  (not where they live: moving them is harmless), the images ε and P are measured on, and
+  what the ``auto`` settings resolved to on this machine (``compute_dtype="auto"`` is
+  float32 on a CPU and bfloat16 on a GPU).
   """
   identity = runs.flatten({
       k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
@@ -275,10 +276,20 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
   identity.update({
       "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
       "data_content": data.fingerprint(evaluator.train.dataset, config.data_dir or None)["content"],
+      # The images ε and P are measured on, as the evaluator holds them (a caller may pass
+      # an evaluator built for another search.seed).
+      "evaluation_images_sha256": _images_sha256(evaluator),
       "resolved.compute_dtype": evaluator.numerics.dtype,
       "resolved.matmul_precision": evaluator.numerics.precision,
       "resolved.pipeline": evaluator.pipeline, "resolved.candidate_loop": evaluator.candidate_loop})
   return json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
+
+
+def _images_sha256(evaluator: Evaluator) -> str:
+  digest = hashlib.sha256()
+  for array in (evaluator.val.images, evaluator.val.labels, evaluator.privacy_images):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
