@@ -51,14 +51,13 @@ def config_error(error: Exception, argv: list[str]) -> str:
   if isinstance(error, ValueError) or not unknown:
     return text.strip("'\"")
   name = unknown.group(1)
-  for arg in argv:
-    path = arg[len("--config."):].split("=")[0].split(".") if arg.startswith("--config.") else []
+  suggestion = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+  for arg in filter(lambda a: a.startswith("--config."), argv):
+    path = arg[len("--config."):].split("=")[0].split(".")
     if name in path:
-      parent = ".".join(path[:path.index(name)])
-      suggestion = re.search(r'Did you mean \\?"(\w+)\\?"', text)
-      hint = (f"; did you mean {parent + '.' if parent else ''}{suggestion.group(1)}?"
-              if suggestion else "")
-      return f"unknown config field {'.'.join(path[:path.index(name) + 1])} (in {arg}){hint}"
+      parent = path[:path.index(name)]
+      hint = f"; did you mean {'.'.join(parent + [suggestion.group(1)])}?" if suggestion else ""
+      return f"unknown config field {'.'.join(parent + [name])} (in {arg}){hint}"
   return f"unknown config field {name}"
 
 

@@ -32,21 +32,13 @@ from experiments import common
 from maxpart_jax import checkpoint, data, privacy, profile
 from maxpart_jax.genome import to_policy, uniform_genome
 from maxpart_jax.quant import ACTIVATION_LEVELS
+from maxpart_jax.train import evaluate
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", "pretrained/cpu_resnet18/model", "pre-trained model")
 _OUT = flags.DEFINE_string("out", "results/options", "output folder")
 _VAL_IMAGES = flags.DEFINE_integer("val_images", 1000, "validation images for top-1")
 _PRIVACY_IMAGES = flags.DEFINE_integer("privacy_images", 256, "validation images for privacy")
 A_BITS = (2, 4, 8)
-
-
-def top1(model, variables, images: np.ndarray, labels: np.ndarray, policy=None) -> float:
-  """Top-1 accuracy of the model on normalized ``images`` (batches of 500)."""
-  correct = 0
-  for i in range(0, len(labels), 500):
-    logits = model.apply(variables, jnp.asarray(images[i:i + 500]), policy=policy)
-    correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[i:i + 500]))
-  return correct / len(labels)
 
 
 def anti_correlated_share(model, variables, images: np.ndarray, x: np.ndarray, q: int,
@@ -68,19 +60,18 @@ def main(argv: list[str]) -> None:
                seed=meta["split"]["data_seed"])
   val = data.load_split("val", **split)
   acc_split = val.take(min(_VAL_IMAGES.value, len(val)), seed=0)
-  acc_x, acc_y = data.normalize(acc_split.images, val.dataset), np.asarray(acc_split.labels)
   images = val.take(_PRIVACY_IMAGES.value, seed=1).float_images()
   x = data.normalize(images, val.dataset)
   info = model.info
   splits = list(range(1, info.max_split + 1))
   out = {"model": meta["model"], "labels": [b.label for b in info.blocks[:info.max_split]],
-         "val_images": len(acc_y), "privacy_images": len(images),
-         "float_top1": top1(model, variables, acc_x, acc_y), "levels": {}, "metric": {}}
+         "val_images": len(acc_split), "privacy_images": len(images),
+         "float_top1": evaluate(model, variables, acc_split), "levels": {}, "metric": {}}
   for levels in ACTIVATION_LEVELS:
     out["levels"][levels] = {}
     for a_bits in A_BITS:
       genome = uniform_genome(info, 1, 8, a_bits)
-      accuracy = [top1(model, variables, acc_x, acc_y, to_policy(
+      accuracy = [evaluate(model, variables, acc_split, policy=to_policy(
           info, genome.replace(p=jnp.int32(q)), activation_levels=levels)) for q in splits]
       priv = [b["privacy"] for b in profile.block_profile(
           model, variables, images, dataset=val.dataset, genome=genome,

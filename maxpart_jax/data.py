@@ -193,16 +193,15 @@ def load_split(
   return Split(images=images, labels=labels, num_classes=info.num_classes, dataset=dataset)
 
 
-def fingerprint(dataset: str = "cifar100",
-                data_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
-  """Where ``dataset`` is read from and a hash of its content (train and test images and labels).
+def content_hash(dataset: str = "cifar100",
+                 data_dir: str | os.PathLike[str] | None = None) -> str:
+  """A hash of ``dataset``'s content (train and test images and labels), wherever it is read.
 
   A resumed run compares the content, not the location: moving the shards is harmless,
   changing them is not. Hashing CIFAR-100 takes about half a second; it is cached.
   """
   dataset_info(dataset)
-  source = _resolve_source(dataset, data_dir)
-  return {"source": f"{source.kind}:{source.location}", "content": _content_hash(source, dataset)}
+  return _content_hash(_resolve_source(dataset, data_dir), dataset)
 
 
 @functools.lru_cache(maxsize=8)

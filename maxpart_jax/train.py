@@ -41,7 +41,7 @@ from flax import struct
 
 from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.metrics import MetricWriter
-from maxpart_jax.models import SplitModel, Variables, get_model
+from maxpart_jax.models import SplitModel, Variables, available_models, get_model
 from maxpart_jax.models.layers import Numerics, resolve_numerics
 from maxpart_jax.quant import QuantPolicy
 
@@ -84,7 +84,6 @@ def validate_train_config(config: ml_collections.ConfigDict, prefix: str = "") -
   ``prefix``: how the fields are named in messages (``"pretrain."`` inside a search config).
   """
   data.dataset_info(config.dataset)
-  from maxpart_jax.models import available_models  # pylint: disable=import-outside-toplevel
   if config.model.name not in available_models():
     raise ValueError(f"unknown model {config.model.name!r} in {prefix}model; available: "
                      f"{available_models()}")
@@ -111,7 +110,7 @@ def train_identity(config: ml_collections.ConfigDict, numerics: Numerics, pipeli
   identity.update({
       "resolved.compute_dtype": numerics.dtype, "resolved.matmul_precision": numerics.precision,
       "resolved.pipeline": pipeline,
-      "data_content": data.fingerprint(train_split.dataset, config.data_dir or None)["content"]})
+      "data_content": data.content_hash(train_split.dataset, config.data_dir or None)})
   return json.loads(json.dumps(identity, default=str))
 
 
@@ -370,8 +369,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # The history first: a kill in between leaves a history ahead of the newest
     # checkpoint, which the resumed run cuts back (never one behind it).
     history["train_seconds"] += time.time() - segment_start
-    kept = sorted(int(k) for k in history["checkpoints"])[-2:]  # orbax keeps two steps
-    history["checkpoints"] = {str(k): history["checkpoints"][str(k)] for k in kept}
+    kept = set(mngr.all_steps())  # the steps orbax still holds, and this one
+    history["checkpoints"] = {k: v for k, v in history["checkpoints"].items() if int(k) in kept}
     history["checkpoints"][str(step)] = {"sums": sums.tolist(), "seen": seen,
                                          "train_seconds": history["train_seconds"]}
     checkpoint.write_json(history_path, history)

@@ -126,19 +126,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"search.{name} must be in [0, 1], got {s[name]}")
   if config.fitness.budget_mj <= 0:
     raise ValueError(f"fitness.budget_mj (E_b) must be > 0, got {config.fitness.budget_mj}")
-  for name, low in (("privacy_images", 1), ("val_images", 0), ("log_every_steps", 1),
-                    ("fitness.batch_size", 1), ("fitness.finetune_steps", 0)):
-    value = config[name] if "." not in name else config.fitness[name.split(".")[1]]
+  for name, value, low in (("privacy_images", config.privacy_images, 1),
+                           ("val_images", config.val_images, 0),
+                           ("log_every_steps", config.log_every_steps, 1),
+                           ("fitness.batch_size", config.fitness.batch_size, 1),
+                           ("fitness.finetune_steps", config.fitness.finetune_steps, 0)):
     if value is not None and value < low:
       raise ValueError(f"{name} must be >= {low}, got {value}")
-  validate_train_config(config.pretrain, "pretrain.")
+  validate_train_config(config.pretrain, "pretrain.")  # the model name among the rest
   strategy_from_config(config)  # unknown operators
   fitness_from_config(config)  # λ, ε_b, metric
-  for where, name in (("pretrain.model", config.pretrain.model.name),
-                      ("energy_model", config.energy_model.get("name") or
-                       config.pretrain.model.name)):
-    if name not in available_models():
-      raise ValueError(f"unknown model {name!r} in {where}; available: {available_models()}")
+  energy_model = config.energy_model.get("name")
+  if energy_model and energy_model not in available_models():
+    raise ValueError(f"unknown model {energy_model!r} in energy_model; available: "
+                     f"{available_models()}")
 
 
 def energy_info_from_config(config: ml_collections.ConfigDict) -> ModelInfo | None:
@@ -246,7 +247,7 @@ def load_state(workdir: str, like: evolution.SearchState
       errors.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
       logging.warning("the search state %s does not load (%s)", path, errors[-1])
       continue
-    if errors or path != paths[0]:
+    if path != paths[0]:
       logging.warning("resuming from the previous search state %s (step %d)", path,
                       int(state.step))
     return state, meta
@@ -275,7 +276,7 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
   identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
   identity.update({
       "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
-      "data_content": data.fingerprint(evaluator.train.dataset, config.data_dir or None)["content"],
+      "data_content": data.content_hash(evaluator.train.dataset, config.data_dir or None),
       # The images ε and P are measured on, as the evaluator holds them (a caller may pass
       # an evaluator built for another search.seed).
       "evaluation_images_sha256": _images_sha256(evaluator),
