@@ -24,7 +24,7 @@ from maxpart_jax import data, privacy
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import QConv, QDense
-from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
+from maxpart_jax.quant import QuantPolicy, check_bits
 
 
 def classifier(model: SplitModel, variables: Variables,
@@ -64,15 +64,13 @@ def block_profile(model: SplitModel, variables: Variables, images: np.ndarray, *
     check_bits([ir_bits], "ir_bits")
   classify_fn = classifier(model, variables, dataset) if metric == "kl" else None
   x_all = data.normalize(np.asarray(images, np.float32), dataset)
-  floats = jnp.full((model.info.num_layers,), FLOAT_BITS, jnp.int32)
   rows = []
   for q in range(1, model.info.max_split + 1):
     if genome is not None:
       policy = to_policy(model.info, genome.replace(p=jnp.int32(q)), per_channel,
                          activation_levels)
     elif ir_bits is not None:
-      policy = QuantPolicy(w_bits=floats, a_bits=floats, split=jnp.int32(q),
-                           ir_bits=jnp.int32(ir_bits), activation_levels=activation_levels)
+      policy = QuantPolicy.ir_only(model.info.num_layers, q, ir_bits, activation_levels)
     else:
       policy = None
     score = _block_scorer(model, q, metric, normalization, classify_fn)

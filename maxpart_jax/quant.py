@@ -129,3 +129,13 @@ class QuantPolicy:
   ir_bits: jax.Array
   per_channel: bool = struct.field(pytree_node=False, default=False)
   activation_levels: str = struct.field(pytree_node=False, default="paper")
+
+  @classmethod
+  def ir_only(cls, num_layers: int, split: int | jax.Array, ir_bits: int | jax.Array,
+              activation_levels: str = "paper") -> "QuantPolicy":
+    """A float edge whose IR at ``split`` alone is quantized to ``ir_bits`` (the paper's
+    Fig. 8 view; ``FLOAT_BITS`` leaves the IR float too)."""
+    check_activation_levels(activation_levels)
+    floats = jnp.full((num_layers,), FLOAT_BITS, jnp.int32)
+    return cls(w_bits=floats, a_bits=floats, split=jnp.asarray(split, jnp.int32),
+               ir_bits=jnp.asarray(ir_bits, jnp.int32), activation_levels=activation_levels)

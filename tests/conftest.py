@@ -22,6 +22,23 @@ EIGHT_CPU_DEVICES = ("--xla_force_host_platform_device_count=8 "
 EIGHT_CPU_ENV = {"XLA_FLAGS": EIGHT_CPU_DEVICES, "JAX_PLATFORMS": "cpu"}
 
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = str(REPO / "pretrained" / "cpu_resnet18" / "model")
+
+
+def _real_cifar100_dir() -> pathlib.Path:
+  """$MAXPART_DATA_DIR (read when the tests start), else ../shared/data/cifar100."""
+  folder = pathlib.Path(
+      os.environ.get("MAXPART_DATA_DIR") or REPO.parent / "shared" / "data" / "cifar100")
+  return folder / "cifar100" if (folder / "cifar100").is_dir() else folder
+
+
+REAL_DIR = _real_cifar100_dir()
+needs_real = pytest.mark.skipif(
+    not (REAL_DIR / "train-00.npz").is_file(),
+    reason=f"real CIFAR-100 shards not found in {REAL_DIR} (set MAXPART_DATA_DIR to the folder)")
+
+
 def relative_distance(a, b) -> float:
   """‖a − b‖ / ‖b‖ over all leaves of two pytrees (leaves of any shape, stacked or not)."""
   flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])

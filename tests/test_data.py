@@ -17,24 +17,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import REAL_DIR, REPO, needs_real
 from experiments import make_shards
 from maxpart_jax import data
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _real_cifar100_dir() -> pathlib.Path:
-  folder = pathlib.Path(
-      os.environ.get(data.ENV_DATA_DIR) or REPO.parent / "shared" / "data" / "cifar100")
-  return folder / "cifar100" if (folder / "cifar100").is_dir() else folder
-
-
-REAL_DIR = _real_cifar100_dir()
 REAL_CIFAR10_DIR = REAL_DIR.parent / "cifar10"
-needs_real = pytest.mark.skipif(
-    not (REAL_DIR / "train-00.npz").is_file(),
-    reason=f"real CIFAR-100 shards not found in {REAL_DIR} (set {data.ENV_DATA_DIR} to the folder)",
-)
 # Published CIFAR-100 train statistics (also measured in the shards' README.md).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)

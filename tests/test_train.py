@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import relative_distance
+from conftest import REAL_DIR, SHIPPED_MODEL as SHIPPED, needs_real, relative_distance
 from experiments.configs import train as train_configs
 from maxpart_jax import checkpoint, data, metrics, train
 from maxpart_jax.models import get_model
@@ -125,10 +125,6 @@ def test_training_learns_and_saved_model_reloads(fake_data_dir, tmp_path):
   assert results["test_accuracy"] > 0.05  # 100 classes: chance is 0.01
 
 
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "pretrained", "cpu_resnet18", "model")
-
-
 def test_shipped_model_is_the_quick_configs_and_its_checksum_is_verified(tmp_path):
   """The committed quick model loads, matches the quick config (architecture and hold-out),
   and a changed weight is refused (catches a loader that does not verify the checksum)."""
@@ -149,15 +145,11 @@ def test_shipped_model_is_the_quick_configs_and_its_checksum_is_verified(tmp_pat
     checkpoint.load_model(str(tmp_path))
 
 
-@pytest.mark.skipif(not os.environ.get(data.ENV_DATA_DIR) and not os.path.isdir(
-    os.path.join(os.path.dirname(SHIPPED), "..", "..", "..", "shared", "data", "cifar100")),
-                    reason="real CIFAR-100 not found (set MAXPART_DATA_DIR)")
+@needs_real
 def test_shipped_model_has_its_published_test_accuracy():
   """58.50 % on the 10 000 real test images, as its README and results.json say."""
   model, variables, _ = checkpoint.load_model(SHIPPED)
-  folder = os.environ.get(data.ENV_DATA_DIR) or os.path.join(
-      os.path.dirname(SHIPPED), "..", "..", "..", "shared", "data", "cifar100")
-  test = data.load_split("test", data_dir=folder)
+  test = data.load_split("test", data_dir=REAL_DIR)
   with open(os.path.join(os.path.dirname(SHIPPED), "results.json")) as f:
     published = json.load(f)["test_accuracy"]
   assert evaluate(model, variables, test) == published == 0.585

@@ -1,0 +1,175 @@
+"""Inversion attacks: they invert what must be invertible, fail where the IR forgets, are pure
+functions of their key, and refuse bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REAL_DIR, SHIPPED_MODEL, needs_real
+from maxpart_jax import attacks, checkpoint, data, runs
+from maxpart_jax.quant import QuantPolicy
+
+# Small enough for the suite; results/attacks/ uses the study's larger settings.
+FAST_DECODER = attacks.DecoderConfig(steps=150, batch_size=32, width=16)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+  model, variables, _ = checkpoint.load_model(SHIPPED_MODEL)
+  return model, variables
+
+
+@pytest.fixture(scope="module")
+def real_images():
+  """(auxiliary, victim) real CIFAR-100 test images in [0, 1], disjoint."""
+  images = data.load_split("test", data_dir=REAL_DIR).images.astype(np.float32) / 255
+  return images[:1000], images[5000:5064]
+
+
+@needs_real
+def test_decoder_inverts_the_stem_but_not_the_deepest_split(shipped, real_images):
+  """Catches a decoder that cannot learn (or cheats with the victim images): from the stem's
+  float IR (16 channels at full resolution) it must recover the images almost perfectly,
+  from the 4x4 IR after the last block much worse."""
+  model, variables = shipped
+  aux, victims = real_images
+  key = jax.random.key(0)
+  stem = attacks.decoder_attack(model, variables, 1, None, aux, victims, key, FAST_DECODER)
+  deep = attacks.decoder_attack(model, variables, model.info.max_split, None, aux, victims, key,
+                                FAST_DECODER)
+  assert stem["ssim"] > 0.8 and stem["psnr"] > 22
+  assert deep["ssim"] < 0.5 and deep["ssim"] < stem["ssim"] - 0.3
+  assert stem["losses"][-10:].mean() < stem["losses"][:10].mean() / 5
+  # the reported scores are those of the returned reconstructions
+  np.testing.assert_allclose(
+      stem["ssim_per_image"],
+      attacks.reconstruction_scores(stem["reconstructions"], victims)["ssim"], rtol=1e-6)
+
+
+@needs_real
+def test_whitebox_inverts_the_stem_through_the_quantizer(shipped, real_images):
+  """Catches a white-box attack whose gradient stops at the quantizer's rounding: at a 4-bit
+  IR it would stay at its gray start (SSIM near 0); with straight-through gradients it
+  recovers the images from the stem, and much less from the deepest split."""
+  model, variables = shipped
+  victims = real_images[1][:16]
+  config = attacks.WhiteboxConfig(steps=100)
+  key = jax.random.key(0)
+  four_bit = QuantPolicy.ir_only(model.info.num_layers, 1, 4)
+  stem = attacks.whitebox_attack(model, variables, 1, four_bit, victims, key, config)
+  gray = attacks.reconstruction_scores(np.full_like(victims, 0.5), victims)
+  assert stem["ssim"] > 0.7 and stem["ssim"] > gray["ssim"].mean() + 0.5
+  assert stem["losses"][-1] < stem["losses"][0] / 10
+  deep = attacks.whitebox_attack(model, variables, model.info.max_split, None, victims, key,
+                                 config)
+  assert deep["ssim"] < stem["ssim"] - 0.3
+
+
+@pytest.fixture(scope="module")
+def noise_images():
+  return np.asarray(jax.random.uniform(jax.random.key(2), (40, 32, 32, 3)))
+
+
+def test_attacks_are_pure_functions_of_their_key(shipped, noise_images):
+  """Catches hidden state or host randomness: the same key gives the same reconstructions
+  (fused or one call per step alike), another key other ones."""
+  (model, variables), images = shipped, noise_images
+  config = attacks.DecoderConfig(steps=4, batch_size=8, width=8)
+  policy = QuantPolicy.ir_only(model.info.num_layers, 2, 8)
+  run = lambda seed, fused: attacks.decoder_attack(
+      model, variables, 2, policy, images[:32], images[32:], jax.random.key(seed), config,
+      fused=fused)["reconstructions"]
+  first = run(0, False)
+  np.testing.assert_array_equal(first, run(0, False))
+  np.testing.assert_allclose(first, run(0, True), atol=1e-5)
+  assert np.abs(first - run(1, False)).max() > 1e-3
+  white = lambda seed: attacks.whitebox_attack(
+      model, variables, 2, policy, images[32:], jax.random.key(seed),
+      attacks.WhiteboxConfig(steps=3))["reconstructions"]
+  np.testing.assert_array_equal(white(0), white(0))
+  assert np.abs(white(0) - white(1)).max() > 1e-4
+
+
+def test_vmapped_decoders_equal_decoders_trained_one_by_one(shipped, noise_images):
+  """Catches decoders that leak into each other under vmap: two deployments trained together
+  give what each gives alone."""
+  (model, variables), images = shipped, noise_images
+  config = attacks.DecoderConfig(steps=3, batch_size=8, width=8)
+  policies = [QuantPolicy.ir_only(model.info.num_layers, 3, b) for b in (32, 2)]
+  key = jax.random.key(0)
+  together = attacks.decoder_attacks(model, variables, 3, policies, images[:32], images[32:],
+                                     key, config, vectorize=True)
+  for policy, joint in zip(policies, together):
+    alone = attacks.decoder_attack(model, variables, 3, policy, images[:32], images[32:], key,
+                                   config)
+    np.testing.assert_allclose(joint["reconstructions"], alone["reconstructions"], atol=1e-5)
+    np.testing.assert_allclose(joint["losses"], alone["losses"], rtol=1e-4)
+  assert np.abs(together[0]["reconstructions"] - together[1]["reconstructions"]).max() > 1e-3
+
+
+def test_scores_and_total_variation_match_hand_computations():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(3, 16, 16, 3)).astype(np.float32)
+  recon = np.clip(images + rng.normal(0, 0.1, images.shape), 0, 1).astype(np.float32)
+  scores = attacks.reconstruction_scores(recon, images)
+  mse = ((recon - images) ** 2).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(scores["psnr"], 10 * np.log10(1 / mse), rtol=1e-5)
+  perfect = attacks.reconstruction_scores(images, images)
+  np.testing.assert_allclose(perfect["ssim"], 1.0, atol=1e-5)
+  np.testing.assert_allclose(perfect["psnr"], attacks.MAX_PSNR)
+  tv = np.abs(np.diff(images, axis=1)).mean(axis=(1, 2, 3)) + np.abs(
+      np.diff(images, axis=2)).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(attacks.total_variation(jnp.asarray(images)), tv, rtol=1e-5)
+
+
+def test_bad_input_is_refused_by_name(shipped, noise_images):
+  (model, variables), images = shipped, noise_images
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+    attacks.decoder_attack(model, variables, 1, None, images * 255, images, key)
+  with pytest.raises(ValueError, match="\\(N, H, W, 3\\)"):
+    attacks.whitebox_attack(model, variables, 1, None, images[..., :1], key)
+  with pytest.raises(ValueError, match="split"):
+    attacks.whitebox_attack(model, variables, model.info.max_split + 1, None, images, key)
+  with pytest.raises(ValueError, match="decoder steps must be >= 1"):
+    attacks.DecoderConfig(steps=0)
+  with pytest.raises(ValueError, match="white-box"):
+    attacks.WhiteboxConfig(learning_rate=0)
+
+
+def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_data_dir,
+                                                                          tmp_path, caplog):
+  """Catches a resumed study that recomputes finished splits, mixes two configs in one
+  workdir, or reports correlations that are not Spearman's rho of its own rows."""
+  from experiments import attack_study
+  from experiments.configs import attacks as attack_configs
+  config = attack_configs.get_config("smoke")
+  config.data_dir = fake_data_dir
+  config.splits = (1,)
+  workdir, out = tmp_path / "work", tmp_path / "out"
+  first = attack_study.run(config, str(workdir), str(out))
+  assert [(r["split"], r["source"], r["ir_bits"]) for r in first["rows"]] == [
+      (1, "ir_only", 32), (1, "ir_only", 2), (4, "search_quick", 8)]
+  # a kill after the first split: only the genome's split is attacked again
+  rows_file = workdir / "resnet18" / attack_study.ROWS_FILE
+  stored = json.loads(rows_file.read_text())
+  stored["rows"] = stored["rows"][:2]
+  rows_file.write_text(json.dumps(stored))
+  with caplog.at_level("INFO"):
+    resumed = attack_study.run(config, str(workdir), str(out))
+  assert "1 splits to attack (1 settings); 2 settings already done" in caplog.text
+  untimed = lambda rows: [{k: ({**v, "seconds": None} if isinstance(v, dict) else v)
+                           for k, v in r.items()} for r in rows]
+  assert untimed(resumed["rows"]) == untimed(first["rows"])
+  ranks = lambda v: np.argsort(np.argsort(v))
+  p = [r["privacy"]["mse"] for r in first["rows"]]
+  ssim = [r["decoder"]["ssim"] for r in first["rows"]]
+  np.testing.assert_allclose(first["correlations"]["all"]["mse~decoder_ssim"]["rho"],
+                             np.corrcoef(ranks(p), ranks(ssim))[0, 1], atol=1e-9)
+  assert (out / "scatter.png").exists() and (out / "grid_resnet18.png").exists()
+  config.whitebox.tv_weight = 0.1
+  with pytest.raises(runs.WorkdirError, match="whitebox.tv_weight: was 0.05, now 0.1"):
+    attack_study.run(config, str(workdir), str(out))
