@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxpart_jax import checkpoint, data, runs
+from maxpart_jax import checkpoint, data, pareto, runs
 from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.metrics import MetricWriter
@@ -258,6 +258,25 @@ def load_state(workdir: str, like: evolution.SearchState
   return None
 
 
+def load_evaluations(workdir: str) -> list[dict[str, Any]]:
+  """The genomes a search in ``workdir`` has evaluated so far, with their metrics: from
+  ``evaluations.json`` when it has finished, else from its latest readable state."""
+  path = os.path.join(workdir, "evaluations.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+    try:
+      with np.load(os.path.join(workdir, name)) as f:
+        cache = json.loads(str(f["meta"]))["cache"]
+      return [{"key": key, **entry} for key, entry in cache.items()]
+    except Exception as e:  # pylint: disable=broad-except  (missing, zip, npz, JSON errors)
+      logging.warning("%s/%s does not load (%s: %s)", workdir, name, type(e).__name__, e)
+  raise runs.WorkdirError(f"{workdir} holds no evaluations.json and no search state that "
+                          "loads; give the workdir of a search (a reproduction's search is "
+                          "in <workdir>/search)")
+
+
 def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> dict[str, Any]:
   """Everything a search's results depend on, as ``{name: value}``; a resumed search must match.
 
@@ -480,6 +499,14 @@ def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: in
           "best_feasible_fitness": feasible[1]["fitness"] if feasible else None}
 
 
+def evaluations_list(cache: dict[str, dict[str, Any]], config: FitnessConfig
+                     ) -> list[dict[str, Any]]:
+  """Every evaluated genome with its metrics and the constraints it breaks, in the order
+  evaluated (what ``evaluations.json`` holds and :func:`maxpart_jax.pareto.front` reads)."""
+  return [{"key": key, **entry, "violations": violations(entry, config)}
+          for key, entry in cache.items()]
+
+
 def _failure_counts(cache: dict[str, dict[str, Any]]) -> dict[str, int]:
   """How many evaluated candidates failed (fitness set to 0), diverged, or collapsed."""
   return {f"{m}_candidates": sum(bool(e[m]) for e in cache.values())
@@ -544,6 +571,12 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
     writer = csv.DictWriter(f, fieldnames=list(meta_out["history"][0]))
     writer.writeheader()
     writer.writerows(meta_out["history"])
+  evaluations = evaluations_list(cached.cache, evaluator.config)
+  checkpoint.write_json(os.path.join(workdir, "evaluations.json"), evaluations)
+  front = pareto.front(evaluations, config.fitness.budget_mj, config.fitness.eps_bound)
+  checkpoint.write_json(os.path.join(workdir, "pareto.json"), front)
+  pareto.plot_front(front, evaluations, os.path.join(workdir, "pareto.png"),
+                    title=f"{evaluator.model.name}: Pareto front of the evaluated genomes")
   plots.fitness_curve(meta_out["history"], os.path.join(workdir, "fitness.png"),
                       title=f"{evaluator.model.name}: best fitness (Fig. 10)")
   plots.policy_bits(report, os.path.join(workdir, "policy.png"))

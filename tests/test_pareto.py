@@ -1,0 +1,67 @@
+"""Pareto fronts: exactly the non-dominated set, checked by brute force."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from maxpart_jax import pareto
+from maxpart_jax.search import driver
+
+
+def _brute_force(values: np.ndarray, maximize) -> np.ndarray:
+  """Point i is kept unless some j is >= in every objective and > in one (signs applied)."""
+  x = values * np.where(maximize, 1.0, -1.0)
+  keep = np.ones(len(x), bool)
+  for i, j in itertools.product(range(len(x)), repeat=2):
+    if np.all(x[j] >= x[i]) and np.any(x[j] > x[i]):
+      keep[i] = False
+  return keep
+
+
+@pytest.mark.parametrize("maximize", [(True, False), (True, False, True), (False, False, True)])
+def test_non_dominated_is_the_brute_force_front(maximize):
+  """Catches a strict/non-strict mix-up (ties on a small integer grid are frequent, and equal
+  points must both stay) and a sign error in the minimized objectives."""
+  rng = np.random.default_rng(len(maximize))
+  for _ in range(20):
+    values = rng.integers(0, 5, size=(30, len(maximize))).astype(float)
+    np.testing.assert_array_equal(np.asarray(pareto.non_dominated(values, maximize)),
+                                  _brute_force(values, maximize))
+  # a hand-made case: (privacy up, energy down)
+  values = np.array([[0.5, 1.0], [0.5, 1.0], [0.6, 2.0], [0.4, 1.5], [0.7, 2.0]])
+  np.testing.assert_array_equal(np.asarray(pareto.non_dominated(values, (True, False))),
+                                [True, True, False, False, True])
+
+
+def test_search_writes_its_evaluations_and_their_front(smoke, smoke_search, tmp_path):
+  """Catches a front computed over other candidates than the search evaluated, failed
+  candidates on it, a privacy-energy front with genomes outside ε_b, and a killed search
+  whose evaluations cannot be read back."""
+  report, workdir = smoke_search
+  evaluations = json.loads((workdir / "evaluations.json").read_text())
+  assert len(evaluations) == report["evaluations"]
+  front = json.loads((workdir / "pareto.json").read_text())
+  assert (workdir / "pareto.png").exists()
+  eps_bound = smoke.fitness.eps_bound
+  values = np.array([[e["privacy"], e["energy_mj"], e["accuracy"]] for e in evaluations])
+  expected = {evaluations[i]["key"] for i in np.flatnonzero(
+      _brute_force(values, (True, False, True)))}
+  assert {p["key"] for p in front["points"]} == expected
+  assert all(p["feasible"] == (p["energy_mj"] < smoke.fitness.budget_mj and p["eps"] < eps_bound)
+             for p in front["points"])
+  within = [e for e in evaluations if e["eps"] < eps_bound]
+  keep = _brute_force(np.array([[e["privacy"], e["energy_mj"]] for e in within]), (True, False))
+  assert {p["key"] for p in front["privacy_energy"]} == {e["key"] for e, k in zip(within, keep) if k}
+  # a failed candidate, however good its numbers, is left out
+  failed = {**evaluations[0], "key": "failed", "privacy": 99.0, "failed": 1.0}
+  again = pareto.front(evaluations + [failed], smoke.fitness.budget_mj, eps_bound)
+  assert again["left_out"] == 1 and "failed" not in {p["key"] for p in again["points"]}
+  # a search killed before its report: the same evaluations from its state
+  killed = tmp_path / "killed"
+  shutil.copytree(workdir, killed)
+  (killed / "evaluations.json").unlink()
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "violations"} for r in rows]
+  assert driver.load_evaluations(str(killed)) == strip(evaluations)
