@@ -20,6 +20,7 @@ SSIM), ``splits_<model>.png`` (attack SSIM and P per split) and ``grid_<model>.p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -80,14 +81,16 @@ def load_genomes(model, paths: str) -> list[tuple[str, Genome]]:
 def privacy_scores(model, variables, images: np.ndarray, irs: jax.Array,
                    config: ml_collections.ConfigDict) -> dict[str, float]:
   """Mean P of the victims' IRs for each metric of the config."""
-  classify_fn = profile.classifier(model, variables, config.dataset)
-  out = {}
-  for metric in config.metrics:
-    fn = jax.jit(lambda x, ir, m=metric: privacy.privacy_score(
-        x, ir, m, classify_fn=classify_fn if m == "kl" else None))
-    out[metric] = float(np.mean(np.concatenate(
-        [np.asarray(fn(images[i:i + 32], irs[i:i + 32])) for i in range(0, len(images), 32)])))
-  return out
+  return {metric: float(np.mean(np.concatenate(
+      [np.asarray(_privacy(model, metric, config.dataset, variables, images[i:i + 32],
+                           irs[i:i + 32])) for i in range(0, len(images), 32)])))
+          for metric in config.metrics}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _privacy(model, metric, dataset, variables, images, irs):
+  classify_fn = profile.classifier(model, variables, dataset) if metric == "kl" else None
+  return privacy.privacy_score(images, irs, metric, classify_fn=classify_fn)
 
 
 def attack_split(model, variables, split: int, group: list, aux: np.ndarray,

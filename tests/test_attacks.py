@@ -13,7 +13,7 @@ from maxpart_jax import attacks, checkpoint, data, runs
 from maxpart_jax.quant import QuantPolicy
 
 # Small enough for the suite; results/attacks/ uses the study's larger settings.
-FAST_DECODER = attacks.DecoderConfig(steps=150, batch_size=32, width=16)
+FAST_DECODER = attacks.DecoderConfig(steps=100, batch_size=32, width=16)
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +148,20 @@ def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_d
   from experiments.configs import attacks as attack_configs
   config = attack_configs.get_config("smoke")
   config.data_dir = fake_data_dir
-  config.splits = (1,)
+  config.splits = (1, 2)
+  config.models.resnet18.genomes = ""
   workdir, out = tmp_path / "work", tmp_path / "out"
   first = attack_study.run(config, str(workdir), str(out))
   assert [(r["split"], r["source"], r["ir_bits"]) for r in first["rows"]] == [
-      (1, "ir_only", 32), (1, "ir_only", 2), (4, "search_quick", 8)]
-  # a kill after the first split: only the genome's split is attacked again
+      (1, "ir_only", 32), (1, "ir_only", 2), (2, "ir_only", 32), (2, "ir_only", 2)]
+  # a kill after the first split: only the second is attacked again
   rows_file = workdir / "resnet18" / attack_study.ROWS_FILE
   stored = json.loads(rows_file.read_text())
   stored["rows"] = stored["rows"][:2]
   rows_file.write_text(json.dumps(stored))
   with caplog.at_level("INFO"):
     resumed = attack_study.run(config, str(workdir), str(out))
-  assert "1 splits to attack (1 settings); 2 settings already done" in caplog.text
+  assert "1 splits to attack (2 settings); 2 settings already done" in caplog.text
   untimed = lambda rows: [{k: ({**v, "seconds": None} if isinstance(v, dict) else v)
                            for k, v in r.items()} for r in rows]
   assert untimed(resumed["rows"]) == untimed(first["rows"])

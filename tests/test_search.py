@@ -236,16 +236,17 @@ def test_killed_search_resumes_to_the_same_result(smoke, smoke_search, tmp_path,
     return real(self, genomes, **kwargs)
 
   monkeypatch.setattr(Evaluator, "evaluate", crash_on_third_evaluation)
+  evaluator = driver.build_evaluator(smoke)  # a restarted process builds its own; same values
   with pytest.raises(KeyboardInterrupt):
-    driver.run_search(smoke, str(tmp_path / "b"))
+    driver.run_search(smoke, str(tmp_path / "b"), evaluator)
   monkeypatch.setattr(Evaluator, "evaluate", real)
-  resumed = driver.run_search(smoke, str(tmp_path / "b"))
+  resumed = driver.run_search(smoke, str(tmp_path / "b"), evaluator)
   assert _strip_times(resumed) == _strip_times(straight)
   # Rerunning a finished search evaluates nothing (not even the final test accuracy) and
   # returns the stored report; its times are summed over processes and stay as they were.
   monkeypatch.setattr(Evaluator, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
   events = sorted(os.listdir(tmp_path / "b" / "tensorboard"))
-  again = driver.run_search(smoke, str(tmp_path / "b"))
+  again = driver.run_search(smoke, str(tmp_path / "b"), evaluator)
   assert again == resumed
   assert sorted(os.listdir(tmp_path / "b" / "tensorboard")) == events  # no empty event file
   assert again["phase_seconds"] == resumed["phase_seconds"]
@@ -352,9 +353,10 @@ def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, smoke_
                                                                   tmp_path):
   longer = copy.deepcopy(smoke)
   longer.search.iterations = 2 * smoke.search.iterations
-  straight = driver.run_search(longer, str(tmp_path / "a"))
+  evaluator = driver.build_evaluator(longer)  # T does not change how genomes are evaluated
+  straight = driver.run_search(longer, str(tmp_path / "a"), evaluator)
   shutil.copytree(smoke_search[1], tmp_path / "b")  # the finished shorter search
-  extended = driver.run_search(longer, str(tmp_path / "b"))
+  extended = driver.run_search(longer, str(tmp_path / "b"), evaluator)
   assert _strip_times(extended) == _strip_times(straight)
   history = [json.load(open(tmp_path / d / "history.json")) for d in "ab"]
   assert history[0] == history[1] and len(history[0]) == 1 + 4  # init + T/K steps
