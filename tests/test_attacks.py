@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REAL_DIR, SHIPPED_MODEL, needs_real
-from maxpart_jax import attacks, checkpoint, data, runs
+from maxpart_jax import attack_study, attacks, checkpoint, data, runs
 from maxpart_jax.quant import QuantPolicy
 
 # Small enough for the suite; results/attacks/ uses the study's larger settings.
@@ -144,7 +144,6 @@ def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_d
                                                                           tmp_path, caplog):
   """Catches a resumed study that recomputes finished splits, mixes two configs in one
   workdir, or reports correlations that are not Spearman's rho of its own rows."""
-  from experiments import attack_study
   from experiments.configs import attacks as attack_configs
   config = attack_configs.get_config("smoke")
   config.data_dir = fake_data_dir
