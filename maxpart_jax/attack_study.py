@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from maxpart_jax import attacks, checkpoint, data, privacy, profile, runs
+from maxpart_jax import attacks, checkpoint, data, privacy, profile, runs, train
 from maxpart_jax.genome import Genome, to_policy, validate_genome
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
 
@@ -71,10 +71,9 @@ def load_genomes(model, paths: str) -> list[tuple[str, Genome]]:
 def privacy_scores(model, variables, images: np.ndarray, irs: jax.Array,
                    config: ml_collections.ConfigDict) -> dict[str, float]:
   """Mean P of the victims' IRs for each metric of the config."""
-  return {metric: float(np.mean(np.concatenate(
-      [np.asarray(_privacy(model, metric, config.dataset, variables, images[i:i + 32],
-                           irs[i:i + 32])) for i in range(0, len(images), 32)])))
-          for metric in config.metrics}
+  return {metric: float(np.mean(profile.batched(
+      lambda s, m=metric: _privacy(model, m, config.dataset, variables, images[s], irs[s]),
+      len(images), 32))) for metric in config.metrics}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -118,10 +117,27 @@ def attack_split(model, variables, split: int, group: list, aux: np.ndarray,
   return rows, recon
 
 
-def study_identity(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+def image_sets(test: data.Split, config: ml_collections.ConfigDict
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """``(auxiliary, victim)`` images in [0, 1]: disjoint random draws (``config.seed``) from
+  the two halves of a permutation of the test split, so that neither set follows the order
+  of the source (the local shards are sorted by class)."""
+  half = len(test) // 2
+  if config.aux_images > half or config.victim_images > len(test) - half:
+    raise ValueError(f"the test split has {len(test)} images: at most {half} auxiliary "
+                     f"and {len(test) - half} victim images, got {config.aux_images} "
+                     f"and {config.victim_images}")
+  order = np.random.default_rng(config.seed).permutation(len(test))
+  images = test.float_images()
+  return (images[np.sort(order[:config.aux_images])],
+          images[np.sort(order[half:half + config.victim_images])])
+
+
+def study_identity(config: ml_collections.ConfigDict, name: str, aux: np.ndarray,
+                   victims: np.ndarray) -> dict[str, Any]:
   """What the rows of model ``name`` depend on: the config's attack settings, the model's
-  weights (SHA-256 of model.json, which holds the weights' own SHA-256), its genomes and the
-  data."""
+  weights (SHA-256 of model.json, which holds the weights' own SHA-256), its genomes, the
+  data and the images drawn from it."""
   shared = {k: v for k, v in config.to_dict().items() if k not in ("grid_images", "models")}
   identity = runs.flatten(shared)
   m = config.models[name]
@@ -134,6 +150,8 @@ def study_identity(config: ml_collections.ConfigDict, name: str) -> dict[str, An
     with open(path) as f:
       identity[f"genome.{path}"] = json.load(f)["genome"]
   identity["data"] = data.content_hash(config.dataset, config.data_dir or None)
+  for what, images in (("aux", aux), ("victim", victims)):
+    identity[f"{what}_images_sha256"] = hashlib.sha256(images.tobytes()).hexdigest()
   return json.loads(json.dumps(identity))  # tuples as lists, as stored
 
 
@@ -157,20 +175,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
   Returns what ``study.json`` holds.
   """
   check_bits(list(config.ir_bits), "ir_bits")
-  attacks.DecoderConfig(**config.decoder), attacks.WhiteboxConfig(**config.whitebox)
+  attacks.DecoderConfig(**config.decoder)  # their checks, before any work
+  attacks.WhiteboxConfig(**config.whitebox)
   models = list(models or config.models)
   unknown = sorted(set(models) - set(config.models))
   if unknown:
     raise ValueError(f"models {unknown} are not in the config; it has {sorted(config.models)}")
   test = data.load_split("test", dataset=config.dataset, data_dir=config.data_dir or None)
-  half = len(test.images) // 2
-  if config.aux_images > half or config.victim_images > len(test.images) - half:
-    raise ValueError(f"the test split has {len(test.images)} images: at most {half} auxiliary "
-                     f"and {len(test.images) - half} victim images, got {config.aux_images} "
-                     f"and {config.victim_images}")
-  aux = test.images[:config.aux_images].astype(np.float32) / 255
-  victims = test.images[half:half + config.victim_images].astype(np.float32) / 255
-  identities = {name: study_identity(config, name) for name in models}
+  aux, victims = image_sets(test, config)
+  identities = {name: study_identity(config, name, aux, victims) for name in models}
   with runs.workdir_lock(workdir):
     states, plan = {}, []
     for name in models:
@@ -182,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
           plan.append((name, model, variables, split, group))
     logging.info("%d splits to attack (%d settings); %d settings already done", len(plan),
                  sum(len(p[4]) for p in plan), sum(len(s["rows"]) for s in states.values()))
-    start = time.time()
+    progress = train.Progress(len(plan), every=1, name="attacked splits", unit="split")
     for i, (name, model, variables, split, group) in enumerate(plan):
       key = jax.random.fold_in(jax.random.key(config.seed), split)
       rows, recon = attack_split(model, variables, split, group, aux, victims, config, key)
@@ -194,9 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
                      "SSIM %.3f", name, split, r["block"], r["source"], r["ir_bits"],
                      r["privacy"].get("mse", float("nan")), r["decoder"]["ssim"],
                      r["whitebox"]["ssim"])
-      elapsed = time.time() - start
-      logging.info("%d/%d splits, elapsed %s, ETA %s", i + 1, len(plan), _hms(elapsed),
-                   _hms(elapsed / (i + 1) * (len(plan) - i - 1)))
+      progress(i + 1)
     all_rows = [r for name in models for r in sorted(states[name]["rows"],
                                                      key=lambda r: (r["split"], r["source"] != "ir_only"))]
     result = {"config": config.to_dict(), "models": models, "rows": all_rows,
@@ -238,11 +249,6 @@ def _save(workdir: str, state: dict[str, Any]) -> None:
   with open(tmp, "w") as f:
     json.dump({"identity": state["identity"], "rows": state["rows"]}, f, indent=1)
   os.replace(tmp, rows_path)
-
-
-def _hms(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def _plots(result: dict[str, Any], recon: dict[str, dict[str, np.ndarray]],

@@ -357,15 +357,15 @@ def _invert(model, split, dataset, config, variables, policy, targets, key, fuse
   shape = (targets.shape[0], *model.input_shape)
   x0 = jnp.clip(0.5 + config.init_noise * jax.random.normal(key, shape), 0.0, 1.0)
   carry = (x0, optax.adam(config.learning_rate).init(x0))
+  scale = jnp.mean(targets ** 2, axis=tuple(range(1, targets.ndim))) + 1e-12
   (x, _), losses = iterate(_whitebox_step, (model, split, dataset, config), carry,
-                           jnp.arange(config.steps), (variables, policy, targets), fused)
+                           jnp.arange(config.steps), (variables, policy, targets, scale), fused)
   return x, losses
 
 
-def _whitebox_step(model, split, dataset, config, carry, _, variables, policy, targets):
-  """One projected Adam step on the images."""
+def _whitebox_step(model, split, dataset, config, carry, _, variables, policy, targets, scale):
+  """One projected Adam step on the images (``scale``: each target's mean square)."""
   axes = tuple(range(1, targets.ndim))
-  scale = jnp.mean(targets ** 2, axis=axes) + 1e-12
 
   def objective(x):
     ir = edge_function(model, variables, split, dataset)(x, policy)

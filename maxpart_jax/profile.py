@@ -35,8 +35,8 @@ def classifier(model: SplitModel, variables: Variables,
   return lambda images: model.apply(variables, (images - mean) / std)
 
 
-def _batched(fn: Callable[[slice], jax.Array], n: int, batch_size: int) -> np.ndarray:
-  """``fn`` over consecutive slices of ``n`` examples, concatenated."""
+def batched(fn: Callable[[slice], jax.Array], n: int, batch_size: int) -> np.ndarray:
+  """``fn`` over consecutive slices of ``n`` examples, concatenated (on the host)."""
   return np.concatenate([np.asarray(fn(slice(i, i + batch_size))) for i in range(0, n, batch_size)])
 
 
@@ -74,7 +74,7 @@ def block_profile(model: SplitModel, variables: Variables, images: np.ndarray, *
     else:
       policy = None
     score = _block_scorer(model, q, metric, normalization, classify_fn)
-    scores = _batched(lambda s: score(variables, x_all[s], images[s], policy), len(images),
+    scores = batched(lambda s: score(variables, x_all[s], images[s], policy), len(images),
                       batch_size)
     rows.append({"index": q, "label": model.info.blocks[q - 1].label,
                  "privacy": float(scores.mean()), "privacy_std": float(scores.std())})
@@ -124,7 +124,7 @@ def layer_profile(model: SplitModel, variables: Variables, images: np.ndarray, *
                                             classify_fn=classify_fn) for l in convs], axis=-1)
 
   x_all = data.normalize(np.asarray(images, np.float32), dataset)
-  all_scores = _batched(lambda s: scores(variables, x_all[s], images[s]), len(images), batch_size)
+  all_scores = batched(lambda s: scores(variables, x_all[s], images[s]), len(images), batch_size)
   rows = [{"id": l.id, "name": l.name, "block": l.block, "block_label": info.blocks[l.block].label,
            "kind": l.kind, "privacy": float(all_scores[:, j].mean()),
            "privacy_std": float(all_scores[:, j].std())} for j, l in enumerate(convs)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REAL_DIR, SHIPPED_MODEL, needs_real
+from experiments.configs import attacks as attack_configs
 from maxpart_jax import attack_study, attacks, checkpoint, data, runs
 from maxpart_jax.quant import QuantPolicy
 
@@ -144,7 +145,6 @@ def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_d
                                                                           tmp_path, caplog):
   """Catches a resumed study that recomputes finished splits, mixes two configs in one
   workdir, or reports correlations that are not Spearman's rho of its own rows."""
-  from experiments.configs import attacks as attack_configs
   config = attack_configs.get_config("smoke")
   config.data_dir = fake_data_dir
   config.splits = (1, 2)
@@ -173,3 +173,23 @@ def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_d
   config.whitebox.tv_weight = 0.1
   with pytest.raises(runs.WorkdirError, match="whitebox.tv_weight: was 0.05, now 0.1"):
     attack_study.run(config, str(workdir), str(out))
+
+
+def test_attack_images_are_disjoint_random_draws_not_the_source_order():
+  """Catches an attacker and victims taken in source order: from class-sorted shards (as the
+  offline test split is) they would come from a few classes each, and different ones."""
+  labels = np.repeat(np.arange(100), 20)  # sorted by class, like the local shards
+  images = np.broadcast_to(labels[:, None, None, None].astype(np.uint8), (2000, 4, 4, 3))
+  split = data.Split(images=np.ascontiguousarray(images), labels=labels, num_classes=100,
+                     dataset="cifar100")
+  config = attack_configs.get_config("cpu")
+  config.aux_images, config.victim_images = 500, 100
+  aux, victims = attack_study.image_sets(split, config)
+  aux_classes = set(np.round(aux[:, 0, 0, 0] * 255).astype(int))
+  victim_classes = set(np.round(victims[:, 0, 0, 0] * 255).astype(int))
+  assert len(aux_classes) > 90 and len(victim_classes) > 50
+  again = attack_study.image_sets(split, config)
+  np.testing.assert_array_equal(again[1], victims)
+  config.victim_images = 1001
+  with pytest.raises(ValueError, match="at most 1000 auxiliary and 1000 victim images"):
+    attack_study.image_sets(split, config)

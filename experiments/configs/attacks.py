@@ -5,9 +5,10 @@ Variants:
           CIFAR-100, every split, the IR in float and at 8/4/2 bits, and the searched genomes.
   smoke   two splits, two IR widths, a few steps: for tests.
 
-The attacker's auxiliary images are the first ``aux_images`` of the test split; the victim's
-are ``victim_images`` from its second half (index ``len(test) // 2`` on), so the two never
-overlap. P is measured on the victim images, like the attacks.
+The test split is permuted with ``seed``; the attacker's ``aux_images`` are drawn from the first
+half of the permutation and the victim's ``victim_images`` from the second, so the two never
+overlap and neither follows the class order of the local shards. P is measured on the victim
+images, like the attacks.
 """
 
 import ml_collections
