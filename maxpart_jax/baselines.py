@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax import data, privacy
-from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, Energy, edge_energy, population_energy
+from maxpart_jax.energy import (PJ_PER_MJ, DeviceConfig, Energy, edge_energy, link_bits,
+                                population_energy)
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import FLOAT_BITS, check_bits
@@ -92,7 +93,14 @@ def raw_image_energy_mj(info: ModelInfo, device: DeviceConfig = DeviceConfig(),
   """Energy of sending the raw image instead of an IR (``p = 0``)."""
   if not transmission:
     return 0.0
-  return float(np.prod(info.input_shape)) * RAW_IMAGE_BITS * device.tx_pj_per_bit / PJ_PER_MJ
+  on_air, _ = link_bits(float(np.prod(info.input_shape)) * RAW_IMAGE_BITS, device)
+  return float(on_air) * device.tx_pj_per_bit / PJ_PER_MJ
+
+
+def raw_image_latency_ms(info: ModelInfo, device: DeviceConfig = DeviceConfig()) -> float:
+  """Time to deliver the raw image over the link (``p = 0``: nothing is computed)."""
+  on_air, lost = link_bits(float(np.prod(info.input_shape)) * RAW_IMAGE_BITS, device)
+  return float(on_air / (device.bandwidth_mbps * 1e3) + lost * device.retry_timeout_ms)
 
 
 def offloaded(info: ModelInfo, p: int) -> tuple[int, int]:
@@ -178,10 +186,12 @@ def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
     images = jnp.asarray(evaluator.privacy_images)
     score = privacy.mean_privacy(images, images, config.metric, normalization=config.normalization)
     energy = raw_image_energy_mj(info, config.device, config.transmission)
-    raw = dict(privacy=float(score), energy_mj=energy, eps=0.0, diverged=0.0, failed=0.0,
-               collapsed=0.0,
+    latency = raw_image_latency_ms(info, config.device)
+    raw = dict(privacy=float(score), energy_mj=energy, eps=0.0, latency_ms=latency,
+               diverged=0.0, failed=0.0, collapsed=0.0,
                accuracy=evaluator.float_accuracy, test_accuracy=float_test,
-               fitness=float(combine(score, jnp.float32(energy), jnp.float32(0.0), config)))
+               fitness=float(combine(score, jnp.float32(energy), jnp.float32(0.0), config,
+                                     jnp.float32(latency))))
   out = []
   for b in baselines:
     row = raw if b.p == 0 else measured[(b.p, b.w_bits, b.a_bits, b.finetune)]

@@ -70,6 +70,25 @@ def front(evaluations: Sequence[dict[str, Any]], budget_mj: float | None = None,
           "eps_bound": eps_bound}
 
 
+def hypervolume(evaluations: Sequence[dict[str, Any]], budget_mj: float, eps_bound: float,
+                objectives: Sequence[str] = ("privacy", "energy_mj", "eps")) -> float:
+  """Hypervolume (moocore) of the feasible evaluated genomes: the volume of the feasible box
+  ``0 <= P``, ``E < E_b``, ``ε < ε_b`` that they dominate, over ``objectives`` (privacy up,
+  energy and ε down; any subset, e.g. ``("privacy", "energy_mj")`` for the
+  privacy-energy plane of the genomes within ε_b). One number per search that grows with
+  every genome that pushes the front out, and is 0 when nothing feasible was found.
+  """
+  import moocore
+  bounds = {"privacy": 0.0, "energy_mj": budget_mj, "eps": eps_bound}
+  sign = {"privacy": -1.0, "energy_mj": 1.0, "eps": 1.0}
+  rows = [[sign[o] * float(e[o]) for o in objectives] for e in evaluations
+          if not (e.get("diverged") or e.get("failed") or e.get("collapsed"))
+          and e["energy_mj"] < budget_mj and e["eps"] < eps_bound and e["privacy"] > 0]
+  if not rows:
+    return 0.0
+  return float(moocore.hypervolume(np.array(rows), ref=np.array([bounds[o] for o in objectives])))
+
+
 def _front_of(entries: Sequence[dict[str, Any]], objectives: Sequence[tuple[str, bool]]
               ) -> list[dict[str, Any]]:
   """Copies of the non-dominated ``entries`` over ``objectives``, by energy."""

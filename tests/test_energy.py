@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from experiments.energy_report import energy_report
-from maxpart_jax.energy import DeviceConfig, edge_energy, population_energy
+from maxpart_jax.energy import (DeviceConfig, edge_energy, edge_latency, link_bits,
+                                population_energy, population_latency)
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models import SplitModel, get_model
 from maxpart_jax.models.layers import Chain, ConvBN, Head
@@ -94,6 +95,73 @@ def test_device_config_rejects_bad_values():
   assert DeviceConfig.from_battery(10.0, 0.035).budget_mj == pytest.approx(0.35)
   with pytest.raises(ValueError, match="alpha must be in"):
     DeviceConfig.from_battery(10.0, 1.5)
+  with pytest.raises(ValueError, match="loss_rate must be in"):
+    DeviceConfig(loss_rate=1.0)
+  with pytest.raises(ValueError, match="descending order from 32"):
+    DeviceConfig(mac_rate_bits=(8, 32), mac_rate_gmacs=(4.0, 1.0))
+  with pytest.raises(ValueError, match="one positive rate each"):
+    DeviceConfig(mac_rate_bits=(32, 8), mac_rate_gmacs=(1.0,))
+
+
+# A link with 1000-bit packets, 100-bit headers, a quarter of the packets lost, 2 Mbps and
+# 5 ms from a lost packet to its resend.
+LOSSY = DeviceConfig(packet_bits=1000, header_bits=100, loss_rate=0.25, bandwidth_mbps=2.0,
+                     retry_timeout_ms=5.0, mac_rate_bits=(32, 16, 8),
+                     mac_rate_gmacs=(1.0, 2.0, 4.0))
+
+
+def test_lossy_link_by_hand():
+  """2500 bits: 3 packets of 1100 bits on air, each sent 4/3 times on average (1 of the 4
+  sends lost), so 4400 bits on air and 1 lost packet expected. Catches a loss counted
+  per bit, headers left out, or a partial last packet rounded away."""
+  on_air, lost = link_bits(jnp.float32(2500.0), LOSSY)
+  assert float(on_air) == pytest.approx((2500 + 3 * 100) / 0.75, rel=1e-6)  # 3733.3
+  assert float(lost) == pytest.approx(1.0, rel=1e-6)
+  assert [float(x) for x in link_bits(jnp.float32(2500.0), DeviceConfig())] == [2500.0, 0.0]
+
+
+def test_latency_and_lossy_energy_of_the_toy_by_hand():
+  """The toy at p = 2 with 4-bit weights and 8-bit inputs in conv a (8-bit rate: 4 GMAC/s),
+  2-bit weights and 6-bit inputs in conv b (also the 8-bit rate), 12-bit in the head (the
+  16-bit rate, but the head is in the cloud). Catches the wrong operand width, a rate
+  table read the wrong way round, or cloud layers timed on the edge."""
+  info = toy().info
+  genome = Genome(p=jnp.int32(2), w_bits=jnp.array([4, 2, 12]), a_bits=jnp.array([8, 6, 12]))
+  latency = edge_latency(info, genome, LOSSY)
+  assert float(latency.compute_ms) == pytest.approx((1728 + 288) / 4e9 * 1e3, rel=1e-6)
+  # The 2x2x2 IR at 6 bits: 48 bits, one packet of 148 bits sent 4/3 times; 1/3 lost.
+  assert float(latency.transmission_ms) == pytest.approx(148 / 0.75 / 2000 + 5 / 3, rel=1e-6)
+  energy = edge_energy(info, genome, LOSSY)
+  assert float(energy.transmission_mj) == pytest.approx(148 / 0.75 * 100 * 1e-9, rel=1e-6)
+  # At p = 3 the head (12 bits: the 16-bit rate of 2 GMAC/s) joins the edge.
+  deeper = edge_latency(info, genome.replace(p=jnp.int32(3)), LOSSY)
+  assert float(deeper.compute_ms) == pytest.approx(
+      ((1728 + 288) / 4e9 + 6 / 2e9) * 1e3, rel=1e-6)
+  batched = population_latency(info, jax.tree.map(lambda *x: jnp.stack(x), genome, genome),
+                               LOSSY)
+  np.testing.assert_allclose(np.asarray(batched.total_ms), float(latency.total_ms), rtol=1e-6)
+
+
+def test_latency_bound_punishes_and_breaks_feasibility():
+  """With a latency bound, the fitness gets Eq. 12's punishment for latency too and the
+  genome is infeasible; without one latency changes nothing. Catches a bound that is set
+  but ignored, or one applied when it is off."""
+  from maxpart_jax.search.fitness import FitnessConfig, combine, violation_degree, violations
+  bounded = FitnessConfig(lambda_latency=0.5, device=DeviceConfig(latency_bound_ms=10.0))
+  free = FitnessConfig()
+  p, e, eps = jnp.float32(2.0), jnp.float32(0.1), jnp.float32(0.0)
+  assert float(combine(p, e, eps, bounded, jnp.float32(15.0))) == pytest.approx(2 * 0.5 ** 0.5)
+  assert float(combine(p, e, eps, bounded, jnp.float32(5.0))) == pytest.approx(2.0)
+  assert float(combine(p, e, eps, free, jnp.float32(15.0))) == pytest.approx(2.0)
+  with pytest.raises(ValueError, match="needs latency"):
+    combine(p, e, eps, bounded)
+  row = dict(energy_mj=0.1, eps=0.0, fitness=1.0, diverged=0.0, failed=0.0, collapsed=0.0,
+             latency_ms=15.0)
+  assert violations(row, bounded) == ["latency 15.000 ms >= bound 10.0 ms"]
+  assert violations(row, free) == []
+  arrays = {k: np.array([v]) for k, v in row.items()}
+  assert violation_degree(arrays, bounded)[0] == pytest.approx(0.5 + 1e-6)
+  assert violation_degree(arrays, free)[0] == 0.0
 
 
 def test_energy_report_rows_and_budget():

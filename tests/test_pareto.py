@@ -36,6 +36,26 @@ def test_non_dominated_is_the_brute_force_front(maximize):
                                 [True, True, False, False, True])
 
 
+def test_hypervolume_by_hand_and_by_sampling():
+  """Two feasible genomes in the privacy-energy box [0, E_b): the union of their rectangles,
+  by hand; infeasible and failed genomes add nothing; in three objectives, a Monte Carlo
+  estimate agrees. Catches a reference point outside the feasible box, a sign error in
+  privacy, or infeasible genomes counted."""
+  row = lambda p, e, x, **kw: dict(privacy=p, energy_mj=e, eps=x, **kw)
+  evals = [row(0.5, 0.1, 0.0), row(0.8, 0.3, 0.01), row(2.0, 0.5, 0.0),  # over E_b
+           row(3.0, 0.1, 0.05), row(9.0, 0.1, 0.0, failed=1.0)]  # over ε_b; failed
+  two = pareto.hypervolume(evals, 0.4, 0.03, ("privacy", "energy_mj"))
+  assert two == pytest.approx(0.5 * 0.3 + (0.8 - 0.5) * 0.1)  # 0.18
+  assert pareto.hypervolume(evals[2:], 0.4, 0.03) == 0.0
+  rng = np.random.default_rng(0)
+  pts = np.array([[e["privacy"], e["energy_mj"], e["eps"]] for e in evals[:2]])
+  samples = rng.random((200_000, 3)) * [1.0, 0.4, 0.03]
+  dominated = ((samples[:, None, 0] <= pts[None, :, 0]) & (samples[:, None, 1] >= pts[None, :, 1])
+               & (samples[:, None, 2] >= pts[None, :, 2])).any(1)
+  assert pareto.hypervolume(evals, 0.4, 0.03) == pytest.approx(
+      dominated.mean() * 1.0 * 0.4 * 0.03, rel=0.02)
+
+
 def test_search_writes_its_evaluations_and_their_front(smoke, smoke_search, tmp_path):
   """Catches a front computed over other candidates than the search evaluated, failed
   candidates on it, a privacy-energy front with genomes outside ε_b, and a killed search

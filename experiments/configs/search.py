@@ -47,12 +47,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # blocks and layers), so that E_b keeps the paper's meaning.
   c.energy_model = ml_collections.ConfigDict(dict(name="", width=1.0))
 
+  # algorithm: "ga" (the paper's), "nsga2" or "random" (maxpart_jax/search/algorithms.py).
   c.search = ml_collections.ConfigDict(dict(
-      pop_size=20, sample_size=10, iterations=1000, num_tournaments=1, prob_p=0.5,
+      algorithm="ga", pop_size=20, sample_size=10, iterations=1000, num_tournaments=1, prob_p=0.5,
       prob_gene=0.3, w_bits=(2, 4, 6, 8), a_bits=(8,), seed=0, init="uniform",
       sample="uniform", select="best", mutate="resample", crossover="none", replace="worst"))
+  # The edge device beyond its energy constants: the link's energy per bit (the paper's
+  # 100 pJ/bit), MAC rates per operand width (illustrative: set yours), the link's rate,
+  # packets and loss, and an optional latency bound (0: none). maxpart_jax/energy.py.
+  c.device = ml_collections.ConfigDict(dict(
+      tx_pj_per_bit=100.0, mac_rate_bits=(32, 16, 8), mac_rate_gmacs=(1.0, 2.0, 4.0),
+      bandwidth_mbps=1.0, packet_bits=12000, header_bits=0, loss_rate=0.0,
+      retry_timeout_ms=0.0, latency_bound_ms=0.0))
   c.fitness = ml_collections.ConfigDict(dict(
-      budget_mj=0.35, eps_bound=0.03, lambda_energy=0.1, lambda_accuracy=0.1, transmission=True,
+      budget_mj=0.35, eps_bound=0.03, lambda_energy=0.1, lambda_accuracy=0.1,
+      lambda_latency=0.1, transmission=True,
       finetune_steps=ml_collections.FieldReference(None, field_type=int), finetune_lr=1e-3,
       finetune_momentum=0.9, batch_size=128, metric="mse", normalization="zscore",
       per_channel=False, seed=0,

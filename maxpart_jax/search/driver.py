@@ -29,21 +29,30 @@ import ml_collections
 import numpy as np
 
 from maxpart_jax import checkpoint, data, pareto, runs
-from maxpart_jax.energy import DeviceConfig
+from maxpart_jax.energy import DeviceConfig, population_latency
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.metrics import MetricWriter
 from maxpart_jax.models import available_models, get_model
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import check_bits
-from maxpart_jax.search import evolution
-from maxpart_jax.search.fitness import Evaluator, FitnessConfig, violations
+from maxpart_jax.search import algorithms, evolution
+from maxpart_jax.search.fitness import Evaluator, FitnessConfig, violation_degree, violations
 from maxpart_jax.search.operators import SearchSpace
 from maxpart_jax.train import Progress, model_spec, split_spec, validate_train_config
 
 STATE_FILE = "search_state.npz"
 PREVIOUS_STATE_FILE = "search_state.prev.npz"
-METRICS = ("fitness", "privacy", "energy_mj", "eps", "accuracy", "diverged", "failed",
-           "collapsed")
+METRICS = ("fitness", "privacy", "energy_mj", "eps", "latency_ms", "accuracy", "diverged",
+           "failed", "collapsed")
+
+# Settings added after searches were first stored, at the value that reproduces what ran
+# before they existed: left out of a search's identity at that value, so those searches
+# still resume. (Their cached evaluations get the analytic latency_ms on load.)
+LATER_DEFAULTS = {
+    "search.algorithm": "ga", "fitness.lambda_latency": 0.1, "device.tx_pj_per_bit": 100.0,
+    "device.mac_rate_bits": [32, 16, 8], "device.mac_rate_gmacs": [1.0, 2.0, 4.0],
+    "device.bandwidth_mbps": 1.0, "device.packet_bits": 12000, "device.header_bits": 0,
+    "device.loss_rate": 0.0, "device.retry_timeout_ms": 0.0, "device.latency_bound_ms": 0.0}
 
 
 def effective_keys(info: ModelInfo, genomes: Genome) -> list[str]:
@@ -88,13 +97,20 @@ def fitness_from_config(config: ml_collections.ConfigDict) -> FitnessConfig:
   f = config.fitness
   return FitnessConfig(
       eps_bound=f.eps_bound, lambda_energy=f.lambda_energy, lambda_accuracy=f.lambda_accuracy,
-      device=DeviceConfig(budget_mj=f.budget_mj), transmission=f.transmission,
+      lambda_latency=f.lambda_latency, device=device_from_config(config),
+      transmission=f.transmission,
       finetune_steps=f.finetune_steps, finetune_lr=f.finetune_lr,
       finetune_momentum=f.finetune_momentum, batch_size=f.batch_size, metric=f.metric,
       normalization=f.normalization, per_channel=f.per_channel,
       activation_levels=f.activation_levels, seed=f.seed,
       candidate_loop=f.candidate_loop, compute_dtype=f.compute_dtype,
       matmul_precision=f.matmul_precision, pipeline=f.pipeline)
+
+
+def device_from_config(config: ml_collections.ConfigDict) -> DeviceConfig:
+  """The edge device of ``config.device`` with the budget ``config.fitness.budget_mj``."""
+  return DeviceConfig(budget_mj=config.fitness.budget_mj, **{
+      k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.device.items()})
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -135,6 +151,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{name} must be >= {low}, got {value}")
   validate_train_config(config.pretrain, "pretrain.")  # the model name among the rest
   strategy_from_config(config)  # unknown operators
+  algorithms.get_algorithm(s.algorithm)
   fitness_from_config(config)  # λ, ε_b, metric
   energy_model = config.energy_model.get("name")
   if energy_model and energy_model not in available_models():
@@ -204,7 +221,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
   return model, variables, meta
 
 
-def _save(workdir: str, state: evolution.SearchState, meta: dict[str, Any]) -> None:
+def _save(workdir: str, state: algorithms.State, meta: dict[str, Any]) -> None:
   """Writes the state leaves and the JSON metadata in one file, atomically; the file it
   replaces stays as :data:`PREVIOUS_STATE_FILE`."""
   path = os.path.join(workdir, STATE_FILE)
@@ -217,7 +234,7 @@ def _save(workdir: str, state: evolution.SearchState, meta: dict[str, Any]) -> N
   os.replace(tmp, path)
 
 
-def _load(path: str, like: evolution.SearchState) -> tuple[evolution.SearchState, dict[str, Any]]:
+def _load(path: str, like: algorithms.State) -> tuple[algorithms.State, dict[str, Any]]:
   """One state file; raises if it is unreadable or does not fit ``like``."""
   with np.load(path) as f:
     meta = json.loads(str(f["meta"]))
@@ -230,8 +247,8 @@ def _load(path: str, like: evolution.SearchState) -> tuple[evolution.SearchState
   return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), meta
 
 
-def load_state(workdir: str, like: evolution.SearchState
-               ) -> tuple[evolution.SearchState, dict[str, Any]] | None:
+def load_state(workdir: str, like: algorithms.State
+               ) -> tuple[algorithms.State, dict[str, Any]] | None:
   """The latest search state of ``workdir`` that loads, or None if it holds none.
 
   Falls back (logged) to the state before it when the latest is damaged or missing, e.g.
@@ -290,8 +307,12 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
   """
   identity = runs.flatten({
       k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-      for k in ("search", "fitness", "privacy_images", "val_images", "energy_model")})
+      for k in ("search", "fitness", "device", "privacy_images", "val_images", "energy_model")})
   del identity["search.iterations"]
+  identity = json.loads(json.dumps(identity, default=str))  # tuples as lists, as stored
+  for key, value in LATER_DEFAULTS.items():
+    if identity.get(key) == value:
+      del identity[key]
   identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
   identity.update({
       "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
@@ -407,11 +428,12 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   """:func:`run_search` inside the workdir lock."""
   info = evaluator.model.info
   strategy, space = strategy_from_config(config), space_from_config(config, info)
+  alg = algorithms.get_algorithm(config.search.algorithm)
 
   init_key, step_key = jax.random.split(jax.random.key(config.search.seed))
-  ask = jax.jit(lambda k, st: evolution.ask(k, st, space, strategy))
-  tell = jax.jit(lambda st, c, f: evolution.tell(st, c, f, strategy))
-  state = evolution.init(init_key, space, strategy)
+  ask = jax.jit(lambda k, st: alg.ask(k, st, space, strategy))
+  tell = jax.jit(lambda st, c, r: alg.tell(st, c, r, strategy))
+  state = alg.init(init_key, space, strategy)
   identity = search_identity(config, evaluator)
   meta_out: dict[str, Any] = {"identity": identity, "cache": {}, "history": [],
                               "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False}
@@ -430,6 +452,7 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   # Wall time and its fine-tune / accuracy / privacy split, summed over every process
   # that worked on this search.
   meta_out.setdefault("phase_seconds", {k: 0.0 for k in evaluator.seconds})
+  _add_latency(meta_out["cache"], evaluator)
   cached = CachedEvaluator(evaluator, meta_out["cache"])
   cached.lookups, cached.hits = meta_out["lookups"], meta_out["hits"]
   segment, phases = time.time(), dict(evaluator.seconds)
@@ -456,7 +479,7 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   if not meta_out["initialized"]:
     validate_genome(info, state.population)
     results = cached(state.population, progress="initial population")
-    state = evolution.tell_initial(state, results["fitness"])
+    state = alg.tell_initial(state, _told(results, evaluator.config))
     meta_out["initialized"] = True
     record(0)
     checkpoint_now()
@@ -466,7 +489,7 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   while int(state.step) < total_steps:
     children, state = ask(jax.random.fold_in(step_key, int(state.step)), state)
     results = cached(children)
-    state = tell(state, children, jnp.asarray(results["fitness"]))
+    state = tell(state, children, _told(results, evaluator.config))
     record(int(state.step))
     checkpoint_now()
     progress(int(state.step), f"best fitness {float(state.best_fitness):.4f} "
@@ -476,6 +499,25 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   meta_out["report"] = _final_report(config, workdir, evaluator, cached, state, meta_out)
   _save(workdir, state, meta_out)
   return meta_out["report"]
+
+
+def _add_latency(cache: dict[str, dict[str, Any]], evaluator: Evaluator) -> None:
+  """Gives evaluations cached before ``latency_ms`` existed their (analytic) latency."""
+  missing = [key for key, entry in cache.items() if "latency_ms" not in entry]
+  if missing:
+    genomes = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[Genome.from_json(cache[key]["genome"]) for key in missing])
+    latency = np.asarray(population_latency(evaluator.energy_info, genomes,
+                                            evaluator.config.device).total_ms)
+    for key, value in zip(missing, latency):
+      cache[key]["latency_ms"] = float(value)
+
+
+def _told(results: dict[str, np.ndarray], config: FitnessConfig) -> dict[str, jax.Array]:
+  """What an algorithm's ``tell`` receives: the metrics and the constraint violation."""
+  told = {m: jnp.asarray(results[m], jnp.float32) for m in ("fitness", "privacy", "energy_mj",
+                                                             "eps")}
+  return {**told, "violation": jnp.asarray(violation_degree(results, config), jnp.float32)}
 
 
 def best_feasible(cache: dict[str, dict[str, Any]],
@@ -488,7 +530,7 @@ def best_feasible(cache: dict[str, dict[str, Any]],
   return max(feasible, key=lambda ke: ke[1]["fitness"]) if feasible else None
 
 
-def _history_row(state: evolution.SearchState, cached: CachedEvaluator, step: int) -> dict[str, Any]:
+def _history_row(state: algorithms.State, cached: CachedEvaluator, step: int) -> dict[str, Any]:
   best = cached.cache[effective_key(cached.evaluator.model.info, state.best)]
   feasible = best_feasible(cached.cache, cached.evaluator.config)
   return {"step": step, "evaluations": len(cached.cache), "lookups": cached.lookups,
@@ -557,6 +599,7 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
           "violations": violations(by_fitness, evaluator.config)},
       "test_accuracy": test_accuracy, "float_test_accuracy": float_test,
       "test_eps": float_test - test_accuracy, "energy_mj": metrics["energy_mj"],
+      "latency_ms": metrics["latency_ms"], "latency_bound_ms": config.device.latency_bound_ms,
       "privacy": metrics["privacy"], "budget_mj": config.fitness.budget_mj,
       "eps_bound": config.fitness.eps_bound, "float_val_accuracy": evaluator.float_accuracy,
       "evaluations": len(cached.cache), "lookups": cached.lookups,
@@ -580,7 +623,7 @@ def _final_report(config, workdir, evaluator, cached, state, meta_out) -> dict[s
   plots.fitness_curve(meta_out["history"], os.path.join(workdir, "fitness.png"),
                       title=f"{evaluator.model.name}: best fitness (Fig. 10)")
   plots.policy_bits(report, os.path.join(workdir, "policy.png"))
-  logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, test accuracy %.4f (float %.4f)",
-               report["p"], report["block"], report["privacy"], report["energy_mj"],
-               test_accuracy, float_test)
+  logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, latency %.3f ms, test accuracy "
+               "%.4f (float %.4f)", report["p"], report["block"], report["privacy"],
+               report["energy_mj"], report["latency_ms"], test_accuracy, float_test)
   return report

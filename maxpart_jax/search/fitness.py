@@ -53,7 +53,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxpart_jax import data, privacy
-from maxpart_jax.energy import DeviceConfig, population_energy
+from maxpart_jax.energy import DeviceConfig, population_energy, population_latency
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
@@ -70,7 +70,9 @@ class FitnessConfig:
   Attributes:
     eps_bound: accuracy-loss bound ε_b (fraction, e.g. 0.03).
     lambda_energy, lambda_accuracy: λ1 and λ2 of Eq. 12, in (0, 1).
-    device: energy constants and the budget E_b.
+    lambda_latency: the same punishment for latency above ``device.latency_bound_ms``
+      (a third factor of Eq. 11, only when that bound is set).
+    device: energy constants, the budget E_b, speed, link and latency bound.
     transmission: count the energy of sending the IR.
     finetune_steps: SGD steps of fine-tuning per candidate (None: one epoch).
     finetune_lr, finetune_momentum, batch_size: the fine-tuning optimizer.
@@ -94,6 +96,7 @@ class FitnessConfig:
   eps_bound: float = 0.03
   lambda_energy: float = 0.1
   lambda_accuracy: float = 0.1
+  lambda_latency: float = 0.1
   device: DeviceConfig = DeviceConfig()
   transmission: bool = True
   finetune_steps: int | None = None
@@ -111,7 +114,7 @@ class FitnessConfig:
   pipeline: str = "auto"
 
   def __post_init__(self):
-    for name in ("lambda_energy", "lambda_accuracy"):
+    for name in ("lambda_energy", "lambda_accuracy", "lambda_latency"):
       if not 0.0 < getattr(self, name) < 1.0:
         raise ValueError(f"{name} (λ) must be in (0, 1), got {getattr(self, name)}")
     if self.eps_bound <= 0:
@@ -134,16 +137,25 @@ def punish(lam: float, value: jax.Array, bound: float) -> jax.Array:
   return jnp.where(value > bound, jnp.power(lam, value / bound - 1.0), 1.0)
 
 
-def combine(privacy_: jax.Array, energy: jax.Array, eps: jax.Array, config: FitnessConfig) -> jax.Array:
-  """Eq. 11: privacy times the energy and accuracy punishments."""
-  return (privacy_ * punish(config.lambda_energy, energy, config.device.budget_mj)
-          * punish(config.lambda_accuracy, eps, config.eps_bound))
+def combine(privacy_: jax.Array, energy: jax.Array, eps: jax.Array, config: FitnessConfig,
+            latency: jax.Array | None = None) -> jax.Array:
+  """Eq. 11: privacy times the energy and accuracy punishments (and the latency one when
+  ``config.device.latency_bound_ms`` is set; then ``latency`` in ms is required)."""
+  fitness = (privacy_ * punish(config.lambda_energy, energy, config.device.budget_mj)
+             * punish(config.lambda_accuracy, eps, config.eps_bound))
+  bound = config.device.latency_bound_ms
+  if bound > 0:
+    if latency is None:
+      raise ValueError("a latency bound is set (device.latency_bound_ms): combine needs latency")
+    fitness = fitness * punish(config.lambda_latency, latency, bound)
+  return fitness
 
 
 def violations(metrics: dict[str, float], config: FitnessConfig) -> list[str]:
   """The constraints of Eq. 4 that evaluated ``metrics`` break; empty: feasible.
 
-  Feasible means a finite fitness, no divergence, ``E < E_b`` and ``ε < ε_b``. The
+  Feasible means a finite fitness, no divergence, ``E < E_b`` and ``ε < ε_b`` (and
+  latency below ``device.latency_bound_ms`` when that is set). The
   fitness only *punishes* a violation (Eq. 12), so the genome with the highest fitness
   can be infeasible; the search reports the best feasible one (docs/method.md §7).
   """
@@ -158,7 +170,41 @@ def violations(metrics: dict[str, float], config: FitnessConfig) -> list[str]:
     out.append(f"E = {metrics['energy_mj']:.4f} mJ >= E_b = {config.device.budget_mj} mJ")
   if not metrics["eps"] < config.eps_bound:
     out.append(f"ε = {metrics['eps']:.4f} >= ε_b = {config.eps_bound}")
+  bound = config.device.latency_bound_ms
+  if bound > 0 and not metrics["latency_ms"] < bound:
+    out.append(f"latency {metrics['latency_ms']:.3f} ms >= bound {bound} ms")
   return out
+
+
+# Violation of a candidate that failed (diverged, non-finite, collapsed): worse than any
+# breach of the bounds, so constraint domination ranks it last.
+FAILED_VIOLATION = 1e6
+
+
+def violation_degree(metrics: dict[str, np.ndarray], config: FitnessConfig) -> np.ndarray:
+  """How far each candidate is from Eq. 4's feasible set, for constraint domination.
+
+  0 exactly when :func:`violations` is empty; else the relative excess over the bounds,
+  ``(E - E_b) / E_b + (ε - ε_b) / ε_b`` (+ the latency's) over the broken ones (each at
+  least 1e-6, so a value on the bound counts as broken), or :data:`FAILED_VIOLATION` for a
+  failed candidate.
+  """
+  energy = np.asarray(metrics["energy_mj"], np.float64)
+  eps = np.asarray(metrics["eps"], np.float64)
+
+  def excess(value, bound):
+    with np.errstate(invalid="ignore"):
+      return np.where(value < bound, 0.0, (value - bound) / bound + 1e-6)
+
+  over = excess(energy, config.device.budget_mj) + excess(eps, config.eps_bound)
+  if config.device.latency_bound_ms > 0:
+    over = over + excess(np.asarray(metrics["latency_ms"], np.float64),
+                         config.device.latency_bound_ms)
+  failed = (np.asarray(metrics["diverged"], bool) | np.asarray(metrics["failed"], bool)
+            | np.asarray(metrics["collapsed"], bool)
+            | ~np.isfinite(np.asarray(metrics["fitness"], np.float64))
+            | ~np.isfinite(energy) | ~np.isfinite(eps))
+  return np.where(failed, FAILED_VIOLATION, over)
 
 
 def check_same_layers(info: ModelInfo, other: ModelInfo) -> None:
@@ -382,7 +428,7 @@ class Evaluator:
 
   def evaluate(self, genomes: Genome, test: data.Split | None = None,
                finetune: bool = True, progress: str = "") -> dict[str, np.ndarray]:
-    """Metrics of K genomes: fitness, privacy, energy_mj, eps, accuracy, diverged.
+    """Metrics of K genomes: fitness, privacy, energy_mj, eps, latency_ms, accuracy, diverged.
 
     Args:
       genomes: K genomes (leading axis).
@@ -408,6 +454,7 @@ class Evaluator:
     """:meth:`evaluate` of exactly ``chunk`` genomes (``steps``: see :meth:`finetune`)."""
     energy = np.asarray(population_energy(self.energy_info, padded, self.config.device,
                                           self.config.transmission).total_mj)
+    latency = np.asarray(population_latency(self.energy_info, padded, self.config.device).total_ms)
     policies = self.policies(padded)
     t0 = time.time()
     if finetune:
@@ -427,7 +474,7 @@ class Evaluator:
     self.seconds["privacy"] += t3 - t2
     eps = self.float_accuracy - accuracy
     fitness = np.asarray(combine(jnp.asarray(priv), jnp.asarray(energy), jnp.asarray(eps),
-                                 self.config))
+                                 self.config, jnp.asarray(latency)))
     bad = diverged | ~np.isfinite(fitness) | ~np.isfinite(priv)
     for i in np.flatnonzero(bad | collapsed):
       why = ("diverged during fine-tuning" if diverged[i] else
@@ -437,5 +484,6 @@ class Evaluator:
                       np.asarray(padded.w_bits[i]).tolist(), why,
                       ": fitness set to 0" if bad[i] else "")
     fitness = np.where(bad, 0.0, fitness)
-    return dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, accuracy=accuracy,
+    return dict(fitness=fitness, privacy=priv, energy_mj=energy, eps=eps, latency_ms=latency,
+                accuracy=accuracy,
                 diverged=diverged, failed=bad, collapsed=collapsed, **extra)
