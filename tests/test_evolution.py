@@ -128,7 +128,7 @@ def test_register_and_unknown_names():
 def reference_algorithm_1(key, space, n, iterations):
   """Algorithm 1 written plainly: Python lists, one tournament at a time."""
   init_op = get_operator("init", "uniform")
-  mutate = get_operator("mutate", "resample")
+  mutate = jax.jit(get_operator("mutate", "resample"))  # compiled once: the same numbers
   keys = jax.random.split(key, 2)
   population = [init_op(k, space) for k in jax.random.split(keys[0], n)]
   fitness = [float(cheap_fitness(g)) for g in population]

@@ -24,19 +24,21 @@ def test_block_profile_matches_direct_scores(setup):
   model, variables, images = setup
   x = data.normalize(images)
   genome = uniform_genome(model.info, 1, 4)
+  edge = jax.jit(model.edge, static_argnums=2)
+  profiles = []
   for g in (None, genome):
     prof = profile.block_profile(model, variables, images, genome=g, batch_size=4)
+    profiles.append(prof)
     assert [b["index"] for b in prof["blocks"]] == list(range(1, model.info.max_split + 1))
     for row in prof["blocks"]:
       q = row["index"]
-      ir = (model.edge(variables, x, q) if g is None else
+      ir = (edge(variables, x, q) if g is None else
             quantized_edge(model, variables, x, g.replace(p=jnp.int32(q))))
       scores = privacy.privacy_score(jnp.asarray(images), ir)
       assert row["privacy"] == pytest.approx(float(scores.mean()), rel=1e-5)
       assert row["label"] == model.info.blocks[q - 1].label
   # 4-bit IRs are coarser than float ones, so they score differently after the stem.
-  float_prof = profile.block_profile(model, variables, images)
-  quant_prof = profile.block_profile(model, variables, images, genome=genome)
+  float_prof, quant_prof = profiles
   assert float_prof["blocks"][0]["privacy"] == pytest.approx(quant_prof["blocks"][0]["privacy"])
   assert float_prof["blocks"][2]["privacy"] != pytest.approx(quant_prof["blocks"][2]["privacy"])
 
