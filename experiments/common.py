@@ -3,6 +3,7 @@ its workdir (held, config recorded, errors as one line)."""
 
 from __future__ import annotations
 
+import copy
 import logging as py_logging
 import os
 import re
@@ -111,3 +112,16 @@ def summary(config: ml_collections.ConfigDict) -> str:
           f"T={s.iterations} K={s.num_tournaments}; E_b={f.budget_mj} mJ "
           f"({'with' if f.transmission else 'without'} sending the IR), ε_b={f.eps_bound}; "
           f"{finetune} of fine-tuning per candidate")
+
+
+def study_evaluator(evaluators: dict, config: ml_collections.ConfigDict):
+  """The evaluator for one search of a multi-seed study, from ``evaluators`` (filled as
+  needed): one per K (``search.num_tournaments``), built for ``search.seed = 0`` so that
+  searches of every seed score their candidates on the same images."""
+  from maxpart_jax.search import driver
+  k = config.search.num_tournaments
+  if k not in evaluators:
+    first = copy.deepcopy(config)
+    first.search.seed = 0
+    evaluators[k] = driver.build_evaluator(first)
+  return evaluators[k]

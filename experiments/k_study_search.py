@@ -54,14 +54,10 @@ def main(argv: list[str]) -> None:
     for seed in range(_SEEDS.value):
       config = copy.deepcopy(base)
       config.search.num_tournaments, config.search.seed = k, seed
-      if k not in evaluators:  # the images of search.seed = 0 for every search of this K
-        first = copy.deepcopy(config)
-        first.search.seed = 0
-        evaluators[k] = driver.build_evaluator(first)
       workdir = os.path.join(_WORKDIR.value, f"k{k}_seed{seed}")
       logging.info("K = %d, seed %d of %d: %s", k, seed + 1, _SEEDS.value, workdir)
       try:
-        driver.run_search(config, workdir, evaluators[k])
+        driver.run_search(config, workdir, common.study_evaluator(evaluators, config))
       except driver.SearchFailed as e:  # its history still counts
         logging.warning("%s", e)
       with open(os.path.join(workdir, "history.json")) as f:

@@ -16,21 +16,15 @@ what a new search per link would find. Writes ``link_study.json``, ``link_study.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 from absl import app, flags
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from experiments import common
 from maxpart_jax import checkpoint
-from maxpart_jax.baselines import raw_image_energy_mj, raw_image_latency_ms
-from maxpart_jax.energy import population_energy, population_latency
-from maxpart_jax.genome import Genome
+from maxpart_jax.link_study import best_per_link, measured_pool, plot, table
 from maxpart_jax.search import driver
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a reproduction's workdir", required=True)
@@ -40,98 +34,6 @@ _TX = flags.DEFINE_list("tx_pj", ["100", "300", "1000", "3000", "10000"],
 _BANDWIDTH = flags.DEFINE_list("bandwidth_mbps", ["0.25", "1", "10", "100"], "link rates")
 _LATENCY = flags.DEFINE_float("latency_bound_ms", 100.0, "latency bound (0: none)")
 _LOSS = flags.DEFINE_float("loss_rate", 0.0, "packet loss rate of every link")
-
-
-def measured_pool(workdir: str) -> list[dict]:
-  """Every genome the reproduction's search measured that did not fail, with its privacy,
-  ε and genome."""
-  return [e for e in driver.load_evaluations(os.path.join(workdir, "search"))
-          if not (e.get("diverged") or e.get("failed") or e.get("collapsed"))]
-
-
-def best_per_link(pool: list[dict], config: ml_collections.ConfigDict, info, tx_pj: float,
-                  bandwidth: float, latency_bound: float, loss: float) -> dict:
-  """The most private genome of ``pool`` that meets E_b, ε_b and the latency bound on one
-  link (transmission counted), with its energy and latency there."""
-  device = dataclasses.replace(driver.device_from_config(config), tx_pj_per_bit=tx_pj,
-                               bandwidth_mbps=bandwidth, latency_bound_ms=latency_bound,
-                               loss_rate=loss)
-  genomes = jax.tree.map(lambda *xs: jnp.stack(xs), *[Genome.from_json(e["genome"]) for e in pool])
-  energy = np.asarray(population_energy(info, genomes, device, transmission=True).total_mj)
-  latency = np.asarray(population_latency(info, genomes, device).total_ms)
-  eps = np.array([e["eps"] for e in pool])
-  ok = ((energy < device.budget_mj) & (eps < config.fitness.eps_bound)
-        & ((latency < latency_bound) if latency_bound > 0 else True))
-  raw = {"energy_mj": raw_image_energy_mj(info, device), "latency_ms": raw_image_latency_ms(info, device)}
-  raw["feasible"] = bool(raw["energy_mj"] < device.budget_mj and
-                         (raw["latency_ms"] < latency_bound if latency_bound > 0 else True))
-  row = {"tx_pj_per_bit": tx_pj, "bandwidth_mbps": bandwidth, "latency_bound_ms": latency_bound,
-         "loss_rate": loss, "feasible_genomes": int(ok.sum()), "raw_image": raw}
-  if ok.any():
-    i = int(np.flatnonzero(ok)[np.argmax(np.array([e["privacy"] for e in pool])[ok])])
-    g = Genome.from_json(pool[i]["genome"])
-    edge = np.asarray(info.layer_block) < int(g.p)
-    row["best"] = {"p": int(g.p), "block": info.blocks[int(g.p) - 1].label,
-                   "privacy": pool[i]["privacy"], "eps": pool[i]["eps"],
-                   "energy_mj": float(energy[i]), "latency_ms": float(latency[i]),
-                   "mean_edge_w_bits": float(np.mean(np.asarray(g.w_bits)[edge])),
-                   "key": pool[i]["key"]}
-  return row
-
-
-def plot(energy_only: list[dict], bounded: list[dict], tx: list[float], bandwidths: list[float],
-         max_split: int, path: str, latency_bound: float) -> None:
-  """Left: the best split against the link's energy per bit (energy bound only). Right: the
-  best split (colour) and its privacy over energy per bit and bandwidth, latency bounded."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained",
-                                    width_ratios=(1, 1.4))
-  fits = [r for r in energy_only if r.get("best")]
-  left.plot([r["tx_pj_per_bit"] for r in fits], [r["best"]["p"] for r in fits], "o-")
-  for r in fits:
-    left.annotate(f"P={r['best']['privacy']:.2f}", (r["tx_pj_per_bit"], r["best"]["p"]),
-                  xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
-  for r in energy_only:
-    if not r.get("best"):
-      left.axvspan(r["tx_pj_per_bit"] / 1.3, r["tx_pj_per_bit"] * 1.3, color="red", alpha=0.1)
-  left.set_xscale("log")
-  left.set(xlabel="link energy (pJ per bit)", ylabel="best split p", ylim=(0, max_split + 1),
-           title="energy bound only (red: no measured genome fits)")
-  grid = np.full((len(bandwidths), len(tx)), np.nan)
-  for r in bounded:
-    i, j = bandwidths.index(r["bandwidth_mbps"]), tx.index(r["tx_pj_per_bit"])
-    best = r.get("best")
-    grid[i, j] = best["p"] if best else np.nan
-    right.text(j, i, f"p={best['p']}\nP={best['privacy']:.2f}" if best else "none fits",
-               ha="center", va="center", fontsize=8,
-               bbox=dict(facecolor="white", alpha=0.7, lw=0))
-  im = right.imshow(grid, cmap="YlGn", origin="lower", aspect="auto", vmin=1, vmax=max_split)
-  fig.colorbar(im, ax=right, label="best split p (blocks on the edge)")
-  right.set_xticks(range(len(tx)), [f"{t:g}" for t in tx])
-  right.set_yticks(range(len(bandwidths)), [f"{b:g}" for b in bandwidths])
-  right.set(xlabel="link energy (pJ per bit)", ylabel="bandwidth (Mbps)",
-            title=f"energy bound and latency < {latency_bound:g} ms")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def table(rows: list[dict]) -> str:
-  """The grid as a markdown table, one row per link."""
-  lines = ["| pJ/bit | Mbps | feasible genomes | best split | P | E (mJ) | latency (ms) | "
-           "mean edge w bits | raw image E (mJ) / latency (ms) |", "|" + "---|" * 9]
-  for r in rows:
-    raw = r["raw_image"]
-    raw_text = f"{raw['energy_mj']:.3f} / {raw['latency_ms']:.1f}"
-    b = r.get("best")
-    cells = ([f"{b['block']} (p={b['p']})", f"{b['privacy']:.3f}", f"{b['energy_mj']:.3f}",
-              f"{b['latency_ms']:.1f}", f"{b['mean_edge_w_bits']:.1f}"] if b else
-             ["none", "", "", "", ""])
-    lines.append(f"| {r['tx_pj_per_bit']:g} | {r['bandwidth_mbps']:g} | {r['feasible_genomes']} | "
-                 + " | ".join(cells) + f" | {raw_text} |")
-  return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:

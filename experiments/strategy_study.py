@@ -21,91 +21,21 @@ all score candidates on the same images (those of ``search.seed = 0``). Writes
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
 from absl import app, flags, logging
-import ml_collections
-import numpy as np
 
 from experiments import common
-from maxpart_jax import checkpoint, pareto
+from maxpart_jax import checkpoint
 from maxpart_jax.search import driver
+from maxpart_jax.strategy_study import algorithm_config, curves, plot, summarize
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/strategy_study", "one folder per search")
 _OUT = flags.DEFINE_string("out", "results/pareto/strategies", "where the JSON and plot go")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "searches per algorithm (search.seed = 0, 1, ...)")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["ga", "nsga2", "random"], "algorithms to compare")
-
-
-def algorithm_config(base: ml_collections.ConfigDict, algorithm: str,
-                     seed: int) -> ml_collections.ConfigDict:
-  """``base`` set up for ``algorithm`` and ``seed``, with the same candidate budget."""
-  config = copy.deepcopy(base)
-  config.search.update(algorithm=algorithm, seed=seed)
-  n = config.search.pop_size
-  if algorithm == "ga":
-    config.search.num_tournaments = 1
-  elif algorithm == "nsga2":
-    config.search.update(num_tournaments=n, sample_size=2, crossover="uniform")
-  else:
-    config.search.num_tournaments = n
-  if config.search.iterations % config.search.num_tournaments:
-    raise ValueError(f"search.iterations={config.search.iterations} must be a multiple of the "
-                     f"population size {n} (NSGA-II makes N children per generation)")
-  return config
-
-
-def curves(evaluations: list[dict], budget_mj: float, eps_bound: float) -> dict[str, list]:
-  """Hypervolume (3 objectives and privacy-energy) and best feasible privacy after each of a
-  search's distinct evaluations, in the order it made them."""
-  out = {"hypervolume": [], "hypervolume_pe": [], "best_feasible_privacy": []}
-  best = 0.0
-  for i, e in enumerate(evaluations):
-    if not e["violations"]:
-      best = max(best, e["privacy"])
-    out["best_feasible_privacy"].append(best)
-    seen = evaluations[:i + 1]
-    out["hypervolume"].append(pareto.hypervolume(seen, budget_mj, eps_bound))
-    out["hypervolume_pe"].append(pareto.hypervolume(seen, budget_mj, eps_bound,
-                                                    ("privacy", "energy_mj")))
-  return out
-
-
-def summarize(runs: list[dict]) -> dict:
-  """Mean, standard deviation and per-seed values of the final numbers of one algorithm."""
-  row = {}
-  for name in ("hypervolume", "hypervolume_pe", "best_feasible_privacy", "evaluations",
-               "candidates"):
-    values = [r[name][-1] if isinstance(r[name], list) else r[name] for r in runs]
-    row[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                 "seeds": values}
-  return row
-
-
-def plot(results: dict, path: str, title: str) -> None:
-  """Hypervolume and best feasible privacy against distinct evaluations, one line per seed."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-  for color, (algorithm, runs) in zip(("tab:blue", "tab:orange", "tab:gray"), results.items()):
-    for i, run in enumerate(runs):
-      x = np.arange(1, len(run["hypervolume"]) + 1)
-      for ax, name in zip(axes, ("hypervolume", "best_feasible_privacy")):
-        ax.plot(x, run[name], color=color, alpha=0.8, lw=1.2,
-                label=algorithm if i == 0 else None)
-  axes[0].set(xlabel="distinct genomes evaluated", ylabel="feasible hypervolume (P, E, ε)",
-              title="front of the feasible genomes")
-  axes[1].set(xlabel="distinct genomes evaluated", ylabel="best feasible privacy P",
-              title="the answer a search reports")
-  axes[0].legend()
-  fig.suptitle(title)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def main(argv: list[str]) -> None:
@@ -118,15 +48,10 @@ def main(argv: list[str]) -> None:
     results[algorithm] = []
     for seed in range(_SEEDS.value):
       config = algorithm_config(base, algorithm, seed)
-      k = config.search.num_tournaments
-      if k not in evaluators:  # the images of search.seed = 0 for every search
-        first = copy.deepcopy(config)
-        first.search.seed = 0
-        evaluators[k] = driver.build_evaluator(first)
       workdir = os.path.join(_WORKDIR.value, f"{algorithm}_seed{seed}")
       logging.info("%s, seed %d of %d: %s", algorithm, seed + 1, _SEEDS.value, workdir)
       try:
-        report = driver.run_search(config, workdir, evaluators[k])
+        report = driver.run_search(config, workdir, common.study_evaluator(evaluators, config))
       except driver.SearchFailed as e:  # its evaluations still count
         logging.warning("%s", e)
         with open(os.path.join(workdir, "best.json")) as f:

@@ -85,3 +85,64 @@ def test_search_writes_its_evaluations_and_their_front(smoke, smoke_search, tmp_
   (killed / "evaluations.json").unlink()
   strip = lambda rows: [{k: v for k, v in r.items() if k != "violations"} for r in rows]
   assert driver.load_evaluations(str(killed)) == strip(evaluations)
+
+
+def test_strategy_study_gives_every_algorithm_the_same_candidates():
+  """Catches a comparison at unequal budgets: every algorithm makes N + iterations
+  candidates (GA one per step, NSGA-II and random search N per step), and NSGA-II runs
+  Deb's binary tournaments with crossover."""
+  from experiments.configs import search as search_configs
+  from maxpart_jax.strategy_study import algorithm_config, curves
+  base = search_configs.get_config("quick")
+  base.search.iterations = 48
+  for name in ("ga", "nsga2", "random"):
+    c = algorithm_config(base, name, seed=2)
+    assert c.search.algorithm == name and c.search.seed == 2
+    steps = c.search.iterations // c.search.num_tournaments
+    assert c.search.pop_size + steps * c.search.num_tournaments == 8 + 48
+  nsga = algorithm_config(base, "nsga2", 0)
+  assert (nsga.search.sample_size, nsga.search.crossover) == (2, "uniform")
+  base.search.iterations = 20
+  with pytest.raises(ValueError, match="multiple of the population size"):
+    algorithm_config(base, "nsga2", 0)
+  # Curves after each evaluation: the hypervolume of what was seen so far, and the best
+  # feasible privacy (infeasible genomes never count).
+  evals = [dict(privacy=0.5, energy_mj=0.1, eps=0.0, violations=[]),
+           dict(privacy=0.9, energy_mj=0.5, eps=0.0, violations=["E over"]),
+           dict(privacy=0.8, energy_mj=0.3, eps=0.01, violations=[])]
+  got = curves(evals, 0.4, 0.03)
+  assert got["best_feasible_privacy"] == [0.5, 0.5, 0.8]
+  assert got["hypervolume_pe"] == pytest.approx([0.15, 0.15, 0.18])
+  assert got["hypervolume"][-1] == pytest.approx(pareto.hypervolume(evals, 0.4, 0.03))
+
+
+def test_link_study_picks_the_most_private_genome_that_fits_the_link():
+  """Two genomes of a small ResNet18: a deep, private one with a small IR and a shallow one
+  with a large IR. A cheap link admits both and picks the private one; a costly link
+  breaks the shallow one's budget first (its IR is 4x larger); a latency bound below the
+  deep one's compute time picks the shallow one. Catches energy or latency not recomputed
+  per link."""
+  from experiments.configs import search as search_configs
+  from maxpart_jax.link_study import best_per_link
+  from maxpart_jax.energy import DeviceConfig, edge_energy, edge_latency
+  from maxpart_jax.genome import uniform_genome
+  from maxpart_jax.models import get_model
+  info = get_model("resnet18", width=0.25).info
+  config = search_configs.get_config("quick")
+  deep, shallow = uniform_genome(info, 7, 8, 8), uniform_genome(info, 2, 8, 8)
+  pool = [dict(key="deep", privacy=0.9, eps=0.0, genome=deep.to_json()),
+          dict(key="shallow", privacy=0.3, eps=0.0, genome=shallow.to_json())]
+  cost = lambda g, tx: float(edge_energy(info, g, DeviceConfig(tx_pj_per_bit=tx)).total_mj)
+  # A budget between the two genomes' energies at 10 nJ/bit, above both at 100 pJ/bit.
+  budget = (cost(deep, 1e4) + cost(shallow, 1e4)) / 2
+  assert cost(deep, 1e4) < budget < cost(shallow, 1e4) and cost(shallow, 100) < budget
+  config.fitness.budget_mj = budget
+  assert best_per_link(pool, config, info, 100.0, 1.0, 0.0, 0.0)["best"]["key"] == "deep"
+  row = best_per_link(pool, config, info, 1e4, 1.0, 0.0, 0.0)
+  assert row["best"]["key"] == "deep" and row["feasible_genomes"] == 1
+  # On a 100 Mbps link latency is mostly compute: the deep genome is the slow one.
+  slow, fast = (float(edge_latency(info, g, DeviceConfig(bandwidth_mbps=100.0)).total_ms)
+                for g in (deep, shallow))
+  assert fast < slow
+  row = best_per_link(pool, config, info, 100.0, 100.0, (fast + slow) / 2, 0.0)
+  assert row["best"]["key"] == "shallow"
