@@ -206,7 +206,7 @@ def test_nsga2_matches_pymoo_nsga2_on_a_toy_problem():
   """With the same variation (uniform crossover, resample mutation) and the same budget,
   our NSGA-II's feasible hypervolume matches pymoo's NSGA-II and beats random search.
   Catches a broken survival or mating selection, which leaves the front behind."""
-  n, generations, seeds = 20, 25, 6
+  n, generations, seeds = 20, 25, 4
   ours = [_hypervolume(*_ours(s, "nsga2", n, generations)) for s in range(seeds)]
   rand = [_hypervolume(*_ours(s, "random", n, generations)) for s in range(seeds)]
   ref = [_hypervolume(*_pymoo(s, n, generations)) for s in range(seeds)]

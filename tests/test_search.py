@@ -303,8 +303,8 @@ def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
     fitness = np.asarray(combine(jnp.asarray(p), jnp.asarray(energy), jnp.zeros_like(p),
                                  self.config))
     return dict(fitness=fitness, privacy=p, energy_mj=energy, eps=np.zeros_like(p),
-                accuracy=np.ones_like(p), diverged=np.zeros_like(p), failed=np.zeros_like(p),
-                collapsed=np.zeros_like(p))
+                latency_ms=np.zeros_like(p), accuracy=np.ones_like(p),
+                diverged=np.zeros_like(p), failed=np.zeros_like(p), collapsed=np.zeros_like(p))
 
   monkeypatch.setattr(Evaluator, "evaluate", synthetic)
   report = driver.run_search(config, str(tmp_path))
