@@ -217,8 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
     for name in models:
       result["correlations"][name] = correlations(states[name]["rows"], tuple(config.metrics))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "study.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    checkpoint.write_json(os.path.join(out, "study.json"), result)
     _plots(result, {name: states[name]["recon"] for name in models},
            victims[:config.grid_images], config, out)
     return result
@@ -244,11 +243,8 @@ def _save(workdir: str, state: dict[str, Any]) -> None:
   tmp = runs.unique_tmp(recon_path) + ".npz"
   np.savez(tmp, **state["recon"])
   os.replace(tmp, recon_path)
-  rows_path = os.path.join(workdir, ROWS_FILE)
-  tmp = runs.unique_tmp(rows_path)
-  with open(tmp, "w") as f:
-    json.dump({"identity": state["identity"], "rows": state["rows"]}, f, indent=1)
-  os.replace(tmp, rows_path)
+  checkpoint.write_json(os.path.join(workdir, ROWS_FILE),
+                        {"identity": state["identity"], "rows": state["rows"]})
 
 
 def _plots(result: dict[str, Any], recon: dict[str, dict[str, np.ndarray]],

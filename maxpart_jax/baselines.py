@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax import data, privacy
-from maxpart_jax.energy import (PJ_PER_MJ, DeviceConfig, Energy, edge_energy, link_bits,
+from maxpart_jax.energy import (DeviceConfig, Energy, edge_energy, link_cost,
                                 population_energy)
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
@@ -93,14 +93,16 @@ def raw_image_energy_mj(info: ModelInfo, device: DeviceConfig = DeviceConfig(),
   """Energy of sending the raw image instead of an IR (``p = 0``)."""
   if not transmission:
     return 0.0
-  on_air, _ = link_bits(float(np.prod(info.input_shape)) * RAW_IMAGE_BITS, device)
-  return float(on_air) * device.tx_pj_per_bit / PJ_PER_MJ
+  return float(link_cost(_raw_image_bits(info), device)[0])
 
 
 def raw_image_latency_ms(info: ModelInfo, device: DeviceConfig = DeviceConfig()) -> float:
   """Time to deliver the raw image over the link (``p = 0``: nothing is computed)."""
-  on_air, lost = link_bits(float(np.prod(info.input_shape)) * RAW_IMAGE_BITS, device)
-  return float(on_air / (device.bandwidth_mbps * 1e3) + lost * device.retry_timeout_ms)
+  return float(link_cost(_raw_image_bits(info), device)[1])
+
+
+def _raw_image_bits(info: ModelInfo) -> float:
+  return float(np.prod(info.input_shape)) * RAW_IMAGE_BITS
 
 
 def offloaded(info: ModelInfo, p: int) -> tuple[int, int]:

@@ -138,6 +138,16 @@ def link_bits(payload_bits: jax.Array, device: DeviceConfig = DeviceConfig()
   return (payload + packets * device.header_bits) * sends, packets * (sends - 1.0)
 
 
+def link_cost(payload_bits: jax.Array, device: DeviceConfig = DeviceConfig()
+              ) -> tuple[jax.Array, jax.Array]:
+  """Energy (mJ) and time (ms) of delivering ``payload_bits`` over the device's link: the
+  expected bits on air (:func:`link_bits`) at ``tx_pj_per_bit`` and ``bandwidth_mbps``,
+  plus ``retry_timeout_ms`` per expected lost packet."""
+  on_air, lost = link_bits(payload_bits, device)
+  return (on_air * device.tx_pj_per_bit / PJ_PER_MJ,
+          on_air / (device.bandwidth_mbps * 1e3) + lost * device.retry_timeout_ms)
+
+
 def ir_payload_bits(info: ModelInfo, genome: Genome) -> jax.Array:
   """Bits of the IR ``genome`` sends: the split block's output elements at the IR bits."""
   _, _, ir_bits = effective_bits(info, genome)
@@ -150,10 +160,10 @@ def edge_energy(info: ModelInfo, genome: Genome, device: DeviceConfig = DeviceCo
   w, a, _ = effective_bits(info, genome)
   on_edge = jnp.asarray(info.layer_block) < genome.p
   compute = jnp.sum(jnp.where(on_edge, layer_energy_pj(info, w, a, device), 0.0))
-  tx = link_bits(ir_payload_bits(info, genome), device)[0] * device.tx_pj_per_bit
+  tx_mj, _ = link_cost(ir_payload_bits(info, genome), device)
   if not transmission:
-    tx = jnp.zeros_like(tx)
-  return Energy(compute / PJ_PER_MJ, tx / PJ_PER_MJ)
+    tx_mj = jnp.zeros_like(tx_mj)
+  return Energy(compute / PJ_PER_MJ, tx_mj)
 
 
 @struct.dataclass
@@ -188,8 +198,7 @@ def edge_latency(info: ModelInfo, genome: Genome, device: DeviceConfig = DeviceC
   w, a, _ = effective_bits(info, genome)
   on_edge = jnp.asarray(info.layer_block) < genome.p
   seconds = jnp.asarray(info.layer_macs, jnp.float32) * mac_seconds(jnp.maximum(w, a), device)
-  on_air, lost = link_bits(ir_payload_bits(info, genome), device)
-  tx_ms = on_air / (device.bandwidth_mbps * 1e3) + lost * device.retry_timeout_ms
+  _, tx_ms = link_cost(ir_payload_bits(info, genome), device)
   return Latency(jnp.sum(jnp.where(on_edge, seconds, 0.0)) * 1e3, tx_ms)
 
 

@@ -176,18 +176,23 @@ def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_d
 
 
 def test_attack_images_are_disjoint_random_draws_not_the_source_order():
-  """Catches an attacker and victims taken in source order: from class-sorted shards (as the
-  offline test split is) they would come from a few classes each, and different ones."""
+  """Catches an attacker and victims taken in source order (from class-sorted shards, as the
+  offline test split is, they would come from a few classes each) or overlapping (a victim
+  the decoder trained on)."""
   labels = np.repeat(np.arange(100), 20)  # sorted by class, like the local shards
-  images = np.broadcast_to(labels[:, None, None, None].astype(np.uint8), (2000, 4, 4, 3))
-  split = data.Split(images=np.ascontiguousarray(images), labels=labels, num_classes=100,
-                     dataset="cifar100")
+  index = np.arange(2000)
+  # Each image carries its class and its own index in its first pixel.
+  images = np.zeros((2000, 4, 4, 3), np.uint8)
+  images[:, 0, 0] = np.stack([labels, index // 256, index % 256], axis=-1)
+  split = data.Split(images=images, labels=labels, num_classes=100, dataset="cifar100")
   config = attack_configs.get_config("cpu")
   config.aux_images, config.victim_images = 500, 100
   aux, victims = attack_study.image_sets(split, config)
-  aux_classes = set(np.round(aux[:, 0, 0, 0] * 255).astype(int))
-  victim_classes = set(np.round(victims[:, 0, 0, 0] * 255).astype(int))
+  read = lambda x: np.round(x[:, 0, 0] * 255).astype(int)
+  aux_classes, victim_classes = set(read(aux)[:, 0]), set(read(victims)[:, 0])
   assert len(aux_classes) > 90 and len(victim_classes) > 50
+  ids = lambda x: set(read(x)[:, 1] * 256 + read(x)[:, 2])
+  assert len(ids(aux)) == 500 and len(ids(victims)) == 100 and not ids(aux) & ids(victims)
   again = attack_study.image_sets(split, config)
   np.testing.assert_array_equal(again[1], victims)
   config.victim_images = 1001

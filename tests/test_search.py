@@ -434,3 +434,29 @@ def test_search_cli_reports_bad_config(tmp_path):
        "--config.search.sample_size=99", f"--workdir={tmp_path}"],
       capture_output=True, text=True, cwd=REPO)
   assert proc.returncode != 0 and "error: search.sample_size S=99" in proc.stderr
+
+
+def test_settings_added_later_keep_older_searches_resumable(fake_data_dir):
+  """A search stored before search.algorithm, config.device and fitness.lambda_latency
+  existed has none of them in its identity: at their old values they must stay out (or
+  every older search would be refused), and any other value must enter it (or a changed
+  link or algorithm would resume silently)."""
+  from types import SimpleNamespace
+  config = search_configs.get_config("smoke")
+  config.data_dir = fake_data_dir
+  stub = SimpleNamespace(  # what search_identity reads of an evaluator
+      variables={"w": np.zeros(3, np.float32)}, train=SimpleNamespace(dataset="cifar100"),
+      val=SimpleNamespace(images=np.zeros(2), labels=np.zeros(2)), privacy_images=np.zeros(2),
+      numerics=SimpleNamespace(dtype="float32", precision="highest"), pipeline="device",
+      candidate_loop="map")
+  identity = driver.search_identity(config, stub)
+  assert not set(driver.LATER_DEFAULTS) & set(identity)
+  assert "search.pop_size" in identity and "fitness.lambda_energy" in identity
+  config.search.algorithm = "nsga2"
+  config.device.loss_rate = 0.05
+  config.device.mac_rate_bits = (32, 8)
+  config.device.mac_rate_gmacs = (1.0, 4.0)
+  changed = driver.search_identity(config, stub)
+  assert {k: changed[k] for k in set(changed) - set(identity)} == {
+      "search.algorithm": "nsga2", "device.loss_rate": 0.05, "device.mac_rate_bits": [32, 8],
+      "device.mac_rate_gmacs": [1.0, 4.0]}

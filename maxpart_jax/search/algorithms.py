@@ -69,13 +69,10 @@ def random_ask(key: jax.Array, state: evolution.SearchState, space: SearchSpace,
 def random_tell(state: evolution.SearchState, children: Genome, results: dict,
                 strategy: evolution.Strategy) -> evolution.SearchState:
   """Keeps the best genome seen; the population stays the initial one."""
-  fitness = jnp.asarray(results["fitness"], jnp.float32)
-  i = jnp.argmax(fitness)
-  better = fitness[i] > state.best_fitness
-  return state.replace(
-      best=jax.tree.map(lambda b, c: jnp.where(better, c[i], b), state.best, children),
-      best_fitness=jnp.where(better, fitness[i], state.best_fitness),
-      births=state.births + strategy.num_tournaments, step=state.step + 1)
+  best, best_fitness = evolution.keep_best(state.best, state.best_fitness, children,
+                                           jnp.asarray(results["fitness"], jnp.float32))
+  return state.replace(best=best, best_fitness=best_fitness,
+                       births=state.births + strategy.num_tournaments, step=state.step + 1)
 
 
 ALGORITHMS: dict[str, Algorithm] = {

@@ -109,8 +109,7 @@ def fitness_from_config(config: ml_collections.ConfigDict) -> FitnessConfig:
 
 def device_from_config(config: ml_collections.ConfigDict) -> DeviceConfig:
   """The edge device of ``config.device`` with the budget ``config.fitness.budget_mj``."""
-  return DeviceConfig(budget_mj=config.fitness.budget_mj, **{
-      k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.device.items()})
+  return DeviceConfig(budget_mj=config.fitness.budget_mj, **config.device.to_dict())
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -309,10 +308,6 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
       k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
       for k in ("search", "fitness", "device", "privacy_images", "val_images", "energy_model")})
   del identity["search.iterations"]
-  identity = json.loads(json.dumps(identity, default=str))  # tuples as lists, as stored
-  for key, value in LATER_DEFAULTS.items():
-    if identity.get(key) == value:
-      del identity[key]
   identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
   identity.update({
       "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
@@ -323,7 +318,8 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
       "resolved.compute_dtype": evaluator.numerics.dtype,
       "resolved.matmul_precision": evaluator.numerics.precision,
       "resolved.pipeline": evaluator.pipeline, "resolved.candidate_loop": evaluator.candidate_loop})
-  return json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
+  identity = json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
+  return {k: v for k, v in identity.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
 
 def _images_sha256(evaluator: Evaluator) -> str:

@@ -115,6 +115,17 @@ def ask(key: jax.Array, state: SearchState, space: SearchSpace,
   return children, state.replace(samples=samples.astype(jnp.int32))
 
 
+def keep_best(best: Genome, best_fitness: jax.Array, genomes: Genome,
+              fitness: jax.Array) -> tuple[Genome, jax.Array]:
+  """``(best, best_fitness)`` after seeing ``genomes`` (leading axis) with ``fitness``: the
+  fittest of them if it beats ``best_fitness`` strictly, else the old best (the earlier
+  genome wins a tie). Every algorithm's ``tell`` keeps its best this way."""
+  i = jnp.argmax(fitness)
+  improved = fitness[i] > best_fitness
+  return (jax.tree.map(lambda b, g: jnp.where(improved, g[i], b), best, genomes),
+          jnp.where(improved, fitness[i], best_fitness))
+
+
 def tell(state: SearchState, children: Genome, fitness: jax.Array,
          strategy: Strategy) -> SearchState:
   """Inserts the K evaluated children, each replacing one member, in order."""
@@ -127,8 +138,6 @@ def tell(state: SearchState, children: Genome, fitness: jax.Array,
         fitness=st.fitness.at[r].set(fitness[k]), age=st.age.at[r].set(st.births + k))
 
   state = jax.lax.fori_loop(0, strategy.num_tournaments, insert, state)
-  i = jnp.argmax(fitness)
-  improved = fitness[i] > state.best_fitness
-  best = jax.tree.map(lambda b, c: jnp.where(improved, c[i], b), state.best, children)
-  return state.replace(best=best, best_fitness=jnp.where(improved, fitness[i], state.best_fitness),
+  best, best_fitness = keep_best(state.best, state.best_fitness, children, fitness)
+  return state.replace(best=best, best_fitness=best_fitness,
                        births=state.births + strategy.num_tournaments, step=state.step + 1)

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from maxpart_jax import pareto
 from maxpart_jax.genome import Genome
-from maxpart_jax.search.evolution import Strategy
+from maxpart_jax.search.evolution import Strategy, keep_best
 from maxpart_jax.search.operators import SearchSpace
 
 # A non-finite objective (a failed candidate) counts as this bad; its violation ranks it last.
@@ -82,10 +83,8 @@ def constrained_dominates(obj: jax.Array, violation: jax.Array) -> jax.Array:
   Pareto dominance on ``obj`` (minimized).
   """
   feasible = violation <= 0
-  at_most = jnp.all(obj[:, None, :] <= obj[None, :, :], axis=-1)
-  less = jnp.any(obj[:, None, :] < obj[None, :, :], axis=-1)
   fi, fj = feasible[:, None], feasible[None, :]
-  return jnp.where(fi & fj, at_most & less,
+  return jnp.where(fi & fj, pareto.dominates(obj, (False,) * obj.shape[-1]),
                    jnp.where(fi, ~fj, ~fj & (violation[:, None] < violation[None, :])))
 
 
@@ -142,13 +141,6 @@ def _sort(obj: jax.Array, violation: jax.Array) -> tuple[jax.Array, jax.Array]:
   return rank, crowding_distance(obj, rank)
 
 
-def _best(best, best_fitness, genomes, fitness):
-  i = jnp.argmax(fitness)
-  better = fitness[i] > best_fitness
-  return (jax.tree.map(lambda b, g: jnp.where(better, g[i], b), best, genomes),
-          jnp.where(better, fitness[i], best_fitness))
-
-
 def init(key: jax.Array, space: SearchSpace, strategy: Strategy) -> NSGA2State:
   """N random genomes (from the ``init`` operator), not yet evaluated."""
   n = strategy.pop_size
@@ -165,7 +157,7 @@ def tell_initial(state: NSGA2State, results: dict[str, jax.Array]) -> NSGA2State
   obj, viol = objectives(results), jnp.asarray(results["violation"], jnp.float32)
   rank, crowding = _sort(obj, viol)
   fitness = jnp.asarray(results["fitness"], jnp.float32)
-  best, best_fitness = _best(state.best, state.best_fitness, state.population, fitness)
+  best, best_fitness = keep_best(state.best, state.best_fitness, state.population, fitness)
   return state.replace(objectives=obj, violation=viol, rank=rank, crowding=crowding,
                        fitness=fitness, best=best, best_fitness=best_fitness)
 
@@ -199,8 +191,8 @@ def tell(state: NSGA2State, children: Genome, results: dict[str, jax.Array],
   # The survivors keep the front and crowding measured in the merged set (as Deb's
   # algorithm and pymoo's RankAndCrowding do); the next mating tournaments compare those.
   keep = jnp.lexsort((-crowding, rank))[:n]
-  best, best_fitness = _best(state.best, state.best_fitness, children,
-                             jnp.asarray(results["fitness"], jnp.float32))
+  best, best_fitness = keep_best(state.best, state.best_fitness, children,
+                                 jnp.asarray(results["fitness"], jnp.float32))
   return state.replace(
       population=jax.tree.map(lambda x: x[keep], merged), objectives=obj[keep],
       violation=viol[keep], rank=rank[keep], crowding=crowding[keep], fitness=fitness[keep],
