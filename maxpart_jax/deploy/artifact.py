@@ -1,0 +1,318 @@
+"""Export a searched split into an edge artifact and a cloud artifact, and load them.
+
+Edge artifact (a folder; docs/deploy.md):
+
+* ``manifest.json``: format name and version, model, genome, split, IR spec, every edge
+  layer's spec (:class:`~maxpart_jax.deploy.integer.LayerSpec`), the artifact id.
+* ``weights.npz``: per integer layer its weight codes packed at the layer's bit width
+  (offset binary), the fixed-point multipliers and the wide biases; per float layer its
+  float32 kernel and folded batch norm.
+* ``edge.jax``: the edge program, serialized with ``jax.export`` (StableHLO; batch size
+  symbolic): ``(uint8 images (N, H, W, 3), weights) -> (IR codes or float IR, scales (N,))``.
+
+Cloud artifact: ``manifest.json`` and ``cloud.jax``, the float cloud part with its weights
+inside: ``(IR codes or float IR, scales) -> logits``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from typing import Any
+
+import jax
+from jax import export as jax_export
+import jax.numpy as jnp
+import numpy as np
+
+from maxpart_jax import data
+from maxpart_jax.checkpoint import variables_sha256, write_json
+from maxpart_jax.deploy import integer, wire
+from maxpart_jax.genome import Genome, effective_bits, validate_genome
+from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.models.layers import batch_norm
+from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
+
+EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeSpec:
+  """Everything static about an edge program: the model, the split and each layer."""
+
+  model: dict[str, Any]
+  dataset: str
+  genome: dict[str, Any]
+  split: int
+  block_label: str
+  layers: tuple[integer.LayerSpec, ...]
+  ir: wire.IRSpec
+
+  def to_json(self) -> dict[str, Any]:
+    return {"format": EDGE_FORMAT, "version": FORMAT_VERSION, "model": self.model,
+            "dataset": self.dataset, "genome": self.genome, "split": self.split,
+            "block": self.block_label, "fraction_bits": integer.FRACTION_BITS,
+            "ir": dataclasses.asdict(self.ir),
+            "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+  @classmethod
+  def from_json(cls, manifest: dict[str, Any]) -> EdgeSpec:
+    _check_format(manifest, EDGE_FORMAT)
+    if manifest["fraction_bits"] != integer.FRACTION_BITS:
+      raise ValueError(f"edge artifact uses {manifest['fraction_bits']} fractional bits; this "
+                       f"runtime uses {integer.FRACTION_BITS}")
+    ir = dict(manifest["ir"], shape=tuple(manifest["ir"]["shape"]))
+    return cls(model=manifest["model"], dataset=manifest["dataset"], genome=manifest["genome"],
+               split=manifest["split"], block_label=manifest["block"],
+               layers=tuple(integer.LayerSpec(**layer) for layer in manifest["layers"]),
+               ir=wire.IRSpec(**ir))
+
+
+def _check_format(manifest: dict[str, Any], kind: str) -> None:
+  if manifest.get("format") != kind:
+    raise ValueError(f"not a {kind} artifact (format {manifest.get('format')!r})")
+  if manifest.get("version") != FORMAT_VERSION:
+    raise ValueError(f"{kind} artifact version {manifest.get('version')}; this runtime reads "
+                     f"version {FORMAT_VERSION}")
+
+
+def build_model(spec: dict[str, Any]) -> SplitModel:
+  """The model a manifest names (``{"name": ..., **builder kwargs}``)."""
+  from maxpart_jax.models import get_model
+  spec = dict(spec)
+  return get_model(spec.pop("name"), **spec)
+
+
+def _edge_layers(model: SplitModel, variables: Variables, genome: Genome, per_channel: bool,
+                 activation_levels: str) -> tuple[list[integer.LayerSpec], list[dict[str, Any]]]:
+  """Specs and arrays of every conv on the edge, in layer order."""
+  info, p = model.info, int(genome.p)
+  w_bits, a_bits, _ = (np.asarray(b) for b in effective_bits(info, genome))
+  epsilon = batch_norm(False).epsilon
+  specs, arrays = [], []
+  for layer in info.layers:
+    if layer.block >= p:
+      continue
+    block_name, conv = layer.name.split("/")
+    block = model.chain.blocks[layer.block]
+    spec = integer.LayerSpec(
+        name=layer.name, layer_id=layer.id, block=layer.block, kernel=layer.kernel[0],
+        stride=layer.stride, groups=layer.groups, w_bits=int(w_bits[layer.id]),
+        a_bits=int(a_bits[layer.id]), signed_input=bool(getattr(block, "signed_input", False)),
+        activation_levels=activation_levels, per_channel=per_channel)
+    bn = integer.BATCH_NORM_OF[conv]
+    spec, arr = integer.layer_arrays(
+        spec, variables["params"][block_name][conv]["kernel"],
+        variables["params"][block_name][bn], variables["batch_stats"][block_name][bn], epsilon)
+    specs.append(spec)
+    arrays.append(arr)
+  return specs, arrays
+
+
+def edge_forward(model: SplitModel, spec: EdgeSpec, images: jax.Array,
+                 arrays: list[dict[str, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The integer edge program: uint8 images to ``(IR codes, scales, overflowed (N,))``
+  (a float IR and ones at 32 bits). Run under ``jax.enable_x64(True)``."""
+  x = data.normalize_on_device(images, spec.dataset)
+  by_block: dict[int, dict[str, tuple[integer.LayerSpec, dict[str, jax.Array]]]] = {}
+  for layer, arr in zip(spec.layers, arrays):
+    by_block.setdefault(layer.block, {})[layer.name.split("/")[1]] = (layer, arr)
+  overflow = jnp.zeros((images.shape[0],), bool)
+
+  def saturated(v):
+    nonlocal overflow
+    overflow = overflow | integer.overflowed(v)
+    return integer.saturate_int32(v)
+
+  for b in range(spec.split):
+    layers = by_block[b]
+
+    def run(name, v, layers=layers):
+      layer, arr = layers[name]
+      return saturated((integer.integer_layer if layer.integer else integer.float_layer)(
+          v, arr, layer))
+
+    x = saturated(integer.block_forward(model.chain.blocks[b])(run, x, model.chain.blocks[b]))
+  ir = spec.ir
+  if ir.bits >= FLOAT_BITS:
+    return integer.to_float(x), jnp.ones((x.shape[0],), jnp.float32), overflow
+  codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
+  return codes, integer.to_float(m), overflow
+
+
+def dequantize(payload: jax.Array, scales: jax.Array, ir: wire.IRSpec) -> jax.Array:
+  """The float IR the cloud runs on: ``codes · (scale / L)``, as the fake quantizer computes it."""
+  if ir.bits >= FLOAT_BITS:
+    return payload.astype(jnp.float32)
+  step = scales.astype(jnp.float32) / jnp.float32(ir.largest)
+  return payload.astype(jnp.float32) * step[:, None, None, None]
+
+
+def _pack_arrays(specs: list[integer.LayerSpec], arrays: list[dict[str, np.ndarray]]
+                 ) -> dict[str, np.ndarray]:
+  """weights.npz content: integer kernels packed at their bit width (offset binary)."""
+  out = {}
+  for spec, arr in zip(specs, arrays):
+    for key, value in arr.items():
+      if key == "w" and spec.integer:
+        offset = integer.levels(spec.w_bits, True)
+        out[f"{spec.name}/w_packed"] = np.frombuffer(
+            wire.pack_bits(np.asarray(value, np.int64) + offset, spec.w_bits), np.uint8)
+        out[f"{spec.name}/w_shape"] = np.asarray(value.shape, np.int64)
+      else:
+        out[f"{spec.name}/{key}"] = np.asarray(value)
+  return out
+
+
+def _unpack_arrays(specs: tuple[integer.LayerSpec, ...], stored: Any) -> list[dict[str, np.ndarray]]:
+  arrays = []
+  for spec in specs:
+    prefix = f"{spec.name}/"
+    arr = {k[len(prefix):]: np.asarray(stored[k]) for k in stored.files if k.startswith(prefix)}
+    if spec.integer:
+      shape = tuple(arr.pop("w_shape"))
+      offset = integer.levels(spec.w_bits, True)
+      codes = wire.unpack_bits(arr.pop("w_packed").tobytes(), spec.w_bits,
+                               int(np.prod(shape))) - offset
+      arr["w"] = codes.reshape(shape).astype(integer.code_dtype(offset))
+    arrays.append(arr)
+  return arrays
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
+
+
+class EdgeProgram:
+  """A loaded (or freshly exported) edge artifact: uint8 images in, IR messages out."""
+
+  def __init__(self, spec: EdgeSpec, arrays: list[dict[str, np.ndarray]],
+               exported: jax_export.Exported):
+    self.spec, self.arrays, self.exported = spec, arrays, exported
+    self.input_shape = tuple(build_model(spec.model).input_shape)
+
+  @classmethod
+  def load(cls, directory: str) -> EdgeProgram:
+    """Reads an edge artifact; ``ValueError`` if it is of another format or version."""
+    with open(os.path.join(directory, "manifest.json")) as f:
+      spec = EdgeSpec.from_json(json.load(f))
+    with np.load(os.path.join(directory, "weights.npz")) as stored:
+      arrays = _unpack_arrays(spec.layers, stored)
+    with open(os.path.join(directory, "edge.jax"), "rb") as f:
+      exported = jax_export.deserialize(bytearray(f.read()))
+    return cls(spec, arrays, exported)
+
+  def ir(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes or float IR (N, H, W, C), scales (N,))`` of a batch of uint8 images."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.input_shape:
+      raise ValueError(f"the edge program takes uint8 images of shape (N, "
+                       f"{', '.join(map(str, self.input_shape))}), got {images.dtype} "
+                       f"{images.shape}")
+    with jax.enable_x64(True):
+      payload, scales, overflow = (np.asarray(a) for a in self.exported.call(images, self.arrays))
+    if overflow.any():
+      limit = 2 ** (31 - integer.FRACTION_BITS)
+      raise ValueError(f"activations of images {np.flatnonzero(overflow).tolist()} left the "
+                       f"edge's fixed-point range ±{limit}: their IR would be wrong")
+    return payload, scales
+
+  def messages(self, images: np.ndarray) -> list[bytes]:
+    """One IR message per image."""
+    payload, scales = self.ir(images)
+    return [wire.encode(p, float(s), self.spec.ir) for p, s in zip(payload, scales)]
+
+
+class CloudProgram:
+  """A loaded (or freshly exported) cloud artifact: IR messages in, logits out."""
+
+  def __init__(self, ir: wire.IRSpec, num_classes: int, exported: jax_export.Exported):
+    self.ir, self.num_classes, self.exported = ir, num_classes, exported
+
+  @classmethod
+  def load(cls, directory: str) -> CloudProgram:
+    with open(os.path.join(directory, "manifest.json")) as f:
+      manifest = json.load(f)
+    _check_format(manifest, CLOUD_FORMAT)
+    ir = wire.IRSpec(**dict(manifest["ir"], shape=tuple(manifest["ir"]["shape"])))
+    with open(os.path.join(directory, "cloud.jax"), "rb") as f:
+      exported = jax_export.deserialize(bytearray(f.read()))
+    return cls(ir, manifest["num_classes"], exported)
+
+  def logits(self, payload: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return np.asarray(self.exported.call(np.asarray(payload), np.asarray(scales, np.float32)))
+
+  def predict_messages(self, body: bytes) -> np.ndarray:
+    """Logits of every message in a concatenation; :class:`wire.WireError` if one is bad."""
+    payload, scales = wire.decode_all(body, self.ir)
+    return self.logits(payload, scales)
+
+
+def build_edge(model: SplitModel, variables: Variables, genome: Genome,
+               model_spec: dict[str, Any], *, dataset: str = "cifar100", per_channel: bool = False,
+               activation_levels: str = "paper") -> tuple[EdgeSpec, list[dict[str, np.ndarray]]]:
+  """The edge program's spec and arrays for ``genome`` (see :func:`export_split`); run them
+  with :func:`edge_forward`."""
+  validate_genome(model.info, genome)
+  check_activation_levels(activation_levels)
+  info, p = model.info, int(genome.p)
+  w_bits, a_bits, ir_bits = effective_bits(info, genome)
+  specs, arrays = _edge_layers(model, variables, genome, per_channel, activation_levels)
+  genome_json = Genome(p=genome.p, w_bits=w_bits, a_bits=a_bits).to_json()
+  digest = hashlib.sha256(json.dumps([model_spec, genome_json, per_channel, activation_levels],
+                                     sort_keys=True).encode())
+  digest.update(_npz_bytes(_pack_arrays(specs, arrays)))
+  digest.update(variables_sha256(variables).encode())
+  ir = wire.IRSpec(shape=tuple(info.blocks[p - 1].out_shape), bits=int(ir_bits),
+                   activation_levels=activation_levels, artifact_id=digest.hexdigest()[:16])
+  spec = EdgeSpec(model=model_spec, dataset=dataset, genome=genome_json, split=p,
+                  block_label=info.blocks[p - 1].label, layers=tuple(specs), ir=ir)
+  return spec, arrays
+
+
+def export_split(model: SplitModel, variables: Variables, genome: Genome, model_spec: dict[str, Any],
+                 directory: str, *, dataset: str = "cifar100", per_channel: bool = False,
+                 activation_levels: str = "paper") -> tuple[EdgeProgram, CloudProgram]:
+  """Writes ``directory/edge`` and ``directory/cloud`` for ``genome`` and returns both programs.
+
+  Args:
+    model, variables: the model and the (fine-tuned) variables the genome runs with.
+    genome: one concrete genome.
+    model_spec: ``{"name": ..., **builder kwargs}`` (as in a pre-trained model's model.json).
+    dataset: whose normalization the edge applies to its uint8 images.
+    per_channel, activation_levels: the quantizer settings the search used.
+  """
+  spec, arrays = build_edge(model, variables, genome, model_spec, dataset=dataset,
+                            per_channel=per_channel, activation_levels=activation_levels)
+  ir, p = spec.ir, spec.split
+  batch = jax_export.symbolic_shape("n")[0]
+  images = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.uint8)
+  with jax.enable_x64(True):
+    run = jax.jit(lambda x, arr: edge_forward(model, spec, x, arr))
+    edge = jax_export.export(run)(images, jax.tree.map(jnp.asarray, arrays))
+  payload_type = jnp.float32 if ir.bits >= FLOAT_BITS else jnp.int32
+  cloud_vars = jax.device_get(variables)
+  cloud = jax_export.export(jax.jit(
+      lambda payload, scales: model.cloud(cloud_vars, dequantize(payload, scales, ir), p)))(
+          jax.ShapeDtypeStruct((batch, *ir.shape), payload_type),
+          jax.ShapeDtypeStruct((batch,), jnp.float32))
+  edge_dir, cloud_dir = os.path.join(directory, "edge"), os.path.join(directory, "cloud")
+  os.makedirs(edge_dir, exist_ok=True)
+  os.makedirs(cloud_dir, exist_ok=True)
+  write_json(os.path.join(edge_dir, "manifest.json"), spec.to_json())
+  with open(os.path.join(edge_dir, "weights.npz"), "wb") as f:
+    f.write(_npz_bytes(_pack_arrays(spec.layers, arrays)))
+  with open(os.path.join(edge_dir, "edge.jax"), "wb") as f:
+    f.write(edge.serialize())
+  num_classes = int(model.info.layers[-1].out_shape[-1])
+  write_json(os.path.join(cloud_dir, "manifest.json"),
+             {"format": CLOUD_FORMAT, "version": FORMAT_VERSION, "model": model_spec,
+              "split": p, "ir": dataclasses.asdict(ir), "num_classes": num_classes})
+  with open(os.path.join(cloud_dir, "cloud.jax"), "wb") as f:
+    f.write(cloud.serialize())
+  return EdgeProgram.load(edge_dir), CloudProgram.load(cloud_dir)

@@ -1,0 +1,113 @@
+"""Export the genome a search reported, and check the exported split against the model.
+
+:func:`export_searched` fine-tunes the reported genome exactly as the search evaluated it
+and exports it; :func:`parity` runs the integer edge and the float cloud beside the
+fake-quantized model on the same images and measures how far apart they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maxpart_jax import data
+from maxpart_jax.deploy import artifact
+from maxpart_jax.genome import Genome, quantized_apply, quantized_edge
+from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.models.layers import Numerics
+
+
+def reported_genome(workdir: str) -> tuple[Genome, dict[str, Any]]:
+  """The genome in ``workdir/best.json`` and the report; a clear error if there is none."""
+  path = os.path.join(workdir, "best.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no finished search in {workdir} (missing best.json); run "
+                            "`python -m experiments.search` there first")
+  with open(path) as f:
+    report = json.load(f)
+  return Genome.from_json(report["genome"]), report
+
+
+def export_searched(config: ml_collections.ConfigDict, workdir: str, out: str
+                    ) -> tuple[artifact.EdgeProgram, artifact.CloudProgram, dict[str, Any]]:
+  """Exports the genome a search in ``workdir`` (made with ``config``) reported to ``out``.
+
+  Returns the two programs and ``{"genome", "report", "model", "variables",
+  "test"}``: what :func:`parity` needs.
+  """
+  from maxpart_jax.search import driver
+  genome, report = reported_genome(workdir)
+  evaluator = driver.build_evaluator(config)
+  variables, diverged = evaluator.finetune(evaluator.pad(jax.tree.map(lambda x: x[None], genome)))
+  if diverged[0]:
+    raise ValueError(f"fine-tuning the genome of {workdir}/best.json diverged")
+  variables = jax.device_get(jax.tree.map(lambda x: x[0], variables))
+  model = evaluator.model.with_numerics(Numerics())  # the reference computes in float32
+  edge, cloud = artifact.export_split(
+      model, variables, genome, driver.model_spec(config.pretrain), out,
+      dataset=evaluator.train.dataset, per_channel=config.fitness.per_channel,
+      activation_levels=config.fitness.activation_levels)
+  return edge, cloud, {"genome": genome, "report": report, "model": model,
+                       "variables": variables, "test": driver.load_test_split(config, evaluator)}
+
+
+def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifact.EdgeProgram,
+           cloud: artifact.CloudProgram, images: np.ndarray, labels: np.ndarray | None = None,
+           batch_size: int = 500) -> dict[str, Any]:
+  """Integer edge + float cloud against the fake-quantized model on uint8 ``images``.
+
+  Reports the share of images with the same top-1, the IR codes' largest difference in
+  quantization steps and the shares of codes that differ (at all, and by more than a step), the scales' largest relative
+  difference, both accuracies (with ``labels``), the edge program's images per second,
+  and the bytes sent per image against the raw image.
+  """
+  agree, code_diff, codes_differ, codes_far, codes_total, scale_rel = 0, 0, 0, 0, 0, 0.0
+  correct_int = correct_ref = 0
+  edge_seconds = 0.0
+  largest = edge.spec.ir.largest
+  quantized = edge.spec.ir.bits < 32
+  for i in range(0, len(images), batch_size):
+    batch = images[i:i + batch_size]
+    t0 = time.perf_counter()
+    payload, scales = edge.ir(batch)
+    edge_seconds += time.perf_counter() - t0
+    logits = cloud.logits(payload, scales)
+    x = jnp.asarray(data.normalize(batch, edge.spec.dataset))
+    ref_logits = np.asarray(quantized_apply(model, variables, x, genome))
+    ref_ir = np.asarray(quantized_edge(model, variables, x, genome))
+    if quantized:
+      ref_scale = ref_ir.reshape(len(batch), -1).max(axis=1)
+      ref_codes = np.round(ref_ir * largest / np.maximum(ref_scale, 1e-30)[:, None, None, None])
+      diff = np.abs(payload - ref_codes)
+      scale_rel = max(scale_rel, float(np.max(np.abs(scales - ref_scale)
+                                              / np.maximum(ref_scale, 1e-30))))
+    else:
+      diff = np.abs(payload - ref_ir)
+    code_diff = max(code_diff, float(diff.max()))
+    codes_differ += int(np.count_nonzero(diff))
+    codes_far += int(np.count_nonzero(diff > 1))
+    codes_total += diff.size
+    agree += int(np.sum(logits.argmax(-1) == ref_logits.argmax(-1)))
+    if labels is not None:
+      correct_int += int(np.sum(logits.argmax(-1) == labels[i:i + batch_size]))
+      correct_ref += int(np.sum(ref_logits.argmax(-1) == labels[i:i + batch_size]))
+  n = len(images)
+  out = {"images": n, "top1_agreement": agree / n,
+         "ir_max_difference": code_diff, "ir_difference_unit": "quantization steps" if quantized
+         else "float", "ir_share_of_values_that_differ": codes_differ / codes_total,
+         "ir_share_of_values_off_by_more_than_one": codes_far / codes_total,
+         "scale_max_relative_difference": scale_rel,
+         "edge_images_per_second": n / edge_seconds,
+         "ir_bits": edge.spec.ir.bits, "message_bytes": edge.spec.ir.message_bytes,
+         "payload_bytes": edge.spec.ir.payload_bytes,
+         "raw_image_bytes": int(np.prod(images.shape[1:]))}
+  if labels is not None:
+    out.update(accuracy_integer_split=correct_int / n, accuracy_fake_quant=correct_ref / n)
+  return out
