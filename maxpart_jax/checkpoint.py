@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maxpart_jax.models import SplitModel, Variables, get_model
+from maxpart_jax.models import SplitModel, Variables, model_from_spec
 from maxpart_jax.runs import unique_tmp
 
 
@@ -133,8 +133,7 @@ def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:
                             "train one with `python -m experiments.train`")
   with open(spec_path) as f:
     meta = json.load(f)
-  spec = dict(meta["model"])
-  model = get_model(spec.pop("name"), **spec)
+  model = model_from_spec(meta["model"])
   expected = jax.eval_shape(model.init, jax.random.key(0))
   with ocp.StandardCheckpointer() as ckpt:
     stored = ckpt.metadata(os.path.join(directory, "variables"))

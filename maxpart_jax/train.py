@@ -41,7 +41,7 @@ from flax import struct
 
 from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.metrics import MetricWriter
-from maxpart_jax.models import SplitModel, Variables, available_models, get_model
+from maxpart_jax.models import SplitModel, Variables, available_models, model_from_spec
 from maxpart_jax.models.layers import Numerics, resolve_numerics
 from maxpart_jax.quant import QuantPolicy
 
@@ -128,8 +128,7 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
                 numerics: Numerics = Numerics()) -> SplitModel:
   """The model ``config.model`` names, with the dataset's number of classes."""
-  spec = dict(model_spec(config))
-  return get_model(spec.pop("name"), num_classes=num_classes, numerics=numerics, **spec)
+  return model_from_spec(model_spec(config), num_classes=num_classes, numerics=numerics)
 
 
 def resolve_pipeline(pipeline: str, platform: str | None = None) -> str:

@@ -56,8 +56,7 @@ def _images(n, seed=0):
 def _reference_codes(model, variables, genome, images, largest):
   """The fake-quantized model's IR as codes, and its per-image scale."""
   ir = np.asarray(quantized_edge(model, variables, jnp.asarray(data.normalize(images)), genome))
-  scale = ir.reshape(len(ir), -1).max(axis=1)
-  return np.round(ir * largest / scale[:, None, None, None]), scale
+  return parity.reference_codes(ir, largest)
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +239,23 @@ def test_bad_messages_are_rejected_with_the_reason(exported):
 # --- artifacts ------------------------------------------------------------------------
 
 
+def _in_memory_ir(model, variables, genome, images):
+  """The edge program straight from :func:`artifact.build_edge`: not packed, serialized or
+  loaded."""
+  spec, arrays = artifact.build_edge(model, variables, genome, {"name": "resnet18", "width": 0.125})
+  with jax.enable_x64(True):
+    codes, scales, _ = jax.jit(lambda x: artifact.edge_forward(model, spec, x, arrays))(images)
+  return spec, arrays, np.asarray(codes), np.asarray(scales)
+
+
 def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
+  """The artifact on disk runs exactly the program it was made from (catches a packing,
+  manifest or serialization step that changes it), and other formats are refused."""
   model, variables, genome, edge, cloud, out = exported
   images = _images(8, seed=5)
+  _, _, codes, scales = _in_memory_ir(model, variables, genome, images)
   loaded = artifact.EdgeProgram.load(str(out / "edge"))
-  for a, b in zip(loaded.ir(images), edge.ir(images)):
+  for a, b in zip(loaded.ir(images), (codes, scales)):
     np.testing.assert_array_equal(a, b)
   payload, scales = edge.ir(images)
   # The cloud artifact: the float model on the dequantized IR.
@@ -266,14 +277,16 @@ def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
 
 def test_packed_weights_are_smaller_and_decode_to_the_codes(exported):
   """Sub-8-bit kernels are stored at their bit width (a 2-bit kernel in a quarter of its
-  int8 bytes) and unpack to exactly the codes the program ran with."""
-  _, _, _, edge, _, out = exported
+  int8 bytes) and unpack to exactly the codes they were made from, in their dtype."""
+  model, variables, genome, edge, _, out = exported
+  _, built, _, _ = _in_memory_ir(model, variables, genome, _images(1))
   with np.load(out / "edge" / "weights.npz") as stored:
-    for spec, arrays in zip(edge.spec.layers, edge.arrays):
+    for spec, arrays, original in zip(edge.spec.layers, edge.arrays, built):
       if spec.integer:
         packed = stored[f"{spec.name}/w_packed"]
         assert packed.size == -(-arrays["w"].size * spec.w_bits // 8)
-        assert np.abs(arrays["w"]).max() <= integer.levels(spec.w_bits, True)
+        np.testing.assert_array_equal(arrays["w"], original["w"])
+        assert arrays["w"].dtype == original["w"].dtype
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from typing import Any
@@ -32,7 +31,7 @@ from maxpart_jax import data
 from maxpart_jax.checkpoint import variables_sha256, write_json
 from maxpart_jax.deploy import integer, wire
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
-from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.models import SplitModel, Variables, model_from_spec
 from maxpart_jax.models.layers import batch_norm
 from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
 
@@ -55,35 +54,36 @@ class EdgeSpec:
     return {"format": EDGE_FORMAT, "version": FORMAT_VERSION, "model": self.model,
             "dataset": self.dataset, "genome": self.genome, "split": self.split,
             "block": self.block_label, "fraction_bits": integer.FRACTION_BITS,
-            "ir": dataclasses.asdict(self.ir),
+            "ir": self.ir.to_json(),
             "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
   @classmethod
   def from_json(cls, manifest: dict[str, Any]) -> EdgeSpec:
-    _check_format(manifest, EDGE_FORMAT)
     if manifest["fraction_bits"] != integer.FRACTION_BITS:
       raise ValueError(f"edge artifact uses {manifest['fraction_bits']} fractional bits; this "
                        f"runtime uses {integer.FRACTION_BITS}")
-    ir = dict(manifest["ir"], shape=tuple(manifest["ir"]["shape"]))
     return cls(model=manifest["model"], dataset=manifest["dataset"], genome=manifest["genome"],
                split=manifest["split"], block_label=manifest["block"],
                layers=tuple(integer.LayerSpec(**layer) for layer in manifest["layers"]),
-               ir=wire.IRSpec(**ir))
+               ir=wire.IRSpec.from_json(manifest["ir"]))
 
 
-def _check_format(manifest: dict[str, Any], kind: str) -> None:
+def _read_manifest(directory: str, kind: str) -> dict[str, Any]:
+  """``directory/manifest.json``; ``ValueError`` unless it is a ``kind`` artifact of the
+  version this runtime reads."""
+  with open(os.path.join(directory, "manifest.json")) as f:
+    manifest = json.load(f)
   if manifest.get("format") != kind:
     raise ValueError(f"not a {kind} artifact (format {manifest.get('format')!r})")
   if manifest.get("version") != FORMAT_VERSION:
     raise ValueError(f"{kind} artifact version {manifest.get('version')}; this runtime reads "
                      f"version {FORMAT_VERSION}")
+  return manifest
 
 
-def build_model(spec: dict[str, Any]) -> SplitModel:
-  """The model a manifest names (``{"name": ..., **builder kwargs}``)."""
-  from maxpart_jax.models import get_model
-  spec = dict(spec)
-  return get_model(spec.pop("name"), **spec)
+def _read_exported(path: str) -> jax_export.Exported:
+  with open(path, "rb") as f:
+    return jax_export.deserialize(bytearray(f.read()))
 
 
 def _edge_layers(model: SplitModel, variables: Variables, genome: Genome, per_channel: bool,
@@ -127,15 +127,14 @@ def edge_forward(model: SplitModel, spec: EdgeSpec, images: jax.Array,
     overflow = overflow | integer.overflowed(v)
     return integer.saturate_int32(v)
 
-  for b in range(spec.split):
-    layers = by_block[b]
+  for b, block in enumerate(model.chain.blocks[:spec.split]):
 
-    def run(name, v, layers=layers):
+    def run(name, v, layers=by_block[b]):
       layer, arr = layers[name]
       return saturated((integer.integer_layer if layer.integer else integer.float_layer)(
           v, arr, layer))
 
-    x = saturated(integer.block_forward(model.chain.blocks[b])(run, x, model.chain.blocks[b]))
+    x = saturated(integer.block_forward(block)(run, x, block))
   ir = spec.ir
   if ir.bits >= FLOAT_BITS:
     return integer.to_float(x), jnp.ones((x.shape[0],), jnp.float32), overflow
@@ -182,30 +181,23 @@ def _unpack_arrays(specs: tuple[integer.LayerSpec, ...], stored: Any) -> list[di
   return arrays
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  return buffer.getvalue()
-
-
 class EdgeProgram:
   """A loaded (or freshly exported) edge artifact: uint8 images in, IR messages out."""
 
   def __init__(self, spec: EdgeSpec, arrays: list[dict[str, np.ndarray]],
                exported: jax_export.Exported):
     self.spec, self.arrays, self.exported = spec, arrays, exported
-    self.input_shape = tuple(build_model(spec.model).input_shape)
+    self.input_shape = tuple(model_from_spec(spec.model).input_shape)
+    with jax.enable_x64(True):  # on the device once, not at every call; int64 stays int64
+      self._device_arrays = jax.device_put(arrays)
 
   @classmethod
   def load(cls, directory: str) -> EdgeProgram:
     """Reads an edge artifact; ``ValueError`` if it is of another format or version."""
-    with open(os.path.join(directory, "manifest.json")) as f:
-      spec = EdgeSpec.from_json(json.load(f))
+    spec = EdgeSpec.from_json(_read_manifest(directory, EDGE_FORMAT))
     with np.load(os.path.join(directory, "weights.npz")) as stored:
       arrays = _unpack_arrays(spec.layers, stored)
-    with open(os.path.join(directory, "edge.jax"), "rb") as f:
-      exported = jax_export.deserialize(bytearray(f.read()))
-    return cls(spec, arrays, exported)
+    return cls(spec, arrays, _read_exported(os.path.join(directory, "edge.jax")))
 
   def ir(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(codes or float IR (N, H, W, C), scales (N,))`` of a batch of uint8 images."""
@@ -215,7 +207,8 @@ class EdgeProgram:
                        f"{', '.join(map(str, self.input_shape))}), got {images.dtype} "
                        f"{images.shape}")
     with jax.enable_x64(True):
-      payload, scales, overflow = (np.asarray(a) for a in self.exported.call(images, self.arrays))
+      payload, scales, overflow = (np.asarray(a)
+                                   for a in self.exported.call(images, self._device_arrays))
     if overflow.any():
       limit = 2 ** (31 - integer.FRACTION_BITS)
       raise ValueError(f"activations of images {np.flatnonzero(overflow).tolist()} left the "
@@ -236,13 +229,10 @@ class CloudProgram:
 
   @classmethod
   def load(cls, directory: str) -> CloudProgram:
-    with open(os.path.join(directory, "manifest.json")) as f:
-      manifest = json.load(f)
-    _check_format(manifest, CLOUD_FORMAT)
-    ir = wire.IRSpec(**dict(manifest["ir"], shape=tuple(manifest["ir"]["shape"])))
-    with open(os.path.join(directory, "cloud.jax"), "rb") as f:
-      exported = jax_export.deserialize(bytearray(f.read()))
-    return cls(ir, manifest["num_classes"], exported)
+    """Reads a cloud artifact; ``ValueError`` if it is of another format or version."""
+    manifest = _read_manifest(directory, CLOUD_FORMAT)
+    return cls(wire.IRSpec.from_json(manifest["ir"]), manifest["num_classes"],
+               _read_exported(os.path.join(directory, "cloud.jax")))
 
   def logits(self, payload: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.asarray(self.exported.call(np.asarray(payload), np.asarray(scales, np.float32)))
@@ -264,10 +254,10 @@ def build_edge(model: SplitModel, variables: Variables, genome: Genome,
   w_bits, a_bits, ir_bits = effective_bits(info, genome)
   specs, arrays = _edge_layers(model, variables, genome, per_channel, activation_levels)
   genome_json = Genome(p=genome.p, w_bits=w_bits, a_bits=a_bits).to_json()
-  digest = hashlib.sha256(json.dumps([model_spec, genome_json, per_channel, activation_levels],
-                                     sort_keys=True).encode())
-  digest.update(_npz_bytes(_pack_arrays(specs, arrays)))
-  digest.update(variables_sha256(variables).encode())
+  # Names the pair of programs; the arrays follow from these inputs.
+  digest = hashlib.sha256(json.dumps(
+      [model_spec, genome_json, per_channel, activation_levels, variables_sha256(variables)],
+      sort_keys=True).encode())
   ir = wire.IRSpec(shape=tuple(info.blocks[p - 1].out_shape), bits=int(ir_bits),
                    activation_levels=activation_levels, artifact_id=digest.hexdigest()[:16])
   spec = EdgeSpec(model=model_spec, dataset=dataset, genome=genome_json, split=p,
@@ -306,13 +296,13 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
   os.makedirs(cloud_dir, exist_ok=True)
   write_json(os.path.join(edge_dir, "manifest.json"), spec.to_json())
   with open(os.path.join(edge_dir, "weights.npz"), "wb") as f:
-    f.write(_npz_bytes(_pack_arrays(spec.layers, arrays)))
+    np.savez(f, **_pack_arrays(spec.layers, arrays))
   with open(os.path.join(edge_dir, "edge.jax"), "wb") as f:
     f.write(edge.serialize())
   num_classes = int(model.info.layers[-1].out_shape[-1])
   write_json(os.path.join(cloud_dir, "manifest.json"),
              {"format": CLOUD_FORMAT, "version": FORMAT_VERSION, "model": model_spec,
-              "split": p, "ir": dataclasses.asdict(ir), "num_classes": num_classes})
+              "split": p, "ir": ir.to_json(), "num_classes": num_classes})
   with open(os.path.join(cloud_dir, "cloud.jax"), "wb") as f:
     f.write(cloud.serialize())
   return EdgeProgram.load(edge_dir), CloudProgram.load(cloud_dir)

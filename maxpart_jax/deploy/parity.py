@@ -22,6 +22,7 @@ from maxpart_jax.deploy import artifact
 from maxpart_jax.genome import Genome, quantized_apply, quantized_edge
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import Numerics
+from maxpart_jax.quant import FLOAT_BITS
 
 
 def reported_genome(workdir: str) -> tuple[Genome, dict[str, Any]]:
@@ -58,21 +59,29 @@ def export_searched(config: ml_collections.ConfigDict, workdir: str, out: str
                        "variables": variables, "test": driver.load_test_split(config, evaluator)}
 
 
+def reference_codes(ir: np.ndarray, largest: int) -> tuple[np.ndarray, np.ndarray]:
+  """The codes and per-image scales of a fake-quantized IR (N, ...): its maximum is the
+  clipping value ``c`` (the largest code sits at ``c``), and the codes are ``IR · L / c``."""
+  scale = ir.reshape(len(ir), -1).max(axis=1)
+  codes = np.round(ir * largest / np.maximum(scale, 1e-30).reshape((-1,) + (1,) * (ir.ndim - 1)))
+  return codes, scale
+
+
 def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifact.EdgeProgram,
            cloud: artifact.CloudProgram, images: np.ndarray, labels: np.ndarray | None = None,
            batch_size: int = 500) -> dict[str, Any]:
   """Integer edge + float cloud against the fake-quantized model on uint8 ``images``.
 
   Reports the share of images with the same top-1, the IR codes' largest difference in
-  quantization steps and the shares of codes that differ (at all, and by more than a step), the scales' largest relative
-  difference, both accuracies (with ``labels``), the edge program's images per second,
+  quantization steps and the shares of codes that differ (at all, and by more than a
+  step), the scales' largest relative difference, both accuracies (with ``labels``), the edge program's images per second,
   and the bytes sent per image against the raw image.
   """
   agree, code_diff, codes_differ, codes_far, codes_total, scale_rel = 0, 0, 0, 0, 0, 0.0
   correct_int = correct_ref = 0
   edge_seconds = 0.0
   largest = edge.spec.ir.largest
-  quantized = edge.spec.ir.bits < 32
+  quantized = edge.spec.ir.bits < FLOAT_BITS
   for i in range(0, len(images), batch_size):
     batch = images[i:i + batch_size]
     t0 = time.perf_counter()
@@ -83,8 +92,7 @@ def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifa
     ref_logits = np.asarray(quantized_apply(model, variables, x, genome))
     ref_ir = np.asarray(quantized_edge(model, variables, x, genome))
     if quantized:
-      ref_scale = ref_ir.reshape(len(batch), -1).max(axis=1)
-      ref_codes = np.round(ref_ir * largest / np.maximum(ref_scale, 1e-30)[:, None, None, None])
+      ref_codes, ref_scale = reference_codes(ref_ir, largest)
       diff = np.abs(payload - ref_codes)
       scale_rel = max(scale_rel, float(np.max(np.abs(scales - ref_scale)
                                               / np.maximum(ref_scale, 1e-30))))

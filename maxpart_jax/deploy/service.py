@@ -12,7 +12,6 @@ paths. A bad request never stops the service.
 
 from __future__ import annotations
 
-import dataclasses
 import http.server
 import json
 import threading
@@ -52,7 +51,7 @@ def make_server(cloud: CloudProgram, host: str = "127.0.0.1", port: int = 8000,
     def do_GET(self) -> None:  # pylint: disable=invalid-name
       if urllib.parse.urlparse(self.path).path != "/v1/info":
         return self._reply(404, {"error": f"unknown path {self.path}; use /v1/info or /v1/predict"})
-      self._reply(200, {"ir": dataclasses.asdict(cloud.ir), "num_classes": cloud.num_classes,
+      self._reply(200, {"ir": cloud.ir.to_json(), "num_classes": cloud.num_classes,
                         "max_body_bytes": max_body_bytes})
 
     def do_POST(self) -> None:  # pylint: disable=invalid-name

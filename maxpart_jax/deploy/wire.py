@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,13 @@ class IRSpec:
   bits: int
   activation_levels: str
   artifact_id: str
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, stored: dict[str, Any]) -> IRSpec:
+    return cls(**dict(stored, shape=tuple(stored["shape"])))
 
   @property
   def elements(self) -> int:

@@ -122,6 +122,13 @@ def available_models() -> list[str]:
   return sorted([*MODELS, *ALIASES])
 
 
+def model_from_spec(spec: dict[str, Any], **kwargs: Any) -> SplitModel:
+  """The model a stored spec names (``{"name": ..., **builder kwargs}``, as in model.json),
+  with ``kwargs`` as further builder arguments."""
+  spec = dict(spec)
+  return get_model(spec.pop("name"), **kwargs, **spec)
+
+
 def get_model(name: str, **kwargs: Any) -> SplitModel:
   """Builds a registered model; ``kwargs`` go to its builder (width, num_classes, numerics, ...)."""
   key = ALIASES.get(name, name)
