@@ -25,11 +25,12 @@ The steps are reusable: :func:`train_step` takes an optional quantization policy
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -170,6 +171,23 @@ def fused_steps(step_fn: Any, dataset: str) -> Any:
   return run
 
 
+# StepRunner's programs, with the step function static: one compilation per distinct step
+# (and dataset, shapes and shardings) in a process, whichever runner calls it.
+@functools.partial(jax.jit, static_argnums=0)
+def _host_step(step_fn, state, batch, *args):
+  return step_fn(state, batch, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _device_step(step_fn, dataset, state, images, labels, draws, i, *args):
+  return step_fn(state, data.device_batch(images, labels, draws.step(i), dataset), *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _fused_loop(step_fn, dataset, state, images, labels, draws, start, stop, *args):
+  return fused_steps(step_fn, dataset)(state, images, labels, draws, start, stop, *args)
+
+
 class StepRunner:
   """Runs training steps ``start..stop-1`` of ``split`` on the batches of some draws.
 
@@ -180,25 +198,18 @@ class StepRunner:
     * ``host``: numpy batches (:func:`data.host_batch`) copied per step, one call per step.
   All three give the same batches. ``sharding`` places the split and the batches
   (e.g. replicated over a candidate mesh); ``step_fn(state, batch, *args)`` must be
-  jittable and return ``(state, metrics)``.
+  jittable, hashable and return ``(state, metrics)``. It is a static argument of the
+  compiled programs, so runners of equal steps (a :class:`TrainStep`) share them.
   """
 
   def __init__(self, step_fn: Any, split: data.Split, pipeline: str,
                sharding: jax.sharding.Sharding | None = None):
     if pipeline not in PIPELINES[1:]:
       raise ValueError(f"pipeline must be resolved to one of {PIPELINES[1:]}, got {pipeline!r}")
-    self.split, self.pipeline, self.sharding = split, pipeline, sharding
+    self.step_fn, self.split, self.pipeline, self.sharding = step_fn, split, pipeline, sharding
     self._draws: tuple[data.Draws | None, Any] = (None, None)
-    if pipeline == "host":
-      self._step = jax.jit(step_fn)
-      return
-    self._arrays = data.to_device(split, sharding)
-    if pipeline == "fused":
-      self._loop = jax.jit(fused_steps(step_fn, split.dataset), donate_argnums=0)
-    else:
-      one = lambda state, images, labels, draws, i, *args: step_fn(
-          state, data.device_batch(images, labels, draws.step(i), split.dataset), *args)
-      self._step = jax.jit(one, donate_argnums=0)
+    if pipeline != "host":
+      self._arrays = data.to_device(split, sharding)
 
   def _device_draws(self, draws: data.Draws) -> Any:
     """``draws`` on the device(s), copied once per new set of draws."""
@@ -209,30 +220,71 @@ class StepRunner:
   def __call__(self, state: Any, draws: data.Draws, start: int, stop: int,
                *args: Any) -> tuple[Any, Any]:
     """``(state, metrics summed over the steps)``; the host waits for neither."""
+    dataset = self.split.dataset
     if self.pipeline == "fused":
-      return self._loop(state, *self._arrays, self._device_draws(draws), jnp.int32(start),
-                        jnp.int32(stop), *args)
+      return _fused_loop(self.step_fn, dataset, state, *self._arrays, self._device_draws(draws),
+                         jnp.int32(start), jnp.int32(stop), *args)
     sums = None
     for i in range(start, stop):
       if self.pipeline == "host":
         batch = jax.device_put(data.host_batch(self.split, draws, i), self.sharding)
-        state, metrics = self._step(state, batch, *args)
+        state, metrics = _host_step(self.step_fn, state, batch, *args)
       else:
-        state, metrics = self._step(state, *self._arrays, self._device_draws(draws),
-                                    jnp.int32(i), *args)
+        state, metrics = _device_step(self.step_fn, dataset, state, *self._arrays,
+                                      self._device_draws(draws), jnp.int32(i), *args)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     return state, sums
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """SGD (Nesterov) momentum, decoupled-from-BN weight decay, warmup + cosine learning rate."""
-  warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total_steps)
+  return pretrain_optimizer(*_optimizer_args(config, total_steps))
+
+
+def _optimizer_args(config: ml_collections.ConfigDict, total_steps: int) -> tuple:
+  return (config.learning_rate, config.warmup_steps, total_steps, config.weight_decay,
+          config.momentum, config.nesterov)
+
+
+def pretrain_optimizer(learning_rate: float, warmup_steps: int, total_steps: int,
+                       weight_decay: float, momentum: float,
+                       nesterov: bool) -> optax.GradientTransformation:
+  """:func:`make_optimizer` from plain values."""
+  warmup = min(warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total_steps)
   # Decay conv / dense kernels only: BN scales and biases are left alone.
   mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key == "kernel", params)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
-                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                     optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """:func:`train_step` of ``model`` with the optimizer ``make_tx(*tx_args)``, as a value.
+
+  Equal steps compare equal, so they share compiled programs (:class:`StepRunner`): a
+  resumed run, or a second search in the same process, does not compile them again.
+  ``candidates=True`` vmaps the step over a leading candidate axis of the state and the
+  policy (the search fine-tunes one copy of the model per genome).
+  """
+
+  model: SplitModel
+  make_tx: Callable[..., optax.GradientTransformation]
+  tx_args: tuple = ()
+  label_smoothing: float = 0.0
+  candidates: bool = False
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.make_tx(*self.tx_args)
+
+  def __call__(self, state: TrainState, batch: dict[str, jax.Array],
+               policy: QuantPolicy | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    step = functools.partial(train_step, self.model, self.tx, label_smoothing=self.label_smoothing)
+    if self.candidates:
+      return jax.vmap(step, in_axes=(0, None, 0))(state, batch, policy)
+    return step(state, batch, policy)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -337,18 +389,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   identity = train_identity(config, numerics, pipeline, train)
   steps_per_epoch = epoch_steps(config, len(train))
   total_steps = steps_per_epoch * config.num_epochs
-  tx = make_optimizer(config, total_steps)
-  state = TrainState.create(model.init(jax.random.key(config.seed)), tx)
+  step_fn = TrainStep(model, pretrain_optimizer, _optimizer_args(config, total_steps),
+                      config.label_smoothing)
+  new_state = lambda: TrainState.create(model.init(jax.random.key(config.seed)), step_fn.tx)
 
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   history_path = os.path.join(workdir, "history.json")
   history: dict[str, Any] = {"identity": identity, "epochs": [], "train_seconds": 0.0,
                              "checkpoints": {}}
   sums, seen = np.zeros(2), 0  # train loss and accuracy summed over the epoch's steps so far
-  if mngr.latest_step() is not None:
+  resuming = mngr.latest_step() is not None
+  if resuming:
     stored = _read_history(history_path)
     runs.check_identity(stored and stored.get("identity"), identity, workdir, "pre-training")
-  restored, state = checkpoint.restore_latest(mngr, state)
+  # A resumed run needs only the state's structure (restore_latest loads or raises).
+  restored, state = checkpoint.restore_latest(
+      mngr, jax.eval_shape(new_state) if resuming else new_state())
   if restored is not None:
     history = _history_at(stored, restored)
     at = history["checkpoints"][str(restored)]
@@ -357,9 +413,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   logging.info("pre-training %s: %d steps, %s compute (%s precision), %s pipeline", model.name,
                total_steps, numerics.dtype, numerics.precision, pipeline)
   step = int(state.step)
-  run_steps = StepRunner(
-      functools.partial(train_step, model, tx, label_smoothing=config.label_smoothing), train,
-      pipeline)
+  run_steps = StepRunner(step_fn, train, pipeline)
   progress = Progress(total_steps, first=step, every=config.log_every_steps)
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), resume_step=step)
   segment_start = time.time()

@@ -152,6 +152,23 @@ def test_split_out_of_range_and_bad_inputs():
     model.cloud(variables, model.edge(variables, x, 4), 2)
 
 
+def test_equal_architectures_compare_equal_and_share_their_init():
+  """Models are static arguments of compiled programs: equal builds must be equal (to share
+  them) and any other width or numerics unequal (never to run another model's program)."""
+  a, b = _tiny("resnet18"), _tiny("resnet18")
+  assert a == b and hash(a) == hash(b) and a is not b
+  assert a != get_model("resnet18", width=0.25)
+  assert a != a.with_numerics(Numerics("bfloat16"))
+  assert a != _tiny("vgg11")
+  from maxpart_jax import models
+  first = a.init(jax.random.key(0))
+  size = models._init._cache_size()
+  second = b.init(jax.random.key(0))
+  assert models._init._cache_size() == size
+  for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_unknown_model_lists_available():
   with pytest.raises(ValueError, match="unknown model 'vgg19'.*mobilenet_v1.*resnet18"):
     get_model("vgg19")
@@ -224,7 +241,7 @@ def test_numerics_keep_parameters_and_logits_float32_and_stay_close():
   variables = model.init(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   bf16 = model.with_numerics(Numerics("bfloat16"))
-  assert jax.tree.map(lambda a: a.dtype, bf16.init(jax.random.key(0))) == \
+  assert jax.tree.map(lambda a: a.dtype, jax.eval_shape(bf16.init, jax.random.key(0))) == \
       jax.tree.map(lambda a: a.dtype, variables)
   genome = uniform_genome(model.info, 3, 4, 8)
   for policy in (None, to_policy(model.info, genome)):

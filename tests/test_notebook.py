@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ NOTEBOOK = os.path.join(REPO, "experiments", "colab_tpu.ipynb")
 
 
 @pytest.mark.slow
-def test_colab_notebook_runs_on_eight_cpu_devices(fake_data_dir, tmp_path):
+def test_colab_notebook_runs_on_eight_cpu_devices(smoke, tmp_path):
   with open(NOTEBOOK) as f:
     cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
   source = "\n\n".join("".join(c["source"]) for c in cells)
@@ -22,8 +23,11 @@ def test_colab_notebook_runs_on_eight_cpu_devices(fake_data_dir, tmp_path):
       "notebook code must be plain Python so that this test runs it")
   script = tmp_path / "notebook.py"
   script.write_text(source)
+  # The session's smoke model where the smoke config looks for it: the notebook searches
+  # without pre-training first (pre-training has its own tests).
+  shutil.copytree(smoke.model_dir, tmp_path / "workdirs" / "smoke" / "model")
   env = dict(os.environ, **EIGHT_CPU_ENV, MPLBACKEND="Agg", MAXPART_NOTEBOOK_VARIANT="smoke",
-             MAXPART_DATA_DIR=fake_data_dir,
+             MAXPART_DATA_DIR=smoke.data_dir,
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=900)

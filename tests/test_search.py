@@ -17,10 +17,10 @@ import pytest
 from conftest import EIGHT_CPU_ENV, relative_distance
 from test_privacy import luma_np, resize_np, zscore_np
 from experiments.configs import search as search_configs
-from maxpart_jax import checkpoint, data, metrics
+from maxpart_jax import checkpoint, data, metrics, train
 from maxpart_jax.energy import edge_energy
 from maxpart_jax.genome import to_policy, uniform_genome
-from maxpart_jax.search import driver
+from maxpart_jax.search import driver, fitness
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish, violations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +125,27 @@ def test_evaluator_metrics_match_independent_computations(smoke):
                 * (0.1 ** (eps / 0.05 - 1) if eps > 0.05 else 1.0))
     assert out["fitness"][i] == pytest.approx(expected, rel=1e-5)
   assert len(set(np.round(out["privacy"], 6))) == 3  # three different candidates
+
+
+@pytest.mark.slow
+def test_evaluators_of_equal_settings_share_their_compilations(smoke):
+  """A second evaluator of the same settings (a resumed search, the baselines after a
+  search, the next seed of a study) compiles nothing and evaluates alike; one with another
+  learning rate gets its own fine-tuning program (catches a setting left out of the key)."""
+  settings = dict(finetune_steps=2, batch_size=16, pipeline="device")
+  model, _, _, _, first = _evaluator(smoke, **settings)
+  genomes = _genomes(model.info, [(2, 4), (4, 8)])
+  out = first.evaluate(genomes)
+  programs = (train._device_step, fitness._count_correct_each, fitness._privacy_all_splits,
+              fitness._all_finite)
+  sizes = [f._cache_size() for f in programs]
+  again = _evaluator(smoke, **settings)[-1].evaluate(genomes)
+  assert [f._cache_size() for f in programs] == sizes
+  for name, value in out.items():
+    np.testing.assert_array_equal(again[name], value, err_msg=name)
+  other = _evaluator(smoke, finetune_lr=0.5, **settings)[-1].evaluate(genomes)
+  assert train._device_step._cache_size() > sizes[0]
+  assert not np.array_equal(other["privacy"], out["privacy"])
 
 
 @pytest.mark.slow

@@ -34,9 +34,12 @@ MODELS: dict[str, Callable[..., Chain]] = {
 ALIASES = {"mobilenet": "mobilenet_v1"}
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class SplitModel:
   """A Flax block chain with its metadata and pure edge / cloud / full functions.
+
+  Equal architectures compare (and hash) equal, so that compiled programs taking the model
+  as a static argument are shared between instances.
 
   Attributes:
     name: registry name of the architecture.
@@ -48,7 +51,7 @@ class SplitModel:
   name: str
   chain: Chain
   input_shape: tuple[int, int, int] = (32, 32, 3)
-  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
   @property
   def numerics(self) -> Numerics:
@@ -66,14 +69,9 @@ class SplitModel:
     """Block / layer metadata traced from ``chain`` (computed once)."""
     return derive_info(self.chain, self.input_shape)
 
-  @functools.cached_property
-  def _apply_jit(self) -> Callable[..., Any]:
-    return jax.jit(self.chain.apply, static_argnames=("train", "start", "stop", "mutable"))
-
   def init(self, key: jax.Array) -> Variables:
     """Fresh variables (``params`` and ``batch_stats``) for this model."""
-    x = jnp.zeros((1, *self.input_shape), jnp.float32)
-    return dict(jax.jit(self.chain.init)(key, x))
+    return dict(_init(self.chain, key, self.input_shape))
 
   def apply(self, variables: Variables, x: jax.Array, *, train: bool = False, start: int = 0,
             stop: int | None = None, policy: QuantPolicy | None = None) -> Any:
@@ -85,8 +83,8 @@ class SplitModel:
     if start == 0:
       self.check_images(x)
     mutable = ("batch_stats",) if train else False
-    return self._apply_jit(variables, x, train=train, start=start, stop=stop, policy=policy,
-                           mutable=mutable)
+    return _apply(self.chain, variables, x, train=train, start=start, stop=stop, policy=policy,
+                  mutable=mutable)
 
   def full(self, variables: Variables, x: jax.Array) -> jax.Array:
     """Logits of the whole float model (inference mode)."""
@@ -115,6 +113,20 @@ class SplitModel:
       raise ValueError(f"{self.name} expects float images (normalized), got dtype {x.dtype}")
     if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
       raise ValueError(f"images passed to {self.name} contain NaN or inf")
+
+
+# Jitted once per process with the module as a static argument: equal modules (the same
+# architecture built twice, e.g. by a resumed run or another evaluator) share one compiled
+# program. Compiling the random initializers takes seconds on a CPU.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(chain: Chain, key: jax.Array, input_shape: tuple[int, ...]) -> Variables:
+  return chain.init(key, jnp.zeros((1, *input_shape), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("train", "start", "stop", "mutable"))
+def _apply(chain: Chain, variables: Variables, x: jax.Array, **kwargs: Any) -> Any:
+  return chain.apply(variables, x, **kwargs)
 
 
 def available_models() -> list[str]:

@@ -35,6 +35,10 @@ one call per step; ``host`` is the old step-by-step loop with numpy batches. All
 see the same batches (:mod:`maxpart_jax.data`). ``compute_dtype`` and
 ``matmul_precision`` set the numerics of convolutions and matmuls
 (:class:`~maxpart_jax.models.layers.Numerics`).
+
+The compiled programs are module-level functions whose model, dataset and metric are
+static arguments, so every evaluator of equal settings in a process shares them: a
+resumed search, the baselines after a search or the next seed of a study compiles nothing.
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import check_activation_levels
-from maxpart_jax.train import (PIPELINES, Progress, StepRunner, TrainState, count_correct,
-                               resolve_pipeline, train_step)
+from maxpart_jax.train import (PIPELINES, Progress, StepRunner, TrainState, TrainStep,
+                               count_correct, resolve_pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +230,64 @@ def candidate_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.array(devices if devices is not None else jax.devices()), ("candidates",))
 
 
+# The evaluator's compiled programs. Model, dataset and metric are static arguments, so
+# evaluators of equal settings (a resumed search, the baselines after a search, the seeds of
+# a study) share the compilations.
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _count_correct_each(model: SplitModel, dataset: str, variables: Variables, policies: Any,
+                        images: jax.Array, labels: jax.Array) -> jax.Array:
+  """(K,) correct predictions of candidate-stacked variables and policies on one batch
+  (float images, or uint8 ones normalized here)."""
+  if images.dtype == jnp.uint8:
+    images = data.normalize_on_device(images, dataset)
+  count = lambda v, policy: count_correct(model, v, images, labels, policy)
+  return jax.vmap(count)(variables, policies)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _count_correct_scan(model: SplitModel, dataset: str, variables: Variables, policies: Any,
+                        images: jax.Array, labels: jax.Array) -> jax.Array:
+  """:func:`_count_correct_each` summed over stacked batches, in one program."""
+  k = jax.tree.leaves(variables)[0].shape[0]
+  body = lambda total, batch: (
+      total + _count_correct_each(model, dataset, variables, policies, *batch), None)
+  return jax.lax.scan(body, jnp.zeros((k,), jnp.int32), (images, labels))[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _privacy_all_splits(model: SplitModel, metric: str, normalization: str,
+                        variables: Variables, policies: Any, x: jax.Array,
+                        images: jax.Array) -> jax.Array:
+  """(K, max_split, 2): for each candidate, at every split, the mean privacy over
+  ``images`` and whether the IR collapsed (every channel constant in every image)."""
+
+  def scores(variables, policy):
+    h, out = x, []
+    for q in range(1, model.info.max_split + 1):
+      h = model.apply(variables, h, start=q - 1, stop=q, policy=policy)
+      out.append(jnp.stack([
+          jnp.mean(privacy.privacy_score(images, h, metric, normalization=normalization)),
+          jnp.all(privacy.flat_channels(h)).astype(jnp.float32)]))
+    return jnp.stack(out)
+
+  return jax.vmap(scores)(variables, policies)
+
+
+@jax.jit
+def _all_finite(params: Any, loss: jax.Array) -> jax.Array:
+  """(K,): whether each candidate's loss and weights are finite, as one program."""
+  leaves = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+            for x in jax.tree.leaves(params)]
+  return functools.reduce(jnp.logical_and, leaves, jnp.isfinite(loss))
+
+
 class Evaluator:
   """Evaluates batches of genomes for one model, dataset and fitness config.
 
-  Host-side object that owns the data and the compiled, candidate-vmapped steps;
-  :meth:`evaluate` maps ``Genome`` (K, ...) to per-candidate metrics.
+  Host-side object that owns the data on the devices and calls the compiled,
+  candidate-vmapped programs; :meth:`evaluate` maps ``Genome`` (K, ...) to per-candidate
+  metrics.
   """
 
   def __init__(self, model: SplitModel, variables: Variables, train: data.Split,
@@ -259,12 +316,13 @@ class Evaluator:
     self.chunk = -(-per_call // self.num_devices) * self.num_devices
     self.steps = (config.finetune_steps if config.finetune_steps is not None else
                   data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True))
-    self.tx = optax.sgd(config.finetune_lr, momentum=config.finetune_momentum)
+    step = TrainStep(self.model, optax.sgd, (config.finetune_lr, config.finetune_momentum),
+                     candidates=True)
+    self.tx = step.tx
     # Every candidate sees these batches (the first `steps` of epochs 0, 1, ...).
     self.draws = data.draws_for_steps(len(train), config.batch_size, self.steps, seed=config.seed)
-    self._run_steps = StepRunner(
-        jax.vmap(functools.partial(train_step, self.model, self.tx), in_axes=(0, None, 0)),
-        train, self.pipeline, NamedSharding(self.mesh, PartitionSpec()))
+    self._run_steps = StepRunner(step, train, self.pipeline,
+                                 NamedSharding(self.mesh, PartitionSpec()))
     self.seconds = {"finetune": 0.0, "accuracy": 0.0, "privacy": 0.0}
     self.float_accuracy = self.float_accuracy_on()
 
@@ -277,56 +335,10 @@ class Evaluator:
   def _replicated(self, tree: Any) -> Any:
     return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
-  # --- compiled per-candidate steps ------------------------------------------------
-  # Each is vmapped over the candidate axis; candidate-stacked inputs are placed split over
-  # the mesh (:meth:`_candidates`), so jit partitions the work over devices.
-
-  @functools.cached_property
-  def _count_batch(self):
-    """Correct predictions of every candidate on one batch (float, or uint8 normalized here)."""
-    dataset = self.train.dataset
-
-    def count(variables, policy, images, labels):
-      if images.dtype == jnp.uint8:
-        images = data.normalize_on_device(images, dataset)
-      return count_correct(self.model, variables, images, labels, policy)
-
-    return jax.vmap(count, in_axes=(0, 0, None, None))
-
-  @functools.cached_property
-  def _count_correct(self):
-    """Correct predictions of every candidate on one batch, one call per batch."""
-    return jax.jit(self._count_batch)
-
-  @functools.cached_property
-  def _count_correct_fused(self):
-    """Correct predictions of every candidate on all batches of a split, in one program."""
-    count = self._count_batch
-
-    def run(variables, policies, images, labels):
-      k = jax.tree.leaves(variables)[0].shape[0]
-      body = lambda total, batch: (total + count(variables, policies, *batch), None)
-      return jax.lax.scan(body, jnp.zeros((k,), jnp.int32), (images, labels))[0]
-
-    return jax.jit(run)
-
-  @functools.cached_property
-  def _privacy_all_splits(self):
-    """(variables, policy, x, images) -> (max_split, 2): at every split, the mean privacy
-    and whether the IR collapsed (every channel constant in every image)."""
-    info, config = self.model.info, self.config
-
-    def scores(variables, policy, x, images):
-      out = []
-      for q in range(1, info.max_split + 1):
-        x = self.model.apply(variables, x, start=q - 1, stop=q, policy=policy)
-        out.append(jnp.stack([
-            jnp.mean(privacy.privacy_score(images, x, config.metric,
-                                           normalization=config.normalization)),
-            jnp.all(privacy.flat_channels(x)).astype(jnp.float32)]))
-      return jnp.stack(out)
-
-    return jax.jit(jax.vmap(scores, in_axes=(0, 0, None, None)))
+  # --- compiled per-candidate programs ---------------------------------------------
+  # The module-level programs below, vmapped over the candidate axis; candidate-stacked
+  # inputs are placed split over the mesh (:meth:`_candidates`), so jit partitions the work
+  # over devices.
 
   # --- evaluation ------------------------------------------------------------
 
@@ -361,12 +373,14 @@ class Evaluator:
   def accuracy(self, variables: Variables, policies: Any, split: data.Split | None = None) -> np.ndarray:
     """(K,) top-1 accuracy of candidate-stacked ``variables`` on ``split`` (default: val)."""
     batches = self._val_batches if split is None else self._device_batches(split)
+    dataset = self.train.dataset
     if self.pipeline == "fused":
-      correct = self._count_correct_fused(variables, policies, *batches)
+      correct = _count_correct_scan(self.model, dataset, variables, policies, *batches)
     else:
       correct = 0
       for images, labels in batches:
-        correct = correct + self._count_correct(variables, policies, images, labels)
+        correct = correct + _count_correct_each(self.model, dataset, variables, policies,
+                                                images, labels)
     return np.asarray(correct) / len(split or self.val)
 
   def policies(self, genomes: Genome) -> Any:
@@ -412,19 +426,7 @@ class Evaluator:
     # two such programs in flight can starve each other's collectives of worker threads
     # (seen with 8 emulated devices: an all-gather waiting forever for its last participant).
     jax.block_until_ready(state)
-    return state.variables, ~np.asarray(self._finite(state.params, loss))
-
-  @functools.cached_property
-  def _finite(self):
-    """``(params, loss) -> (K,)``: whether each candidate's loss and weights are finite, as
-    one program."""
-
-    def finite(params, loss):
-      leaves = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-                for x in jax.tree.leaves(params)]
-      return functools.reduce(jnp.logical_and, leaves, jnp.isfinite(loss))
-
-    return jax.jit(finite)
+    return state.variables, ~np.asarray(_all_finite(state.params, loss))
 
   def evaluate(self, genomes: Genome, test: data.Split | None = None,
                finetune: bool = True, progress: str = "") -> dict[str, np.ndarray]:
@@ -465,7 +467,9 @@ class Evaluator:
     accuracy = self.accuracy(variables, policies)
     extra = {} if test is None else {"test_accuracy": self.accuracy(variables, policies, test)}
     t2 = time.time()
-    all_splits = np.asarray(self._privacy_all_splits(variables, policies, *self._privacy_inputs))
+    all_splits = np.asarray(_privacy_all_splits(self.model, self.config.metric,
+                                                self.config.normalization, variables, policies,
+                                                *self._privacy_inputs))
     priv, collapsed = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1].T
     collapsed = collapsed > 0
     t3 = time.time()
