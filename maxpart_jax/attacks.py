@@ -316,17 +316,18 @@ def decoder_attacks(model: SplitModel, variables: Variables, split: int,
   aux_images = jnp.asarray(aux_images)
   if vectorize:
     decoders, losses = train_decoders(key, jnp.stack(aux), aux_images, config, fused)
-    recon = _decode(decoders, jnp.stack(victims))
+    recon = decode(decoders, jnp.stack(victims))
   else:
     trained = [train_decoders(key, ir[None], aux_images, config, fused) for ir in aux]
     losses = [l[0] for _, l in trained]
-    recon = [_decode(d, ir[None])[0] for (d, _), ir in zip(trained, victims)]
+    recon = [decode(d, ir[None])[0] for (d, _), ir in zip(trained, victims)]
   return [_summary(recon[i], victim_images, losses=np.asarray(losses[i]))
           for i in range(len(policies))]
 
 
 @jax.jit
-def _decode(decoders: TrainedDecoder, irs: jax.Array) -> jax.Array:
+def decode(decoders: TrainedDecoder, irs: jax.Array) -> jax.Array:
+  """(G, N, H, W, 3) reconstructions of (G, N, h, w, c) IRs by G stacked decoders."""
   return jax.vmap(lambda d, ir: d(ir))(decoders, irs)
 
 

@@ -27,7 +27,7 @@ from maxpart_jax.energy import (DeviceConfig, Energy, edge_energy, link_cost,
 from maxpart_jax.genome import Genome, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.quant import FLOAT_BITS, check_bits
-from maxpart_jax.search.fitness import Evaluator, combine, violations
+from maxpart_jax.search.fitness import ATTACK_METRIC, Evaluator, combine, violations
 
 STRATEGIES = ("full_precision", "uniform8", "conv_fc8", "same_split8")
 RAW_IMAGE_BITS = 8
@@ -186,7 +186,10 @@ def evaluate_baselines(evaluator: Evaluator, baselines: list[Baseline],
         measured[key] = {k: float(v[i]) for k, v in metrics.items()}
   if any(b.p == 0 for b in baselines):  # the raw image goes to the cloud's float model
     images = jnp.asarray(evaluator.privacy_images)
-    score = privacy.mean_privacy(images, images, config.metric, normalization=config.normalization)
+    # The attacker of attack_ssim receives the image itself: SSIM 1, privacy 0.
+    score = (jnp.float32(0.0) if config.metric == ATTACK_METRIC else
+             privacy.mean_privacy(images, images, config.metric,
+                                  normalization=config.normalization))
     energy = raw_image_energy_mj(info, config.device, config.transmission)
     latency = raw_image_latency_ms(info, config.device)
     raw = dict(privacy=float(score), energy_mj=energy, eps=0.0, latency_ms=latency,

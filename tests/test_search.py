@@ -17,9 +17,10 @@ import pytest
 from conftest import EIGHT_CPU_ENV, relative_distance
 from test_privacy import luma_np, resize_np, zscore_np
 from experiments.configs import search as search_configs
-from maxpart_jax import checkpoint, data, metrics, train
+from maxpart_jax import attacks, checkpoint, data, metrics, train
 from maxpart_jax.energy import edge_energy
 from maxpart_jax.genome import to_policy, uniform_genome
+from maxpart_jax.quant import QuantPolicy
 from maxpart_jax.search import driver, fitness
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish, violations
 
@@ -146,6 +147,44 @@ def test_evaluators_of_equal_settings_share_their_compilations(smoke):
   other = _evaluator(smoke, finetune_lr=0.5, **settings)[-1].evaluate(genomes)
   assert train._device_step._cache_size() > sizes[0]
   assert not np.array_equal(other["privacy"], out["privacy"])
+
+
+@pytest.mark.slow
+def test_attack_privacy_is_one_minus_the_ssim_of_the_cached_decoder(smoke):
+  """``attack_ssim``: a candidate's privacy is 1 − SSIM of what the decoder of its split and
+  IR width reconstructs from the candidate's own IR (fine-tuned weights, its quantization).
+
+  The reference trains that decoder with the attack module on the pre-trained edge's IRs of
+  the attacker's images (catches a decoder trained per candidate, on other images or another
+  split) and runs the candidate's edge itself (catches privacy measured on the pre-trained
+  weights or an unquantized IR). One decoder per (split, IR width), trained once.
+  """
+  attack = attacks.DecoderConfig(steps=20, batch_size=16, width=8)
+  model, variables, _, images, ev = _evaluator(
+      smoke, metric="attack_ssim", attack=attack, attack_images=48, finetune_steps=2,
+      batch_size=16, finetune_lr=1e-2)
+  specs = [(2, 4), (4, 8), (2, 6)]
+  genomes = _genomes(model.info, specs)
+  out = ev.evaluate(genomes)
+  assert sorted(ev.decoders) == [(2, 8), (4, 8)]
+  assert not {x.tobytes() for x in ev.attack_images} & {x.tobytes() for x in images}
+  for i, (p, _) in enumerate(specs):
+    genome = jax.tree.map(lambda x: x[i:i + 1], genomes)
+    tuned = jax.tree.map(lambda x: x[0], ev.finetune(genome)[0])
+    ir_only = QuantPolicy.ir_only(model.info.num_layers, p, 8)
+    decoder, _ = attacks.train_decoders(
+        jax.random.key(0), attacks.edge_irs(model, variables, p, ir_only, ev.attack_images)[None],
+        jnp.asarray(ev.attack_images), attack)
+    ir = attacks.edge_irs(model, tuned, p, to_policy(model.info, jax.tree.map(lambda x: x[0], genome)),
+                          images)
+    recon = attacks.decode(decoder, ir[None])[0]
+    ssim = attacks.reconstruction_scores(recon, images)["ssim"]
+    assert out["privacy"][i] == pytest.approx(1.0 - float(np.mean(ssim)), abs=1e-6)
+  assert 0.0 < out["privacy"].min() and out["privacy"].max() < 1.0
+  with pytest.raises(ValueError, match="attack_images=100000 is more than the"):
+    _evaluator(smoke, metric="attack_ssim", attack_images=100_000)
+  with pytest.raises(ValueError, match="unknown privacy metric 'attack'.*attack_ssim"):
+    FitnessConfig(metric="attack")
 
 
 @pytest.mark.slow
@@ -477,7 +516,11 @@ def test_settings_added_later_keep_older_searches_resumable(fake_data_dir):
   config.device.loss_rate = 0.05
   config.device.mac_rate_bits = (32, 8)
   config.device.mac_rate_gmacs = (1.0, 4.0)
+  config.fitness.attack.steps, config.fitness.attack.images = 100, 500
   changed = driver.search_identity(config, stub)
   assert {k: changed[k] for k in set(changed) - set(identity)} == {
       "search.algorithm": "nsga2", "device.loss_rate": 0.05, "device.mac_rate_bits": [32, 8],
-      "device.mac_rate_gmacs": [1.0, 4.0]}
+      "device.mac_rate_gmacs": [1.0, 4.0], "fitness.attack.steps": 100,
+      "fitness.attack.images": 500}
+  fitness_config = driver.fitness_from_config(config)
+  assert (fitness_config.attack.steps, fitness_config.attack_images) == (100, 500)

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from maxpart_jax import checkpoint, data, pareto, runs
+from maxpart_jax.attacks import DecoderConfig
 from maxpart_jax.energy import DeviceConfig, population_latency
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.metrics import MetricWriter
@@ -52,7 +53,10 @@ LATER_DEFAULTS = {
     "search.algorithm": "ga", "fitness.lambda_latency": 0.1, "device.tx_pj_per_bit": 100.0,
     "device.mac_rate_bits": [32, 16, 8], "device.mac_rate_gmacs": [1.0, 2.0, 4.0],
     "device.bandwidth_mbps": 1.0, "device.packet_bits": 12000, "device.header_bits": 0,
-    "device.loss_rate": 0.0, "device.retry_timeout_ms": 0.0, "device.latency_bound_ms": 0.0}
+    "device.loss_rate": 0.0, "device.retry_timeout_ms": 0.0, "device.latency_bound_ms": 0.0,
+    "fitness.attack.images": 2000, "fitness.attack.steps": 300, "fitness.attack.batch_size": 64,
+    "fitness.attack.learning_rate": 3e-3, "fitness.attack.width": 32,
+    "fitness.attack.ssim_weight": 0.0}
 
 
 def effective_keys(info: ModelInfo, genomes: Genome) -> list[str]:
@@ -104,7 +108,9 @@ def fitness_from_config(config: ml_collections.ConfigDict) -> FitnessConfig:
       normalization=f.normalization, per_channel=f.per_channel,
       activation_levels=f.activation_levels, seed=f.seed,
       candidate_loop=f.candidate_loop, compute_dtype=f.compute_dtype,
-      matmul_precision=f.matmul_precision, pipeline=f.pipeline)
+      matmul_precision=f.matmul_precision, pipeline=f.pipeline,
+      attack=DecoderConfig(**{k: v for k, v in f.attack.to_dict().items() if k != "images"}),
+      attack_images=f.attack.images)
 
 
 def device_from_config(config: ml_collections.ConfigDict) -> DeviceConfig:

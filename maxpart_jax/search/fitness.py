@@ -56,15 +56,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxpart_jax import data, privacy
+from maxpart_jax import attacks, data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy, population_latency
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.quant import check_activation_levels
+from maxpart_jax.quant import QuantPolicy, check_activation_levels
 from maxpart_jax.train import (PIPELINES, Progress, StepRunner, TrainState, TrainStep,
                                count_correct, resolve_pipeline)
+
+
+ATTACK_METRIC = "attack_ssim"
+"""The privacy metric measured by an inversion attack (:func:`attack_privacy`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,12 @@ class FitnessConfig:
     transmission: count the energy of sending the IR.
     finetune_steps: SGD steps of fine-tuning per candidate (None: one epoch).
     finetune_lr, finetune_momentum, batch_size: the fine-tuning optimizer.
-    metric, normalization: the privacy score.
+    metric, normalization: the privacy score: one of :data:`privacy.METRICS` (the
+      paper's P), or ``attack_ssim``: 1 − SSIM of what a learned decoder reconstructs from
+      the candidate's IR (:func:`attack_privacy`; the expensive, honest option).
+    attack: how the ``attack_ssim`` attacker trains its decoders.
+    attack_images: the attacker's own images (drawn from the training split, disjoint
+      from the validation images the privacy is measured on).
     per_channel: per-channel weight quantization.
     activation_levels: ``paper`` (Eq. 5's step for every activation) or ``unsigned``
       (all 2^b codes for non-negative activations); see :mod:`maxpart_jax.quant`.
@@ -116,6 +125,8 @@ class FitnessConfig:
   compute_dtype: str = "auto"
   matmul_precision: str = "highest"
   pipeline: str = "auto"
+  attack: attacks.DecoderConfig = attacks.DecoderConfig(steps=300)
+  attack_images: int = 2000
 
   def __post_init__(self):
     for name in ("lambda_energy", "lambda_accuracy", "lambda_latency"):
@@ -127,8 +138,11 @@ class FitnessConfig:
       raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
     if self.candidate_loop not in ("auto", "vmap", "map"):
       raise ValueError(f"candidate_loop must be auto, vmap or map, got {self.candidate_loop!r}")
-    if self.metric not in privacy.METRICS:
-      raise ValueError(f"unknown privacy metric {self.metric!r}; choose from {privacy.METRICS}")
+    if self.metric not in (*privacy.METRICS, ATTACK_METRIC):
+      raise ValueError(f"unknown privacy metric {self.metric!r}; choose from "
+                       f"{(*privacy.METRICS, ATTACK_METRIC)}")
+    if self.attack_images < 1:
+      raise ValueError(f"attack_images must be >= 1, got {self.attack_images}")
     if self.pipeline not in PIPELINES:
       raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
     check_activation_levels(self.activation_levels)
@@ -325,6 +339,12 @@ class Evaluator:
                                  NamedSharding(self.mesh, PartitionSpec()))
     self.seconds = {"finetune": 0.0, "accuracy": 0.0, "privacy": 0.0}
     self.float_accuracy = self.float_accuracy_on()
+    self.decoders: dict[tuple[int, int], attacks.TrainedDecoder] = {}
+    if config.metric == ATTACK_METRIC:
+      if config.attack_images > len(train):
+        raise ValueError(f"attack_images={config.attack_images} is more than the {len(train)} "
+                         "training images the attacker draws its own from; lower it")
+      self.attack_images = train.take(config.attack_images, seed=config.seed).float_images()
 
   # --- sharding helpers -------------------------------------------------------
 
@@ -428,6 +448,47 @@ class Evaluator:
     jax.block_until_ready(state)
     return state.variables, ~np.asarray(_all_finite(state.params, loss))
 
+  def decoder(self, split: int, ir_bits: int) -> attacks.TrainedDecoder:
+    """The ``attack_ssim`` attacker's decoder for IRs cut at ``split`` and quantized to
+    ``ir_bits``, trained on the first call and kept (one decoder, leading axis 1).
+
+    **Decision**: every candidate of a split and IR width meets the same decoder, trained
+    on the IRs of the pre-trained float edge (the IR alone quantized) on the attacker's
+    images: an attacker who knows where the network is cut and how wide the IR is, but not
+    each candidate's fine-tuned weights. A decoder per candidate would cost a training
+    per evaluation.
+    """
+    key = (int(split), int(ir_bits))
+    if key not in self.decoders:
+      t = time.time()
+      policy = QuantPolicy.ir_only(self.model.info.num_layers, key[0], key[1],
+                                   self.config.activation_levels)
+      irs = attacks.edge_irs(self.model, self.variables, key[0], policy, self.attack_images,
+                             dataset=self.train.dataset)
+      self.decoders[key] = attacks.train_decoders(
+          jax.random.key(self.config.seed), irs[None], jnp.asarray(self.attack_images),
+          self.config.attack)[0]
+      logging.info("attack_ssim: decoder for split %d, %d-bit IR trained in %.0f s", *key,
+                   time.time() - t)
+    return self.decoders[key]
+
+  def attack_privacy(self, variables: Variables, policies: Any,
+                     genomes: Genome) -> tuple[np.ndarray, np.ndarray]:
+    """(K,) privacy ``1 − SSIM`` of the decoder's reconstructions of the privacy images
+    from each candidate's IR (its fine-tuned weights, its quantization), and (K,) whether
+    that IR collapsed (every channel constant in every image)."""
+    splits, ir_bits = np.asarray(genomes.p), np.asarray(policies.ir_bits)
+    priv, collapsed = [], []
+    for i, (p, bits) in enumerate(zip(splits, ir_bits)):
+      take = lambda x, i=i: x[i]
+      ir = attacks.edge_irs(self.model, jax.tree.map(take, variables), int(p),
+                            jax.tree.map(take, policies), self.privacy_images,
+                            dataset=self.train.dataset)
+      recon = attacks.decode(self.decoder(p, bits), ir[None])[0]
+      priv.append(1.0 - attacks.reconstruction_scores(recon, self.privacy_images)["ssim"].mean())
+      collapsed.append(bool(jnp.all(privacy.flat_channels(ir))))
+    return np.asarray(priv, np.float32), np.asarray(collapsed)
+
   def evaluate(self, genomes: Genome, test: data.Split | None = None,
                finetune: bool = True, progress: str = "") -> dict[str, np.ndarray]:
     """Metrics of K genomes: fitness, privacy, energy_mj, eps, latency_ms, accuracy, diverged.
@@ -467,11 +528,14 @@ class Evaluator:
     accuracy = self.accuracy(variables, policies)
     extra = {} if test is None else {"test_accuracy": self.accuracy(variables, policies, test)}
     t2 = time.time()
-    all_splits = np.asarray(_privacy_all_splits(self.model, self.config.metric,
-                                                self.config.normalization, variables, policies,
-                                                *self._privacy_inputs))
-    priv, collapsed = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1].T
-    collapsed = collapsed > 0
+    if self.config.metric == ATTACK_METRIC:
+      priv, collapsed = self.attack_privacy(variables, policies, padded)
+    else:
+      all_splits = np.asarray(_privacy_all_splits(self.model, self.config.metric,
+                                                  self.config.normalization, variables,
+                                                  policies, *self._privacy_inputs))
+      priv, collapsed = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1].T
+      collapsed = collapsed > 0
     t3 = time.time()
     self.seconds["finetune"] += t1 - t0
     self.seconds["accuracy"] += t2 - t1
