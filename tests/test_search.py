@@ -189,19 +189,19 @@ def test_attack_privacy_is_one_minus_the_ssim_of_the_cached_decoder(smoke):
 
 @pytest.mark.slow
 def test_privacy_term_compare_measures_each_best_genome_by_each_term(smoke, smoke_search):
-  """experiments/privacy_term_compare.py: the smoke search's best genome, measured by the term
-  it was searched with, gets exactly what its search reported (the same evaluation); SSIM
-  measures it otherwise."""
-  from experiments import privacy_term_compare
+  """privacy_terms.compare: the smoke search's best genome, measured by the term it was
+  searched with, gets exactly what its search reported (the same evaluation); SSIM measures
+  it otherwise."""
+  from maxpart_jax.search import privacy_terms
   report, workdir = smoke_search
-  rows = privacy_term_compare.compare(smoke, [str(workdir)], ["mse", "ssim"])
+  rows = privacy_terms.compare(smoke, [str(workdir)], ["mse", "ssim"])
   assert [(r["searched_metric"], r["metric"]) for r in rows] == [("mse", "mse"), ("mse", "ssim")]
   for key, reported in (("privacy", "privacy"), ("fitness", "fitness"), ("eps", "val_eps"),
                         ("energy_mj", "energy_mj"), ("test_accuracy", "test_accuracy")):
     assert rows[0][key] == pytest.approx(report[reported], rel=1e-6), key
   assert rows[1]["privacy"] != pytest.approx(rows[0]["privacy"], rel=1e-3)
   assert rows[1]["energy_mj"] == rows[0]["energy_mj"]
-  table = privacy_term_compare.markdown(rows)
+  table = privacy_terms.markdown(rows)
   assert f"| ssim | {rows[1]['privacy']:.4f} |" in table
 
 
