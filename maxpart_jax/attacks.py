@@ -110,7 +110,9 @@ class Decoder(nn.Module):
   """A small upsampling conv net: IR (h, w, c) -> image ``image_shape`` in [0, 1].
 
   3x3 convolutions with ReLU; nearest-neighbour upsampling by 2 until the image size is
-  reached (the last step resizes to it exactly); sigmoid output.
+  reached (the last step resizes to it exactly); sigmoid output. The convolutions run at
+  ``highest`` precision, true float32 on every backend (a GPU's default, TF32, would make
+  reconstructions depend on the kernel XLA picks).
   """
 
   image_shape: tuple[int, int, int]
@@ -123,14 +125,15 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, ir: jax.Array) -> jax.Array:
     height, width, channels = self.image_shape
-    x = nn.relu(nn.Conv(self.channels(ir.shape[1]), (3, 3))(ir))
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), precision=jax.lax.Precision.HIGHEST)
+    x = nn.relu(conv(self.channels(ir.shape[1]))(ir))
     while x.shape[1] < height:
       h = min(2 * x.shape[1], height)
       w = min(2 * x.shape[2], width) if h < height else width
       x = jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "nearest")
-      x = nn.relu(nn.Conv(self.channels(h), (3, 3))(x))
-    x = nn.relu(nn.Conv(self.channels(height), (3, 3))(x))
-    return nn.sigmoid(nn.Conv(channels, (3, 3))(x))
+      x = nn.relu(conv(self.channels(h))(x))
+    x = nn.relu(conv(self.channels(height))(x))
+    return nn.sigmoid(conv(channels)(x))
 
 
 def edge_function(model: SplitModel, variables: Variables, split: int,

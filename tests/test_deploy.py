@@ -139,7 +139,7 @@ def test_integer_edge_matches_the_fake_quantized_edge(name, kwargs, p):
   genome = _mixed_genome(model.info, p, seed=3)
   spec, arrays = artifact.build_edge(model, variables, genome, {"name": name, **kwargs})
   images = _images(8, seed=3)
-  with jax.enable_x64(True):
+  with artifact.edge_device():  # the host CPU, also on a GPU machine
     codes, scales, overflow = jax.jit(lambda x: artifact.edge_forward(model, spec, x, arrays))(
         images)
   assert not np.any(overflow)
@@ -243,14 +243,15 @@ def _in_memory_ir(model, variables, genome, images):
   """The edge program straight from :func:`artifact.build_edge`: not packed, serialized or
   loaded."""
   spec, arrays = artifact.build_edge(model, variables, genome, {"name": "resnet18", "width": 0.125})
-  with jax.enable_x64(True):
+  with artifact.edge_device():  # the host CPU, also on a GPU machine
     codes, scales, _ = jax.jit(lambda x: artifact.edge_forward(model, spec, x, arrays))(images)
   return spec, arrays, np.asarray(codes), np.asarray(scales)
 
 
 def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
   """The artifact on disk runs exactly the program it was made from (catches a packing,
-  manifest or serialization step that changes it), and other formats are refused."""
+  manifest or serialization step that changes it), for the platforms it names, and other
+  formats are refused."""
   model, variables, genome, edge, cloud, out = exported
   images = _images(8, seed=5)
   _, _, codes, scales = _in_memory_ir(model, variables, genome, images)
@@ -273,6 +274,11 @@ def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
       artifact.EdgeProgram.load(str(target))
   with pytest.raises(ValueError, match="uint8 images of shape"):
     edge.ir(images.astype(np.float32))
+  # Portable programs: the edge is lowered for CPUs (an edge device; a GPU could not run its
+  # integer convolutions), the cloud for every backend, whichever machine exported them.
+  assert loaded.exported.platforms == ("cpu",)
+  assert artifact.CloudProgram.load(str(out / "cloud")).exported.platforms == (
+      "cpu", "cuda", "tpu")
 
 
 def test_packed_weights_are_smaller_and_decode_to_the_codes(exported):

@@ -36,8 +36,8 @@ def _evaluator(config, fitness=None, **kwargs):
   split = dict(data_dir=config.data_dir)
   train, val = data.load_split("train", **split), data.load_split("val", **split)
   images = val.take(8, seed=1).float_images()
-  return model, variables, val, images, Evaluator(model, variables, train, val, images,
-                                                  fitness or FitnessConfig(**kwargs))
+  fitness = fitness or FitnessConfig(**{"compute_dtype": "float32", **kwargs})  # as `smoke`
+  return model, variables, val, images, Evaluator(model, variables, train, val, images, fitness)
 
 
 def test_punish_and_fitness_by_hand():
@@ -409,19 +409,23 @@ def test_search_reports_the_best_feasible_genome(smoke, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
   """A search started where compute_dtype=auto meant bfloat16 (a GPU) must not be resumed
-  here, where it means float32: the cache would mix fitness values of both numerics."""
+  where it means float32 (a CPU), nor the other way round: the cache would mix fitness
+  values of both numerics."""
   config = copy.deepcopy(smoke)
   config.search.iterations = 0
+  config.fitness.compute_dtype = "auto"
   driver.run_search(config, str(tmp_path))
   path = tmp_path / driver.STATE_FILE
   with np.load(path) as f:
     arrays = dict(f)
   meta = json.loads(str(arrays["meta"]))
-  assert meta["identity"]["resolved.compute_dtype"] == "float32"  # auto on this CPU
-  meta["identity"]["resolved.compute_dtype"] = "bfloat16"  # as written on a GPU
+  here = "float32" if jax.default_backend() == "cpu" else "bfloat16"  # what auto means here
+  other = {"float32": "bfloat16", "bfloat16": "float32"}[here]
+  assert meta["identity"]["resolved.compute_dtype"] == here
+  meta["identity"]["resolved.compute_dtype"] = other  # as written on the other kind of machine
   arrays["meta"] = np.array(json.dumps(meta))
   np.savez(path, **arrays)
-  with pytest.raises(ValueError, match=r"resolved.compute_dtype: was 'bfloat16', now 'float32'"
+  with pytest.raises(ValueError, match=rf"resolved.compute_dtype: was '{other}', now '{here}'"
                                        r".*`auto` settings resolve differently"):
     driver.run_search(config, str(tmp_path))
 

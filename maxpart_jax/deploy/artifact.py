@@ -9,18 +9,23 @@ Edge artifact (a folder; docs/deploy.md):
   float32 kernel and folded batch norm.
 * ``edge.jax``: the edge program, serialized with ``jax.export`` (StableHLO; batch size
   symbolic): ``(uint8 images (N, H, W, 3), weights) -> (IR codes or float IR, scales (N,))``.
+  It is lowered for CPUs whatever machine exports it, and runs on the host CPU: an edge
+  device is a CPU-class processor, and XLA's GPU backend has no integer convolutions
+  beyond cuDNN's int8 forms (int64 accumulators are out of reach on GPUs and TPUs).
 
 Cloud artifact: ``manifest.json`` and ``cloud.jax``, the float cloud part with its weights
-inside: ``(IR codes or float IR, scales) -> logits``.
+inside: ``(IR codes or float IR, scales) -> logits``, lowered for CPUs, NVIDIA GPUs and
+TPUs, so a split exported on one kind of machine serves on another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 from jax import export as jax_export
@@ -36,6 +41,16 @@ from maxpart_jax.models.layers import batch_norm
 from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
 
 EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 1
+EDGE_PLATFORMS, CLOUD_PLATFORMS = ("cpu",), ("cpu", "cuda", "tpu")
+"""What the exported programs are lowered for (see the module docstring)."""
+
+
+@contextlib.contextmanager
+def edge_device() -> Iterator[None]:
+  """Where integer edge code runs: int64 enabled, the host CPU as the default device (on a
+  GPU machine too, whose backend cannot run integer convolutions)."""
+  with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
+    yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +130,7 @@ def _edge_layers(model: SplitModel, variables: Variables, genome: Genome, per_ch
 def edge_forward(model: SplitModel, spec: EdgeSpec, images: jax.Array,
                  arrays: list[dict[str, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The integer edge program: uint8 images to ``(IR codes, scales, overflowed (N,))``
-  (a float IR and ones at 32 bits). Run under ``jax.enable_x64(True)``."""
+  (a float IR and ones at 32 bits). Run it inside :func:`edge_device`."""
   x = data.normalize_on_device(images, spec.dataset)
   by_block: dict[int, dict[str, tuple[integer.LayerSpec, dict[str, jax.Array]]]] = {}
   for layer, arr in zip(spec.layers, arrays):
@@ -188,7 +203,7 @@ class EdgeProgram:
                exported: jax_export.Exported):
     self.spec, self.arrays, self.exported = spec, arrays, exported
     self.input_shape = tuple(model_from_spec(spec.model).input_shape)
-    with jax.enable_x64(True):  # on the device once, not at every call; int64 stays int64
+    with edge_device():  # on the CPU once, not at every call; int64 stays int64
       self._device_arrays = jax.device_put(arrays)
 
   @classmethod
@@ -206,7 +221,7 @@ class EdgeProgram:
       raise ValueError(f"the edge program takes uint8 images of shape (N, "
                        f"{', '.join(map(str, self.input_shape))}), got {images.dtype} "
                        f"{images.shape}")
-    with jax.enable_x64(True):
+    with edge_device():
       payload, scales, overflow = (np.asarray(a)
                                    for a in self.exported.call(images, self._device_arrays))
     if overflow.any():
@@ -282,13 +297,15 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
   ir, p = spec.ir, spec.split
   batch = jax_export.symbolic_shape("n")[0]
   images = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.uint8)
-  with jax.enable_x64(True):
+  with edge_device():
     run = jax.jit(lambda x, arr: edge_forward(model, spec, x, arr))
-    edge = jax_export.export(run)(images, jax.tree.map(jnp.asarray, arrays))
+    edge = jax_export.export(run, platforms=EDGE_PLATFORMS)(
+        images, jax.tree.map(jnp.asarray, arrays))
   payload_type = jnp.float32 if ir.bits >= FLOAT_BITS else jnp.int32
   cloud_vars = jax.device_get(variables)
   cloud = jax_export.export(jax.jit(
-      lambda payload, scales: model.cloud(cloud_vars, dequantize(payload, scales, ir), p)))(
+      lambda payload, scales: model.cloud(cloud_vars, dequantize(payload, scales, ir), p)),
+      platforms=CLOUD_PLATFORMS)(
           jax.ShapeDtypeStruct((batch, *ir.shape), payload_type),
           jax.ShapeDtypeStruct((batch,), jnp.float32))
   edge_dir, cloud_dir = os.path.join(directory, "edge"), os.path.join(directory, "cloud")
