@@ -58,6 +58,8 @@ _OLD_STEPS = flags.DEFINE_integer("old_pretrain_steps", 100,
                                   "pre-training steps timed on the old path (scaled to an epoch)")
 _BUDGET = flags.DEFINE_float("budget_s", 270.0, "start no new measurement after this many seconds")
 _JSON = flags.DEFINE_string("json", None, "write the results here (also after every measurement)")
+_ONLY = flags.DEFINE_list("only", [], "run only these measurements (names as printed, e.g. "
+                          "eval_new_bf16_vmap_k1,pretrain_old), still in priority order")
 
 TRAIN_IMAGES = 45000  # CIFAR-100 training set minus the 10 % hold-out
 DISTINCT_CANDIDATES = 860  # N + 0.84·T at the paper's settings (results/benchmarks)
@@ -69,15 +71,19 @@ NEW_F32 = dict(pipeline="auto", compute_dtype="float32", matmul_precision="highe
 class Run:
   """Results, the clock and the budget of one benchmark run."""
 
-  def __init__(self, budget_s: float, json_path: str | None):
+  def __init__(self, budget_s: float, json_path: str | None, only: list[str] | None = None):
     self.start, self.budget_s, self.json_path = time.perf_counter(), budget_s, json_path
+    self.only = set(only or [])
     self.results: dict[str, Any] = {"skipped": []}
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
 
   def measure(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """Runs ``fn`` unless the budget is spent; records and prints its row."""
+    """Runs ``fn`` unless it is not asked for or the budget is spent; records and prints
+    its row."""
+    if self.only and name not in self.only:
+      return
     if self.elapsed() > self.budget_s:
       self.results["skipped"].append(name)
       print(f"[{self.elapsed():6.0f}s] skipped {name} (budget)", flush=True)
@@ -188,7 +194,7 @@ def time_evaluation(model, variables, train_split, val_split, privacy_images, k:
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  run = Run(_BUDGET.value, _JSON.value)
+  run = Run(_BUDGET.value, _JSON.value, _ONLY.value)
   device = jax.devices()[0]
   run.results.update(device=getattr(device, "device_kind", str(device)),
                      backend=jax.default_backend(), device_count=jax.device_count(),
