@@ -79,11 +79,19 @@ class Run:
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
 
+  def measure_all(self, plan: list[tuple[str, Callable[[], dict[str, Any]]]]) -> None:
+    """Measures ``plan`` in its order, only the names in ``only`` if any were given; a name
+    in ``only`` that the plan lacks is an error before anything is measured."""
+    unknown = self.only - {name for name, _ in plan}
+    if unknown:
+      raise ValueError(f"--only names unknown measurements {sorted(unknown)}; this run "
+                       f"offers {[name for name, _ in plan]}")
+    for name, fn in plan:
+      if not self.only or name in self.only:
+        self.measure(name, fn)
+
   def measure(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """Runs ``fn`` unless it is not asked for or the budget is spent; records and prints
-    its row."""
-    if self.only and name not in self.only:
-      return
+    """Runs ``fn`` unless the budget is spent; records and prints its row."""
     if self.elapsed() > self.budget_s:
       self.results["skipped"].append(name)
       print(f"[{self.elapsed():6.0f}s] skipped {name} (budget)", flush=True)
@@ -214,28 +222,29 @@ def main(argv: list[str]) -> None:
   variables = model.init(jax.random.key(0))
   run.results["macs_per_image"] = _macs(model)
 
-  run.measure("matmul_bf16", lambda: {"tflops": matmul_tflops()})
   evaluation = functools.partial(time_evaluation, model, variables, train_split, val_split,
                                  privacy_images)
   pretraining = functools.partial(time_pretraining, model, train_split)
   ks, old_ks = [int(k) for k in _KS.value], [int(k) for k in _OLD_KS.value]
   new_steps = _PRE_STEPS.value or data.steps_per_epoch(len(train_split), _BATCH.value, True)
   # Priority order: the headline numbers and their baselines first.
-  run.measure("eval_new_bf16_vmap_k1", lambda: evaluation(1, "vmap", NEW_BF16))
-  run.measure(f"eval_old_vmap_k{old_ks[0]}", lambda: evaluation(old_ks[0], "vmap", OLD))
-  run.measure("pretrain_new_bf16", lambda: pretraining(Numerics("bfloat16"), "auto", new_steps))
-  run.measure("pretrain_old", lambda: pretraining(Numerics("float32", "default"), "host",
-                                                  _OLD_STEPS.value))
-  for k in ks[1:]:
-    run.measure(f"eval_new_bf16_vmap_k{k}", lambda k=k: evaluation(k, "vmap", NEW_BF16))
-  run.measure("eval_new_bf16_map_k4", lambda: evaluation(4, "map", NEW_BF16))
-  run.measure("pretrain_new_f32", lambda: pretraining(Numerics("float32"), "auto", new_steps))
-  run.measure("eval_new_f32_vmap_k1", lambda: evaluation(1, "vmap", NEW_F32))
-  for k in old_ks[1:]:
-    run.measure(f"eval_old_vmap_k{k}", lambda k=k: evaluation(k, "vmap", OLD))
+  plan = [
+      ("matmul_bf16", lambda: {"tflops": matmul_tflops()}),
+      ("eval_new_bf16_vmap_k1", lambda: evaluation(1, "vmap", NEW_BF16)),
+      (f"eval_old_vmap_k{old_ks[0]}", lambda: evaluation(old_ks[0], "vmap", OLD)),
+      ("pretrain_new_bf16", lambda: pretraining(Numerics("bfloat16"), "auto", new_steps)),
+      ("pretrain_old", lambda: pretraining(Numerics("float32", "default"), "host",
+                                           _OLD_STEPS.value)),
+      *[(f"eval_new_bf16_vmap_k{k}", lambda k=k: evaluation(k, "vmap", NEW_BF16))
+        for k in ks[1:]],
+      ("eval_new_bf16_map_k4", lambda: evaluation(4, "map", NEW_BF16)),
+      ("pretrain_new_f32", lambda: pretraining(Numerics("float32"), "auto", new_steps)),
+      ("eval_new_f32_vmap_k1", lambda: evaluation(1, "vmap", NEW_F32)),
+      *[(f"eval_old_vmap_k{k}", lambda k=k: evaluation(k, "vmap", OLD)) for k in old_ks[1:]]]
   if jax.default_backend() == "cpu":  # why `auto` avoids compiled loops on CPUs (few steps:
-    run.measure("pretrain_new_f32_fused",  # each is tens of times slower there)
-                lambda: pretraining(Numerics("float32"), "fused", min(new_steps, 4)))
+    plan.append(("pretrain_new_f32_fused",  # each is tens of times slower there)
+                 lambda: pretraining(Numerics("float32"), "fused", min(new_steps, 4))))
+  run.measure_all(plan)
   summarize(run)
   run.save()
 

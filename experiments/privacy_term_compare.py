@@ -1,7 +1,7 @@
 r"""The best genomes of searches made with different privacy terms, each measured by every term.
 
   python -m experiments.privacy_term_compare --config=experiments/configs/search.py:quick \
-      --searches=results/search_quick,workdirs/search_quick_attack \
+      --searches=results/search_quick,results/search_quick_attack \
       --metrics=mse,attack_ssim --out=results/search_attack
 
 A search that maximises the paper's score P (``fitness.metric="mse"``) and one that maximises
@@ -25,7 +25,7 @@ from maxpart_jax import checkpoint
 from maxpart_jax.search.privacy_terms import compare, markdown
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
-_SEARCHES = flags.DEFINE_list("searches", ["results/search_quick", "workdirs/search_quick_attack"],
+_SEARCHES = flags.DEFINE_list("searches", ["results/search_quick", "results/search_quick_attack"],
                               "folders of finished searches (best.json, config.json)")
 _METRICS = flags.DEFINE_list("metrics", ["mse", "attack_ssim"], "privacy terms to measure by")
 _OUT = flags.DEFINE_string("out", "results/search_attack", "where compare.json / .md go")

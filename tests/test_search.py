@@ -175,8 +175,8 @@ def test_attack_privacy_is_one_minus_the_ssim_of_the_cached_decoder(smoke):
     decoder, _ = attacks.train_decoders(
         jax.random.key(0), attacks.edge_irs(model, variables, p, ir_only, ev.attack_images)[None],
         jnp.asarray(ev.attack_images), attack)
-    ir = attacks.edge_irs(model, tuned, p, to_policy(model.info, jax.tree.map(lambda x: x[0], genome)),
-                          images)
+    policy = to_policy(model.info, jax.tree.map(lambda x: x[0], genome))
+    ir = attacks.edge_irs(model, tuned, p, policy, images)
     recon = attacks.decode(decoder, ir[None])[0]
     ssim = attacks.reconstruction_scores(recon, images)["ssim"]
     assert out["privacy"][i] == pytest.approx(1.0 - float(np.mean(ssim)), abs=1e-6)

@@ -332,7 +332,6 @@ class Evaluator:
                   data.steps_per_epoch(len(train), config.batch_size, drop_remainder=True))
     step = TrainStep(self.model, optax.sgd, (config.finetune_lr, config.finetune_momentum),
                      candidates=True)
-    self.tx = step.tx
     # Every candidate sees these batches (the first `steps` of epochs 0, 1, ...).
     self.draws = data.draws_for_steps(len(train), config.batch_size, self.steps, seed=config.seed)
     self._run_steps = StepRunner(step, train, self.pipeline,
@@ -436,7 +435,7 @@ class Evaluator:
     params = jax.tree.map(stack, self.variables["params"])
     state = TrainState(step=jnp.zeros((k,), jnp.int32), params=params,
                        batch_stats=jax.tree.map(stack, self.variables["batch_stats"]),
-                       opt_state=jax.vmap(self.tx.init)(params))
+                       opt_state=jax.vmap(self._run_steps.step_fn.tx.init)(params))
     state = self._candidates(state)
     loss = jnp.zeros((k,), jnp.float32)
     if steps:
