@@ -36,10 +36,10 @@ import numpy as np
 
 from experiments.configs import search as search_configs
 from experiments.configs import train as train_configs
-from maxpart_jax import checkpoint, data, train
+from maxpart_jax import checkpoint, data, runs, train
 from maxpart_jax.models import get_model
 from maxpart_jax.models.layers import Numerics
-from maxpart_jax.search import driver
+from maxpart_jax.search import settings
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig
 from maxpart_jax.search.operators import get_operator
 
@@ -105,7 +105,8 @@ class Run:
   def save(self) -> None:
     if self.json_path:
       os.makedirs(os.path.dirname(os.path.abspath(self.json_path)), exist_ok=True)
-      checkpoint.write_json(self.json_path, {**self.results, "wall_seconds": self.elapsed()})
+      checkpoint.write_json(self.json_path, {**self.results, "wall_seconds": self.elapsed(),
+                                              "environment": runs.environment()})
 
 
 def matmul_tflops(dtype=jnp.bfloat16) -> float:
@@ -169,7 +170,7 @@ def _macs(model) -> float:
 
 def random_genomes(model, k: int, seed: int):
   """K random genomes of the paper's search space (R_w = {2,4,6,8}, R_a = {8})."""
-  space = driver.space_from_config(search_configs.get_config(_MODEL.value), model.info)
+  space = settings.space_from_config(search_configs.get_config(_MODEL.value), model.info)
   init = get_operator("init", "uniform")
   return jax.vmap(lambda key: init(key, space))(jax.random.split(jax.random.key(seed), k))
 

@@ -20,8 +20,8 @@ import numpy as np
 from ml_collections import config_flags
 from scipy import stats
 
-from maxpart_jax import checkpoint
-from maxpart_jax.search import driver
+from maxpart_jax import checkpoint, runs
+from maxpart_jax.search import build, settings
 from maxpart_jax.search.operators import get_operator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "search config")
@@ -50,11 +50,11 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value.copy_and_resolve_references()
     config.fitness.compute_dtype = dtype
     config.fitness.matmul_precision = "highest"
-    evaluator = driver.build_evaluator(config)
+    evaluator = build.build_evaluator(config)
     if noise:
       evaluator.variables = perturbed(evaluator.variables, noise, jax.random.key(1))
       evaluator.float_accuracy = evaluator.float_accuracy_on()  # ε against the moved weights
-    space = driver.space_from_config(config, evaluator.model.info)
+    space = settings.space_from_config(config, evaluator.model.info)
     init = get_operator("init", config.search.init)
     keys = jax.random.split(jax.random.key(_SEED.value), _GENOMES.value)
     genomes = jax.vmap(lambda k: init(k, space))(keys)
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
             f"mean {diff.mean():.4g}")
     print(f"{other}: same best genome as float32: {results[other]['same_best']}")
   if _JSON.value:
-    checkpoint.write_json(_JSON.value, results)
+    checkpoint.write_json(_JSON.value, {**results, "environment": runs.environment()})
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from experiments.configs import search as search_configs
-from maxpart_jax import checkpoint, data
+from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.models import get_model
-from maxpart_jax.search import driver, evolution
+from maxpart_jax.search import caching, driver, evolution, settings
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig
 from maxpart_jax.search.operators import get_operator
 
@@ -48,7 +48,7 @@ def throughput(ks: list[int]) -> list[dict[str, float]]:
   val = data.load_split("val").take(_VAL.value, seed=0)
   images = val.take(_PRIV.value, seed=1).float_images()
   config = FitnessConfig(finetune_steps=_STEPS.value, batch_size=_BATCH.value)
-  space = driver.space_from_config(search_configs.get_config("quick"), model.info)
+  space = settings.space_from_config(search_configs.get_config("quick"), model.info)
   init = get_operator("init", "uniform")
   rows = []
   for k in ks:
@@ -83,7 +83,7 @@ def cache_hit_rate(iterations: int = 1000) -> dict[str, float]:
   """Hit rate of the effective-genome cache over a paper-setting search, cheap fitness."""
   info = get_model("resnet18").info
   config = search_configs.get_config("resnet18")
-  space = driver.space_from_config(config, info)
+  space = settings.space_from_config(config, info)
   strategy = evolution.Strategy(pop_size=20, num_tournaments=1)
   fitness_of = lambda g: g.p * 10.0 - jnp.mean(g.w_bits, axis=-1)
   key_init, key_steps = jax.random.split(jax.random.key(0))
@@ -91,11 +91,11 @@ def cache_hit_rate(iterations: int = 1000) -> dict[str, float]:
   state = evolution.tell_initial(state, fitness_of(state.population))
   ask = jax.jit(lambda k, s: evolution.ask(k, s, space, strategy))
   tell = jax.jit(lambda s, c, f: evolution.tell(s, c, f, strategy))
-  seen = set(driver.effective_keys(info, state.population))
+  seen = set(caching.effective_keys(info, state.population))
   hits = 0
   for t in range(iterations):
     children, state = ask(jax.random.fold_in(key_steps, t), state)
-    key = driver.effective_keys(info, children)[0]
+    key = caching.effective_keys(info, children)[0]
     hits += key in seen
     seen.add(key)
     state = tell(state, children, fitness_of(children))
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
           f"{results['overhead']['outside_share']:.3f}")
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-    checkpoint.write_json(_JSON.value, results)
+    checkpoint.write_json(_JSON.value, {**results, "environment": runs.environment()})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ r"""Does the paper's privacy score predict how well the IR can be inverted?
   python -m experiments.attack_study --config=experiments/configs/attacks.py:cpu \
       --workdir=workdirs/attacks --out=results/attacks
 
-The study itself is :mod:`maxpart_jax.attack_study`: per model and split, resumable from
+The study itself is :mod:`maxpart_jax.studies.attack_study`: per model and split, resumable from
 ``--workdir``. ``--models`` runs some of the config's models (their rows join those already
 in the workdir; the others are left out of the outputs). Writes ``study.json``,
 ``scatter.png``, ``splits_<model>.png`` and ``grid_<model>.png`` to ``--out``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from experiments import common
-from maxpart_jax import attack_study
+from maxpart_jax.studies import attack_study
 
 _CONFIG = common.define_config("experiments/configs/attacks.py:cpu", "attack study config")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/attacks", "resumable state of the study")

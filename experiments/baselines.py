@@ -16,9 +16,9 @@ from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax import baselines, reporting
-from maxpart_jax.reproduce import analytic_table
-from maxpart_jax.search import driver
+from maxpart_jax.search import build, settings
+from maxpart_jax.studies import baselines, reporting
+from maxpart_jax.studies.reproduce import analytic_table
 
 _CONFIG = common.define_config("experiments/configs/reproduce.py:cpu_resnet18",
                                "reproduction (or search) config file and variant")
@@ -32,16 +32,16 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   try:
     if _ANALYTIC.value:
-      driver.validate_config(config)
-      info = (driver.energy_info_from_config(config) or
-              driver.info_from_spec(config.pretrain.model.to_dict()))
-      rows = analytic_table(info, driver.fitness_from_config(config).device,
+      settings.validate_config(config)
+      info = (settings.energy_info_from_config(config) or
+              settings.info_from_spec(config.pretrain.model.to_dict()))
+      rows = analytic_table(info, settings.fitness_from_config(config).device,
                             config.fitness.transmission, searched_p=_SEARCHED_P.value)
     else:
-      evaluator = driver.build_evaluator(config)
+      evaluator = build.build_evaluator(config)
       todo = baselines.make_baselines(evaluator.energy_info, evaluator.config.device,
                                       evaluator.config.transmission, _SEARCHED_P.value)
-      rows = baselines.evaluate_baselines(evaluator, todo, driver.load_test_split(config, evaluator))
+      rows = baselines.evaluate_baselines(evaluator, todo, build.load_test_split(config, evaluator))
   except ValueError as e:  # bad config, split or checkpoint: say what is wrong, no traceback
     sys.exit(f"error: {e}")
   print(f"E_b = {config.fitness.budget_mj} mJ, {reporting.convention(config.fitness.transmission)}\n")

@@ -118,10 +118,10 @@ def study_evaluator(evaluators: dict, config: ml_collections.ConfigDict):
   """The evaluator for one search of a multi-seed study, from ``evaluators`` (filled as
   needed): one per K (``search.num_tournaments``), built for ``search.seed = 0`` so that
   searches of every seed score their candidates on the same images."""
-  from maxpart_jax.search import driver
+  from maxpart_jax.search import build
   k = config.search.num_tournaments
   if k not in evaluators:
     first = copy.deepcopy(config)
     first.search.seed = 0
-    evaluators[k] = driver.build_evaluator(first)
+    evaluators[k] = build.build_evaluator(first)
   return evaluators[k]

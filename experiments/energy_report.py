@@ -15,9 +15,9 @@ from typing import Any
 from absl import app, flags
 import numpy as np
 
-from maxpart_jax.baselines import deepest_split, split_energies
 from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.models import SplitModel, available_models, get_model
+from maxpart_jax.studies.baselines import deepest_split, split_energies
 
 _MODEL = flags.DEFINE_string("model", "resnet18", f"one of {available_models()}")
 _WIDTH = flags.DEFINE_float("width", 1.0, "channel multiplier of the model")

@@ -16,6 +16,7 @@ import os
 from absl import app, flags
 
 from experiments import common
+from maxpart_jax import runs
 from maxpart_jax.checkpoint import write_json
 from maxpart_jax.deploy import parity
 
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> None:
     result = parity.parity(made["model"], made["variables"], made["genome"], edge, cloud,
                            test.images[:n], test.labels[:n])
     result["search_test_accuracy"] = made["report"]["test_accuracy"]
+    result["environment"] = runs.environment()
     write_json(os.path.join(_OUT.value, "parity.json"), result)
     print(json.dumps(result, indent=1))
 

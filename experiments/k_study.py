@@ -35,11 +35,12 @@ import numpy as np
 
 from experiments import k_compare
 from experiments.configs import search as search_configs
+from maxpart_jax import runs
 from maxpart_jax.energy import population_energy
 from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.models import get_model
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.search import driver, evolution
+from maxpart_jax.search import evolution, settings
 from maxpart_jax.search.fitness import FitnessConfig, combine
 
 _OUT = flags.DEFINE_string("out", "results/search_k", "where k_study.json and the plot go")
@@ -75,8 +76,8 @@ def run(k: int, seeds: int, iterations: int) -> dict[str, np.ndarray]:
   config = search_configs.get_config("resnet18")
   config.search.num_tournaments = k
   info = get_model("resnet18").info
-  strategy, space = driver.strategy_from_config(config), driver.space_from_config(config, info)
-  fitness_of = synthetic_fitness(info, driver.fitness_from_config(config))
+  strategy, space = settings.strategy_from_config(config), settings.space_from_config(config, info)
+  fitness_of = synthetic_fitness(info, settings.fitness_from_config(config))
   steps = -(-iterations // k)
 
   def search(seed):
@@ -108,7 +109,8 @@ def main(argv: list[str]) -> None:
   outs = {k: run(k, _SEEDS.value, _ITERATIONS.value) for k in ks}
   rows = [k_compare.summarize(k, outs[k]) for k in ks]
   tests = k_compare.compare(rows) if len(ks) == 2 else {}
-  result = {"seeds": _SEEDS.value, "iterations": _ITERATIONS.value, "rows": rows, **tests}
+  result = {"seeds": _SEEDS.value, "iterations": _ITERATIONS.value, "rows": rows, **tests,
+            "environment": runs.environment()}
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "k_study.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 import numpy as np
 
 from experiments import common, k_compare
-from maxpart_jax import checkpoint
+from maxpart_jax import checkpoint, runs
 from maxpart_jax.search import driver
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
@@ -67,7 +67,8 @@ def main(argv: list[str]) -> None:
   rows = [k_compare.summarize(k, outs[k]) for k in ks]
   tests = k_compare.compare(rows) if len(ks) == 2 else {}
   result = {"config": common.summary(base), "seeds": _SEEDS.value,
-            "iterations": base.search.iterations, "rows": rows, **tests}
+            "iterations": base.search.iterations, "rows": rows, **tests,
+            "environment": runs.environment()}
   os.makedirs(_OUT.value, exist_ok=True)
   checkpoint.write_json(os.path.join(_OUT.value, "k_study_search.json"), result)
   k_compare.plot(outs, os.path.join(_OUT.value, "k_study_search.png"),

@@ -23,9 +23,9 @@ from absl import app, flags
 import ml_collections
 
 from experiments import common
-from maxpart_jax import checkpoint
-from maxpart_jax.link_study import best_per_link, measured_pool, plot, table
-from maxpart_jax.search import driver
+from maxpart_jax import checkpoint, runs
+from maxpart_jax.search import settings
+from maxpart_jax.studies.link_study import best_per_link, measured_pool, plot, table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a reproduction's workdir", required=True)
 _OUT = flags.DEFINE_string("out", "results/link", "output folder")
@@ -48,12 +48,13 @@ def main(argv: list[str]) -> None:
   if "device" not in config:  # a reproduction from before the device settings existed
     from experiments.configs import search as search_configs
     config.device = search_configs.get_config("quick").device
-  info = driver.energy_info_from_config(config) or driver.info_from_spec(
+  info = settings.energy_info_from_config(config) or settings.info_from_spec(
       config.pretrain.model.to_dict())
   tx = [float(t) for t in _TX.value]
   bandwidths = [float(b) for b in _BANDWIDTH.value]
   out = {"workdir": _WORKDIR.value, "pool": len(pool), "budget_mj": config.fitness.budget_mj,
-         "eps_bound": config.fitness.eps_bound, "energy_model": config.energy_model.to_dict()}
+         "eps_bound": config.fitness.eps_bound, "energy_model": config.energy_model.to_dict(),
+         "environment": runs.environment()}
   for name, bound, bws in (("no_latency_bound", 0.0, [bandwidths[0]]),
                            ("latency_bound", _LATENCY.value, bandwidths)):
     out[name] = [best_per_link(pool, config, info, t, b, bound, _LOSS.value)

@@ -6,13 +6,15 @@ r"""Makes the ``.npz`` shards that ``MAXPART_DATA_DIR`` reads from the official 
 For machines without internet access at run time: download the "python version"
 archive once elsewhere (https://www.cs.toronto.edu/~kriz/cifar.html:
 ``cifar-100-python.tar.gz`` or ``cifar-10-python.tar.gz``), copy it over, and run this.
-Needs neither TensorFlow nor tfds. Writes ``train-00.npz`` … (10 000 images each) and
+Needs neither TensorFlow nor tfds. The archive holds pickles, and unpickling runs code:
+it is read only if its MD5 is the published one (or the one ``--md5`` vouches for). Writes ``train-00.npz`` … (10 000 images each) and
 ``test-00.npz`` in the original order, each with ``image`` (N, 32, 32, 3) uint8 RGB and
 ``label`` (fine labels for CIFAR-100, plus ``coarse_label``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tarfile
@@ -24,6 +26,12 @@ _ARCHIVE = flags.DEFINE_string("archive", None, "cifar-100-python.tar.gz or cifa
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "folder for the shards", required=True)
 _SHARD = flags.DEFINE_integer("shard_size", 10_000, "images per shard")
+_MD5 = flags.DEFINE_string("md5", None, "also accept an archive with this MD5 (one you trust: "
+                           "it is unpickled)")
+
+PUBLISHED_MD5 = {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
+"""The MD5 sums https://www.cs.toronto.edu/~kriz/cifar.html publishes for its archives."""
 
 # Members of each archive, per split, in the original order.
 MEMBERS = {
@@ -33,8 +41,26 @@ MEMBERS = {
 }
 
 
-def read_archive(path: str) -> dict[str, dict[str, np.ndarray]]:
-  """``{"train": arrays, "test": arrays}`` from an official CIFAR python archive."""
+def md5(path: str) -> str:
+  """The MD5 of a file, as the CIFAR page publishes it."""
+  digest = hashlib.md5()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def read_archive(path: str, accept_md5: tuple[str, ...] = tuple(PUBLISHED_MD5.values())
+                 ) -> dict[str, dict[str, np.ndarray]]:
+  """``{"train": arrays, "test": arrays}`` from an official CIFAR python archive;
+  ``ValueError`` before anything is unpickled if its MD5 is not in ``accept_md5``."""
+  got = md5(path)
+  if got not in accept_md5:
+    published = ", ".join(f"{name} {digest}" for name, digest in PUBLISHED_MD5.items())
+    raise ValueError(f"{path} has MD5 {got}, not that of a published CIFAR archive ({published})."
+                     " Its pickles are not unpickled (that runs code): download it again from "
+                     f"https://www.cs.toronto.edu/~kriz/cifar.html, or pass --md5={got} if you "
+                     "trust this file")
   with tarfile.open(path, "r:gz") as tar:
     names = {m.name for m in tar.getmembers()}
     root = next((r for r in MEMBERS if any(n.startswith(r + "/") for n in names)), None)
@@ -80,7 +106,8 @@ def write_shards(arrays: dict[str, dict[str, np.ndarray]], out: str,
 def main(argv: list[str]) -> None:
   del argv
   try:
-    arrays = read_archive(_ARCHIVE.value)
+    arrays = read_archive(_ARCHIVE.value, tuple(PUBLISHED_MD5.values()) + tuple(
+        filter(None, [_MD5.value])))
   except (OSError, tarfile.TarError, ValueError) as e:
     raise app.UsageError(f"cannot read {_ARCHIVE.value}: {e}") from None
   paths = write_shards(arrays, _OUT.value, _SHARD.value)

@@ -29,8 +29,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments import common
-from maxpart_jax import checkpoint, data, privacy, profile
+from maxpart_jax import checkpoint, data, privacy, runs
 from maxpart_jax.genome import to_policy, uniform_genome
+from maxpart_jax.privacy import profile
 from maxpart_jax.quant import ACTIVATION_LEVELS
 from maxpart_jax.train import evaluate
 
@@ -89,6 +90,7 @@ def main(argv: list[str]) -> None:
         for q in splits]
     out["metric"][name] = row
   out["seconds"] = time.time() - start
+  out["environment"] = runs.environment()
   os.makedirs(_OUT.value, exist_ok=True)
   checkpoint.write_json(os.path.join(_OUT.value, "options.json"), out)
   _plot(out, os.path.join(_OUT.value, "options.png"))

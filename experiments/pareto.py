@@ -18,8 +18,10 @@ import os
 from absl import app, flags
 
 from experiments import common
-from maxpart_jax import checkpoint, pareto
-from maxpart_jax.search import driver
+from maxpart_jax import checkpoint
+from maxpart_jax.energy import DeviceConfig
+from maxpart_jax.search import pareto, storage
+from maxpart_jax.search.fitness import FitnessConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a search's workdir", required=True)
 _BASELINES = flags.DEFINE_string("baselines", "", "baselines.json to mark (default: the "
@@ -36,9 +38,13 @@ def main(argv: list[str]) -> None:
     search = os.path.join(workdir, "search")
     baselines_path = baselines_path or os.path.join(workdir, "baselines.json")
   try:
-    evaluations = driver.load_evaluations(search)
+    evaluations = storage.load_evaluations(search)
     with open(os.path.join(workdir, "config.json")) as f:
-      fitness = json.load(f)["fitness"]
+      stored = json.load(f)
+    fitness = stored["fitness"]
+    # Feasible as the search judged it: E_b, ε_b and the device's latency bound.
+    config = FitnessConfig(eps_bound=fitness["eps_bound"], device=DeviceConfig(
+        budget_mj=fitness["budget_mj"], **stored.get("device", {})))
     baselines = []
     if baselines_path:
       with open(baselines_path) as f:
@@ -47,7 +53,7 @@ def main(argv: list[str]) -> None:
     raise SystemExit(f"error: {e}") from None
   out = _OUT.value or search
   os.makedirs(out, exist_ok=True)
-  result = pareto.front(evaluations, fitness["budget_mj"], fitness["eps_bound"])
+  result = pareto.front(evaluations, config)
   checkpoint.write_json(os.path.join(out, "pareto.json"), result)
   pareto.plot_front(result, evaluations, os.path.join(out, "pareto.png"), baselines)
   print(f"{len(result['points'])} of {result['considered']} evaluated genomes on the front "

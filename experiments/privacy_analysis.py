@@ -25,8 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from maxpart_jax import checkpoint, data, privacy, profile
+from maxpart_jax import checkpoint, data, privacy, runs
 from maxpart_jax.genome import uniform_genome
+from maxpart_jax.privacy import profile
 
 ANALYSES = ("fig3_ir_visualization", "fig4_vgg11_metrics", "fig5_resnet18_layers", "fig8_bits")
 
@@ -146,6 +147,7 @@ def run(name: str, fn: Callable[..., tuple[dict[str, Any], plt.Figure]], model_d
   start = time.time()
   out, fig = fn(model_dir, n, seed)
   out["seconds"] = time.time() - start
+  out["environment"] = runs.environment()
   checkpoint.write_json(os.path.join(workdir, f"{name}.json"), out)
   fig.savefig(os.path.join(workdir, f"{name}.png"), dpi=120, bbox_inches="tight")
   plt.close(fig)

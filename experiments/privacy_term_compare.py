@@ -21,7 +21,7 @@ import os
 from absl import app, flags, logging
 
 from experiments import common
-from maxpart_jax import checkpoint
+from maxpart_jax import checkpoint, runs
 from maxpart_jax.search.privacy_terms import compare, markdown
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   rows = compare(_CONFIG.value, _SEARCHES.value, _METRICS.value)
   os.makedirs(_OUT.value, exist_ok=True)
-  checkpoint.write_json(os.path.join(_OUT.value, "compare.json"), {"rows": rows})
+  checkpoint.write_json(os.path.join(_OUT.value, "compare.json"), {"rows": rows, "environment": runs.environment()})
   with open(os.path.join(_OUT.value, "compare.md"), "w") as f:
     f.write(markdown(rows))
   print(markdown(rows))

@@ -15,8 +15,8 @@ from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.reproduce import run_reproduction
-from maxpart_jax.search.driver import validate_config
+from maxpart_jax.search.settings import validate_config
+from maxpart_jax.studies.reproduce import run_reproduction
 
 _CONFIG = common.define_config("experiments/configs/reproduce.py:cpu_resnet18",
                                "reproduction config file and variant")

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from maxpart_jax.reporting import summary_markdown
+from maxpart_jax.studies.reporting import summary_markdown
 
 _OUT = flags.DEFINE_string("out", None, "where the markdown goes (default: print it)")
 

@@ -17,9 +17,11 @@ if [ -z "${MAXPART_DATA_DIR:-}" ] && [ -d ../shared/data/cifar100 ]; then
   export MAXPART_DATA_DIR="$(cd ../shared/data/cifar100 && pwd)"   # offline copy of CIFAR-100
 fi
 if [ -n "${MAXPART_DATA_DIR:-}" ]; then
-  .venv/bin/pip install -q -e .
+  .venv/bin/pip install -q -c constraints.txt -e .   # the versions of results/ (README)
 else
-  .venv/bin/pip install -q -e '.[tfds]'   # TensorFlow prepares CIFAR-100 with tfds once
+  # TensorFlow prepares CIFAR-100 with tfds once; it pins its own numpy, so the versions in
+  # constraints.txt are not forced here.
+  .venv/bin/pip install -q -e '.[tfds]'
 fi
 .venv/bin/python -m experiments.search --config=experiments/configs/search.py:quick \
   --workdir="$workdir" "${model[@]}" "$@"

@@ -13,7 +13,8 @@ from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.search.driver import run_search, validate_config
+from maxpart_jax.search.driver import run_search
+from maxpart_jax.search.settings import validate_config
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick",
                                "search config file and variant")

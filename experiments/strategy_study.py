@@ -13,7 +13,7 @@ each algorithm and seed, all making ``N + search.iterations`` candidates:
 * ``random``: N + iterations genomes from the ``init`` operator.
 
 Compares the hypervolume of the feasible genomes each search evaluated (privacy, energy, ε
-within E_b and ε_b; :func:`maxpart_jax.pareto.hypervolume`) and the best feasible privacy, after
+within E_b and ε_b; :func:`maxpart_jax.search.pareto.hypervolume`) and the best feasible privacy, after
 every evaluation. Every search runs in ``<workdir>/<algorithm>_seed<s>`` and resumes there;
 all score candidates on the same images (those of ``search.seed = 0``). Writes
 ``strategies.json`` and ``strategies.png`` to ``--out``.
@@ -28,8 +28,8 @@ from absl import app, flags, logging
 
 from experiments import common
 from maxpart_jax import checkpoint
-from maxpart_jax.search import driver
-from maxpart_jax.strategy_study import algorithm_config, curves, plot, summarize
+from maxpart_jax.search import driver, settings, storage
+from maxpart_jax.studies.strategy_study import algorithm_config, curves, plot, summarize
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/strategy_study", "one folder per search")
@@ -56,9 +56,10 @@ def main(argv: list[str]) -> None:
         logging.warning("%s", e)
         with open(os.path.join(workdir, "best.json")) as f:
           report = json.load(f)
-      evaluations = driver.load_evaluations(workdir)
+      evaluations = storage.load_evaluations(workdir)
       results[algorithm].append({
-          **curves(evaluations, budget, eps_bound), "evaluations": len(evaluations),
+          **curves(evaluations, settings.fitness_from_config(config)),
+          "evaluations": len(evaluations),
           "candidates": report["lookups"], "reported_p": report["p"],
           "reported_privacy": report["privacy"], "feasible": report["feasible"],
           "seconds": report["search_seconds"]})

@@ -97,16 +97,20 @@ def to_policy(info: ModelInfo, genome: Genome, per_channel: bool = False,
 
 
 def quantized_apply(model: SplitModel, variables: Variables, x: jax.Array, genome: Genome, *,
-                    per_channel: bool = False, train: bool = False) -> Any:
+                    per_channel: bool = False, activation_levels: str = "paper",
+                    train: bool = False) -> Any:
   """The whole model with its edge fake-quantized by ``genome`` and the cloud in float.
 
   ``genome`` is traced data: one compiled function serves every partition point
-  and policy, and a population can be ``jax.vmap``-ped over it.
+  and policy, and a population can be ``jax.vmap``-ped over it. ``per_channel`` and
+  ``activation_levels`` are the quantizer settings (:func:`to_policy`).
   """
-  return model.apply(variables, x, train=train, policy=to_policy(model.info, genome, per_channel))
+  policy = to_policy(model.info, genome, per_channel, activation_levels)
+  return model.apply(variables, x, train=train, policy=policy)
 
 
 def quantized_edge(model: SplitModel, variables: Variables, x: jax.Array, genome: Genome, *,
-                   per_channel: bool = False) -> jax.Array:
+                   per_channel: bool = False, activation_levels: str = "paper") -> jax.Array:
   """The quantized IR the edge sends for ``genome`` (``genome.p`` must be concrete)."""
-  return model.edge(variables, x, int(genome.p), to_policy(model.info, genome, per_channel))
+  policy = to_policy(model.info, genome, per_channel, activation_levels)
+  return model.edge(variables, x, int(genome.p), policy)

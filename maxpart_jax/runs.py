@@ -4,20 +4,52 @@ A workdir belongs to one run. :func:`workdir_lock` keeps a second process out wh
 first works (the operating system drops the lock when its holder dies, even by SIGKILL,
 so a killed run never leaves a stale lock behind). :func:`check_identity` compares what
 a resumed run depends on (config, data content, pre-trained weights, numerics) with what
-the workdir recorded and refuses any difference, naming it.
+the workdir recorded and refuses any difference, naming it. :func:`environment` records
+what a result was computed with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import os
+import platform
 import socket
 import time
 from typing import Any, Iterator
 
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # workdirs this process holds: how many nested holds
+
+
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy")
+"""The packages whose versions decide a result's last digits."""
+
+
+def environment() -> dict[str, Any]:
+  """What a result was computed with, for its JSON: the versions of :data:`VERSIONED`,
+  Python, the CPU (model and widest vector extension), JAX's devices, and ``XLA_FLAGS``.
+  The same machine and versions repeat a result bit for bit; another CPU or another version
+  can change its last digits (README, "Results on other machines")."""
+  import jax  # pylint: disable=import-outside-toplevel  (this module loads before jax)
+  model, flags = None, set()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and model is None:
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = set(line.split(":", 1)[1].split())
+  cpu = model or platform.processor() or platform.machine()
+  vector = next((v for v in ("avx512f", "avx2", "avx", "sse4_2") if v in flags), None)
+  devices: dict[str, int] = {}
+  for d in jax.devices():
+    name = f"{d.platform}: {d.device_kind}"
+    devices[name] = devices.get(name, 0) + 1
+  return {"versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+          "python": platform.python_version(), "cpu": cpu, "cpu_vector_extension": vector,
+          "devices": devices, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 class WorkdirError(ValueError):

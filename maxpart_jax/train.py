@@ -477,6 +477,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "pipeline": pipeline, "device": jax.devices()[0].device_kind,
       "test_accuracy": evaluate(model, state.variables, test),
       "val_accuracy": _val_accuracy(config, model, state) if config.val_fraction > 0 else None,
+      "environment": runs.environment(),
   }
   checkpoint.write_json(os.path.join(workdir, "results.json"), results)
   writer.scalars(step, {"final/test_accuracy": results["test_accuracy"],

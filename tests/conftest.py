@@ -9,8 +9,11 @@ os.environ["XLA_FLAGS"] = " ".join(
     filter(None, [os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true"]))
 
 import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytest_plugins = ("tolerance_report",)  # --tolerance-report=PATH (tests/tolerance_report.py)
 
 
 # XLA_FLAGS of the subprocesses that emulate 8 devices. The 8 device threads share this
@@ -68,7 +71,7 @@ def fake_data_dir(tmp_path_factory) -> str:
 def smoke(fake_data_dir, tmp_path_factory):
   """The smoke search config on fake data, with its model pre-trained once per session."""
   from experiments.configs import search as search_configs
-  from maxpart_jax.search import driver
+  from maxpart_jax.search import build
   config = search_configs.get_config("smoke")
   config.data_dir = fake_data_dir
   config.pretrain.steps_per_epoch = 0  # the whole fake split: a model that has learned a bit
@@ -76,7 +79,7 @@ def smoke(fake_data_dir, tmp_path_factory):
   # The tests compare with float32 references; `auto` would evaluate in bfloat16 on a GPU
   # (bfloat16 has its own tests: test_models and the bf16 ranking benchmark).
   config.fitness.compute_dtype = "float32"
-  driver.load_or_pretrain(config)
+  build.load_or_pretrain(config)
   return config
 
 
@@ -87,6 +90,54 @@ def smoke_search(smoke, tmp_path_factory):
   from maxpart_jax.search import driver
   workdir = tmp_path_factory.mktemp("smoke_search")
   return driver.run_search(smoke, str(workdir)), workdir
+
+
+# --- exported splits (test_deploy, test_service) ---------------------------------------
+
+
+def jittered(model, seed=0):
+  """Random variables in numpy (no compiled init): He-scaled kernels, and batch norm
+  statistics and affines away from 0 / 1, so that folding them wrongly shows."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['kernel']"):
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
+    lo, hi = ((0.5, 1.5) if name.endswith("['scale']") else (0.5, 2.0) if name.endswith("['var']")
+              else (-0.2, 0.2))
+    return rng.uniform(lo, hi, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, jax.random.key(0)))
+
+
+def mixed_genome(info, p, seed=0):
+  """A genome with 2-8-bit weights and 4-8-bit inputs drawn per layer."""
+  from maxpart_jax.genome import Genome
+  rng = np.random.default_rng(seed)
+  return Genome(p=jnp.int32(p),
+                w_bits=jnp.asarray(rng.choice([2, 4, 6, 8], info.num_layers), jnp.int32),
+                a_bits=jnp.asarray(rng.choice([4, 8], info.num_layers), jnp.int32))
+
+
+def images(n, seed=0):
+  """n random uint8 images (n, 32, 32, 3)."""
+  return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A ResNet18 ×0.125 split after block 4 (a projection shortcut on the edge), mixed bits."""
+  from maxpart_jax.deploy import artifact
+  from maxpart_jax.models import get_model
+  model = get_model("resnet18", width=0.125)
+  variables = jittered(model)
+  genome = mixed_genome(model.info, 4)
+  out = tmp_path_factory.mktemp("deploy")
+  edge, cloud = artifact.export_split(model, variables, genome,
+                                     {"name": "resnet18", "width": 0.125}, str(out))
+  return model, variables, genome, edge, cloud, out
 
 
 # Tests that need the session's pre-trained smoke model or its reproduction are slow (the

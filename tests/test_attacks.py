@@ -10,8 +10,10 @@ import pytest
 
 from conftest import REAL_DIR, SHIPPED_MODEL, needs_real
 from experiments.configs import attacks as attack_configs
-from maxpart_jax import attack_study, attacks, checkpoint, data, runs
+from maxpart_jax import checkpoint, data, runs
+from maxpart_jax.privacy import attacks
 from maxpart_jax.quant import QuantPolicy
+from maxpart_jax.studies import attack_study
 
 # Small enough for the suite; results/attacks/ uses the study's larger settings.
 FAST_DECODER = attacks.DecoderConfig(steps=100, batch_size=32, width=16)
@@ -44,10 +46,9 @@ def test_decoder_inverts_the_stem_but_not_the_deepest_split(shipped, real_images
   assert stem["ssim"] > 0.8 and stem["psnr"] > 22
   assert deep["ssim"] < 0.5 and deep["ssim"] < stem["ssim"] - 0.3
   assert stem["losses"][-10:].mean() < stem["losses"][:10].mean() / 5
-  # the reported scores are those of the returned reconstructions
-  np.testing.assert_allclose(
-      stem["ssim_per_image"],
-      attacks.reconstruction_scores(stem["reconstructions"], victims)["ssim"], rtol=1e-6)
+  # the reported scores are those of the returned reconstructions, by another implementation
+  np.testing.assert_allclose(stem["ssim_per_image"],
+                             _skimage_ssim(stem["reconstructions"], victims), atol=1e-5)
 
 
 @needs_real
@@ -74,6 +75,7 @@ def noise_images():
   return np.asarray(jax.random.uniform(jax.random.key(2), (40, 32, 32, 3)))
 
 
+@pytest.mark.numerics
 def test_attacks_are_pure_functions_of_their_key(shipped, noise_images):
   """Catches hidden state or host randomness: the same key gives the same reconstructions
   (fused or one call per step alike), another key other ones."""
@@ -94,6 +96,7 @@ def test_attacks_are_pure_functions_of_their_key(shipped, noise_images):
   assert np.abs(white(0) - white(1)).max() > 1e-4
 
 
+@pytest.mark.numerics
 def test_vmapped_decoders_equal_decoders_trained_one_by_one(shipped, noise_images):
   """Catches decoders that leak into each other under vmap: two deployments trained together
   give what each gives alone."""
@@ -111,11 +114,28 @@ def test_vmapped_decoders_equal_decoders_trained_one_by_one(shipped, noise_image
   assert np.abs(together[0]["reconstructions"] - together[1]["reconstructions"]).max() > 1e-3
 
 
+def _skimage_ssim(recon, images):
+  """SSIM per image by scikit-image: Gaussian window (sigma 1.5), data range 1, averaged over
+  the valid region and the channels."""
+  from skimage.metrics import structural_similarity
+  return np.array([structural_similarity(
+      np.asarray(r, np.float64), np.asarray(i, np.float64), data_range=1.0, channel_axis=-1,
+      gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+      for r, i in zip(recon, images)])
+
+
+@pytest.mark.numerics
 def test_scores_and_total_variation_match_hand_computations():
+  """PSNR by hand, SSIM by scikit-image (from near copies to unrelated images), total
+  variation by hand."""
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(3, 16, 16, 3)).astype(np.float32)
   recon = np.clip(images + rng.normal(0, 0.1, images.shape), 0, 1).astype(np.float32)
   scores = attacks.reconstruction_scores(recon, images)
+  blurred = np.clip(images * rng.uniform(0.2, 1.0, (3, 1, 1, 3)) + 0.3, 0, 1).astype(np.float32)
+  for other in (recon, blurred, rng.uniform(size=images.shape).astype(np.float32)):
+    np.testing.assert_allclose(attacks.reconstruction_scores(other, images)["ssim"],
+                               _skimage_ssim(other, images), atol=1e-5)
   mse = ((recon - images) ** 2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(scores["psnr"], 10 * np.log10(1 / mse), rtol=1e-5)
   perfect = attacks.reconstruction_scores(images, images)
@@ -198,3 +218,19 @@ def test_attack_images_are_disjoint_random_draws_not_the_source_order():
   config.victim_images = 1001
   with pytest.raises(ValueError, match="at most 1000 auxiliary and 1000 victim images"):
     attack_study.image_sets(split, config)
+
+
+def test_correlations_count_an_8_bit_repeat_of_the_float_ir_once():
+  """At a split where the 8-bit IR is decoded like the float IR (SSIM within 0.01) it is the
+  same observation and is left out; elsewhere, and at other widths, every row counts."""
+  row = lambda split, bits, ssim, p: {
+      "model": "m", "split": split, "source": "ir_only", "ir_bits": bits,
+      "privacy": {"mse": p}, "decoder": {"ssim": ssim, "psnr": 30 - 20 * p},
+      "whitebox": {"ssim": ssim, "psnr": 30 - 20 * p}}
+  rows = [row(1, 32, 0.90, 0.1), row(1, 8, 0.895, 0.11), row(1, 2, 0.5, 1.2),
+          row(2, 32, 0.70, 0.4), row(2, 8, 0.60, 0.5), row(3, 32, 0.40, 0.9)]
+  kept = attack_study.deduplicated(rows)
+  assert [(r["split"], r["ir_bits"]) for r in kept] == [(1, 32), (1, 2), (2, 32), (2, 8), (3, 32)]
+  both = attack_study.study_correlations(rows, ["m"], ("mse",))
+  assert both["correlations"]["m"]["mse~decoder_ssim"]["n"] == 5
+  assert both["correlations_all_settings"]["all"]["mse~decoder_ssim"]["n"] == 6

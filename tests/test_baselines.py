@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxpart_jax import baselines, checkpoint, data, privacy
+from maxpart_jax import checkpoint, data, privacy
 from maxpart_jax.energy import DeviceConfig, edge_energy
 from maxpart_jax.models import get_model
-from maxpart_jax.search import driver
+from maxpart_jax.search import build
+from maxpart_jax.studies import baselines
 
 
 def _numpy_split_energy(info, w, a, tx=True):
@@ -83,11 +84,12 @@ def test_bad_input_is_named():
     baselines.deepest_split(info, 1, 8)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_evaluated_baselines_match_independent_computations(smoke):
-  evaluator = driver.build_evaluator(smoke)
+  evaluator = build.build_evaluator(smoke)
   info, config = evaluator.model.info, evaluator.config
-  test = driver.load_test_split(smoke, evaluator)
+  test = build.load_test_split(smoke, evaluator)
   todo = [baselines.Baseline("full_precision", 3, 32, 32, False),
           baselines.Baseline("uniform8", 0, 8, 8, True),
           baselines.Baseline("conv_fc8", info.max_split, 8, 8, True)]

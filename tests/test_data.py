@@ -400,7 +400,11 @@ def test_make_shards_from_the_official_archive(tmp_path, classes):
   archive = tmp_path / "archive.tar.gz"
   _official_archive(archive, images, labels, coarse)
   out = tmp_path / "shards"
-  make_shards.write_shards(make_shards.read_archive(str(archive)), str(out), shard_size=10)
+  with pytest.raises(ValueError, match="not that of a published CIFAR archive"):
+    make_shards.read_archive(str(archive))  # refused before unpickling
+  trusted = (make_shards.md5(str(archive)),)
+  make_shards.write_shards(make_shards.read_archive(str(archive), trusted), str(out),
+                           shard_size=10)
   assert sorted(os.listdir(out)) == ["test-00.npz", "train-00.npz", "train-01.npz", "train-02.npz"]
   dataset = "cifar100" if classes == 100 else "cifar10"
   for split in ("train", "test"):
@@ -415,7 +419,7 @@ def test_make_shards_from_the_official_archive(tmp_path, classes):
   with __import__("tarfile").open(bad, "w:gz"):
     pass
   with pytest.raises(ValueError, match="not an official CIFAR python archive"):
-    make_shards.read_archive(str(bad))
+    make_shards.read_archive(str(bad), (make_shards.md5(str(bad)),))
 
 
 def test_make_shards_command_line(tmp_path):
@@ -427,10 +431,15 @@ def test_make_shards_command_line(tmp_path):
   labels = {s: np.zeros(len(images[s]), int) for s in images}
   _official_archive(tmp_path / "a.tar.gz", images, labels, labels)
   (tmp_path / "bad.tar.gz").write_bytes(b"not a tar file")
-  run = lambda archive: subprocess.run(
+  run = lambda archive, *flags: subprocess.run(
       [sys.executable, "-m", "experiments.make_shards", f"--archive={tmp_path / archive}",
-       f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  ok, bad = run("a.tar.gz"), run("bad.tar.gz")
+       f"--out={tmp_path / 'out'}", *flags], cwd=REPO, capture_output=True, text=True,
+      timeout=300)
+  unknown = run("a.tar.gz")
+  assert unknown.returncode != 0 and "not that of a published CIFAR archive" in unknown.stderr
+  assert not (tmp_path / "out").exists()
+  ok = run("a.tar.gz", f"--md5={make_shards.md5(str(tmp_path / 'a.tar.gz'))}")
+  bad = run("bad.tar.gz", f"--md5={make_shards.md5(str(tmp_path / 'bad.tar.gz'))}")
   assert ok.returncode == 0 and "export MAXPART_DATA_DIR=" in ok.stdout, ok.stderr[-2000:]
   assert sorted(os.listdir(tmp_path / "out")) == ["test-00.npz", "train-00.npz"]
   assert bad.returncode != 0 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,13 +2,8 @@
 with the fake-quantized model and the HTTP service."""
 
 import json
-import os
 import re
 import struct
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 import zlib
 
 import jax
@@ -17,58 +12,18 @@ import numpy as np
 import pytest
 
 from conftest import REAL_DIR, REPO, SHIPPED_MODEL, needs_real
+from conftest import images as _images, jittered as _jittered, mixed_genome as _mixed_genome
 from maxpart_jax import checkpoint, data, energy
-from maxpart_jax.deploy import artifact, integer, parity, service, wire
+from maxpart_jax.deploy import artifact, integer, parity, wire
 from maxpart_jax.genome import Genome, quantized_edge
 from maxpart_jax.models import get_model
 from maxpart_jax.quant import quantize_activations, quantize_weights
-
-
-def _jittered(model, seed=0):
-  """Random variables in numpy (no compiled init): He-scaled kernels, and batch norm
-  statistics and affines away from 0 / 1, so that folding them wrongly shows."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['kernel']"):
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
-    lo, hi = ((0.5, 1.5) if name.endswith("['scale']") else (0.5, 2.0) if name.endswith("['var']")
-              else (-0.2, 0.2))
-    return rng.uniform(lo, hi, leaf.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, jax.random.key(0)))
-
-
-def _mixed_genome(info, p, seed=0):
-  """A genome with 2-8-bit weights and 4-8-bit inputs drawn per layer."""
-  rng = np.random.default_rng(seed)
-  return Genome(p=jnp.int32(p),
-                w_bits=jnp.asarray(rng.choice([2, 4, 6, 8], info.num_layers), jnp.int32),
-                a_bits=jnp.asarray(rng.choice([4, 8], info.num_layers), jnp.int32))
-
-
-def _images(n, seed=0):
-  return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
 def _reference_codes(model, variables, genome, images, largest):
   """The fake-quantized model's IR as codes, and its per-image scale."""
   ir = np.asarray(quantized_edge(model, variables, jnp.asarray(data.normalize(images)), genome))
   return parity.reference_codes(ir, largest)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-  """A ResNet18 ×0.125 split after block 4 (a projection shortcut on the edge), mixed bits."""
-  model = get_model("resnet18", width=0.125)
-  variables = _jittered(model)
-  genome = _mixed_genome(model.info, 4)
-  out = tmp_path_factory.mktemp("deploy")
-  edge, cloud = artifact.export_split(model, variables, genome,
-                                     {"name": "resnet18", "width": 0.125}, str(out))
-  return model, variables, genome, edge, cloud, out
 
 
 # --- integer arithmetic ----------------------------------------------------------------
@@ -86,19 +41,78 @@ def test_fixed_point_holds_values_to_31_bits():
   np.testing.assert_allclose(back, values, rtol=2.0 ** -30, atol=0)
 
 
-def test_round_shift_rounds_like_exact_integer_arithmetic():
-  """Catches a shift that truncates instead of rounding, or a wrong negative-shift branch."""
+def _requantized(acc, m, mantissa, shift, sign):
+  """The requantization in Python integers: floor((sign·acc·m·mantissa + 2^(s-1)) / 2^s),
+  clipped to ±WIDE_LIMIT, and whether it was."""
+  value = (int(sign) * int(acc) * int(m) * int(mantissa) + (1 << (int(shift) - 1))) >> int(shift)
+  return max(-integer.WIDE_LIMIT, min(integer.WIDE_LIMIT, value)), abs(value) > integer.WIDE_LIMIT
+
+
+def test_requantize_is_exact_integer_arithmetic_rounded_once():
+  """Against Python's big integers, on int32 and int64 (16-bit gene) accumulators, every
+  shift, clipping values up to the limit, exact ties of both signs and results beyond the
+  range. Catches a multiplier truncated before the product, a second rounding, ties
+  rounded the wrong way for negative values, and a wrapped instead of clipped result."""
   rng = np.random.default_rng(1)
-  v = rng.integers(-2 ** 40, 2 ** 40, 300)
-  s = rng.integers(-3, 30, 300)
+  n = 6000
+  acc = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, n // 2),
+                        rng.integers(-2 ** 42, 2 ** 42, n // 2)])
+  m = rng.integers(0, integer.WIDE_LIMIT + 1, n)
+  mantissa = rng.integers(2 ** 30, 2 ** 31, n)
+  shift = rng.integers(1, integer.MAX_SHIFT + 1, n)
+  sign = rng.choice([-1, 1], n)
+  ties = slice(0, n // 6)  # acc · m · mantissa = odd · 2^(shift - 1): exactly half a step
+  m[ties] = 1 << rng.integers(0, 20, n // 6)
+  mantissa[ties] = 2 ** 30
+  shift[ties] = rng.integers(52, 80, n // 6)
+  exponent = shift[ties] - 1 - 30 - np.log2(m[ties]).astype(np.int64)
+  acc[ties] = (2 * rng.integers(-1000, 1000, n // 6) + 1) << exponent
   with jax.enable_x64(True):
-    got = np.asarray(integer.round_shift(jnp.asarray(v, jnp.int64), jnp.asarray(s, jnp.int64)))
-  # Python integers: floor((v + 2^(s-1)) / 2^s), i.e. halves rounded up.
-  expected = [(int(a) + (1 << (int(b) - 1))) >> int(b) if b > 0 else int(a) << -int(b)
-              for a, b in zip(v, s)]
-  np.testing.assert_array_equal(got, expected)
+    got, clipped = (np.asarray(a) for a in integer.requantize(
+        jnp.asarray(acc), jnp.asarray(m), jnp.asarray(mantissa), jnp.asarray(shift),
+        jnp.asarray(sign)))
+  expected = [_requantized(*args) for args in zip(acc, m, mantissa, shift, sign)]
+  np.testing.assert_array_equal(got, [e[0] for e in expected])
+  np.testing.assert_array_equal(clipped, [e[1] for e in expected])
+  assert 0.2 < clipped.mean() < 0.8  # both in and out of range were exercised
+  products = (sign[ties] * acc[ties]).astype(object) * m[ties] * mantissa[ties]
+  assert all(p % (1 << int(s)) == 1 << (int(s) - 1) for p, s in zip(products, shift[ties]))
 
 
+def test_sixteen_bit_layer_is_exact_through_the_int64_accumulator():
+  """A 16-bit-weight, 16-bit-input layer (int64 accumulator) against a numpy convolution of
+  the same codes requantized in Python integers: equal to the last unit. Catches a
+  pre-shift or rescaling of the wide accumulator that changes the result."""
+  rng = np.random.default_rng(3)
+  kernel = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+  spec = integer.LayerSpec(name="b/conv", layer_id=1, block=1, kernel=3, stride=1, groups=1,
+                           w_bits=16, a_bits=16, signed_input=False, activation_levels="paper",
+                           per_channel=True)
+  bn = {"scale": rng.uniform(0.5, 1.5, 5), "bias": rng.uniform(-0.2, 0.2, 5)}
+  stats = {"mean": rng.uniform(-0.2, 0.2, 5), "var": rng.uniform(0.5, 2.0, 5)}
+  spec, arrays = integer.layer_arrays(spec, kernel, bn, stats, 1e-5)
+  assert spec.acc_bits == 64
+  x = np.maximum(rng.normal(size=(2, 6, 6, 4)), 0).astype(np.float32) * 3
+  with jax.enable_x64(True):
+    wide = integer.to_wide(jnp.asarray(x))
+    out, clipped = integer.integer_layer(wide, jax.tree.map(jnp.asarray, arrays), spec)
+    codes, m = (np.asarray(a) for a in integer.activation_codes(wide, 16, False, "paper"))
+  assert not np.any(np.asarray(clipped))
+  padded = np.pad(codes.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  w = arrays["w"].astype(np.int64)
+  expected = np.zeros(np.asarray(out).shape, object)
+  for i in range(2):
+    for y in range(6):
+      for x_ in range(6):
+        acc = np.einsum("hwc,hwco->o", padded[i, y:y + 3, x_:x_ + 3], w)
+        for o in range(5):
+          expected[i, y, x_, o] = _requantized(acc[o], m[i], arrays["k"][o], arrays["shift"][o],
+                                               arrays["sign"][o])[0] + int(arrays["bias"][o])
+  assert np.abs(padded).max() > 2 ** 14 and np.abs(w).max() > 2 ** 14  # 16-bit codes
+  np.testing.assert_array_equal(np.asarray(out), expected.astype(np.int64))
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("signed,levels", [(False, "paper"), (False, "unsigned"), (True, "paper")])
 def test_activation_codes_match_the_fake_quantizer(signed, levels):
   """Integer codes of wide activations = the fake quantizer's codes, but where float
@@ -130,6 +144,7 @@ def test_activation_codes_match_the_fake_quantizer(signed, levels):
     ("vgg11", {"width": 0.125}, 3),                                   # conv units + max-pool
     ("mobilenet_v1", {"width": 0.25, "num_blocks": 2}, 2),            # depthwise + pointwise
 ])
+@pytest.mark.numerics
 def test_integer_edge_matches_the_fake_quantized_edge(name, kwargs, p):
   """Every block type's integer form computes the fake-quantized model's IR: codes differ only
   where rounding of a near-tie flips them (catches a wrong batch-norm fold, a missing ReLU,
@@ -163,11 +178,11 @@ def test_exported_edge_convolves_in_integers(exported):
 
 
 def test_edge_reports_activations_outside_its_fixed_point_range(exported):
-  """A bias far beyond ±2^(31-F) must raise, not wrap or clip silently."""
+  """A bias beyond the wide range (±2^WIDE_BITS) must raise, not wrap or clip silently."""
   _, _, _, edge, _, _ = exported
   arrays = jax.tree.map(np.copy, edge.arrays)
   layer = next(i for i, spec in enumerate(edge.spec.layers) if spec.integer)
-  arrays[layer]["bias"] = arrays[layer]["bias"] + 2 ** 40
+  arrays[layer]["bias"] = arrays[layer]["bias"] + 2 ** (integer.WIDE_BITS + 1)
   broken = artifact.EdgeProgram(edge.spec, arrays, edge.exported)
   with pytest.raises(ValueError, match="fixed-point range"):
     broken.ir(_images(2))
@@ -236,6 +251,36 @@ def test_bad_messages_are_rejected_with_the_reason(exported):
     wire.decode_all(b"", spec)
 
 
+
+def test_messages_beyond_what_an_edge_produces_are_refused():
+  """Non-zero padding bits, a scale outside the edge's fixed-point range (huge, infinite, NaN,
+  negative) and float IRs with NaN or huge values: a WireError at both ends, never an
+  OverflowError or a NaN passed on."""
+  spec = wire.IRSpec((3, 1, 1), 3, "paper", "0123456789abcdef")  # 9 bits: 7 padding bits
+  codes = np.array([1, 2, 3]).reshape(3, 1, 1)
+  good = wire.encode(codes, 0.5, spec)
+  payload, scale, _ = wire.decode(good, spec)
+  np.testing.assert_array_equal(payload, codes)
+  assert scale == 0.5 and good[-1] >> 1 == 0  # the 9th bit is the last code's top bit
+  with pytest.raises(wire.WireError, match="non-zero padding bits"):
+    wire.decode(_with_crc(good[:-1] + bytes([good[-1] | 0x80])), spec)
+  assert wire.decode(wire.encode(codes, wire.MAX_VALUE, spec), spec)[1] == wire.MAX_VALUE
+  for bad in (1e38, 1e300, float("inf"), float("nan"), -1.0, 2 * wire.MAX_VALUE):
+    with pytest.raises(wire.WireError, match="IR scale"):
+      wire.encode(codes, bad, spec)
+    if abs(bad) < 3e38:  # what a float32 header field can hold
+      with pytest.raises(wire.WireError, match="IR scale"):
+        wire.decode(_with_crc(good[:22] + struct.pack("<f", bad) + good[26:]), spec)
+  floats = wire.IRSpec((2, 1, 1), 32, "paper", "0123456789abcdef")
+  for values in ([np.nan, 0.0], [2 * wire.MAX_VALUE, 0.0]):
+    ir = np.array(values, np.float32).reshape(2, 1, 1)
+    with pytest.raises(wire.WireError, match="float IR"):
+      wire.encode(ir, 1.0, floats)
+    message = wire.encode(np.zeros((2, 1, 1), np.float32), 1.0, floats)
+    forged = message[:wire.HEADER_BYTES] + ir.astype("<f4").tobytes()
+    with pytest.raises(wire.WireError, match="float IR"):
+      wire.decode(_with_crc(forged), floats)
+
 # --- artifacts ------------------------------------------------------------------------
 
 
@@ -248,6 +293,7 @@ def _in_memory_ir(model, variables, genome, images):
   return spec, arrays, np.asarray(codes), np.asarray(scales)
 
 
+@pytest.mark.numerics
 def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
   """The artifact on disk runs exactly the program it was made from (catches a packing,
   manifest or serialization step that changes it), for the platforms it names, and other
@@ -259,12 +305,14 @@ def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
   for a, b in zip(loaded.ir(images), (codes, scales)):
     np.testing.assert_array_equal(a, b)
   payload, scales = edge.ir(images)
-  # The cloud artifact: the float model on the dequantized IR.
+  # The cloud artifact: the float model on the dequantized IR. The exported program and this
+  # jit round differently in float32 (they used 0.4 of rtol = atol = 1e-5 here); the wrong
+  # weights, split or dequantization would be off by O(1).
   ir = artifact.dequantize(jnp.asarray(payload), jnp.asarray(scales), cloud.ir)
   np.testing.assert_allclose(artifact.CloudProgram.load(str(out / "cloud")).logits(payload, scales),
-                             model.cloud(variables, ir, int(genome.p)), rtol=1e-5, atol=1e-5)
+                             model.cloud(variables, ir, int(genome.p)), rtol=1e-4, atol=1e-4)
   manifest = json.loads((out / "edge" / "manifest.json").read_text())
-  for key, value, match in (("version", 2, "version 2"), ("format", "other", "not a maxpart-edge")):
+  for key, value, match in (("version", 1, "version 1"), ("format", "other", "not a maxpart-edge")):
     target = tmp_path / key
     target.mkdir()
     for name in ("weights.npz", "edge.jax"):
@@ -281,6 +329,70 @@ def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
       "cpu", "cuda", "tpu")
 
 
+def _copy_artifacts(out, to):
+  """A copy of an export's edge/ and cloud/ folders."""
+  import shutil
+  for side in ("edge", "cloud"):
+    shutil.copytree(out / side, to / side)
+  return to
+
+
+def _rehash(folder):
+  """A manifest edited on purpose, its digests and id recomputed so that they agree with the
+  edit: what the checks beyond the digest must still catch."""
+  path = folder / "manifest.json"
+  manifest = json.loads(path.read_text())
+  side = "edge" if manifest["format"] == artifact.EDGE_FORMAT else "cloud"
+  manifest["pair"][side] = artifact._body_digest(manifest)  # pylint: disable=protected-access
+  manifest["ir"]["artifact_id"] = artifact._pair_id(manifest["pair"])  # pylint: disable=protected-access
+  path.write_text(json.dumps(manifest))
+
+
+def test_artifacts_that_were_changed_or_swapped_are_refused_naming_the_file(exported, tmp_path):
+  """A flipped bit in cloud.jax or weights.npz, another export's cloud manifest beside this
+  cloud.jax, an edge manifest whose weight bits were edited, and a cloud manifest whose IR
+  shape was edited (with its digests recomputed): each is refused at load with the file
+  named, instead of serving wrong answers or dropping connections."""
+  model, variables, genome, _, _, out = exported
+  other = tmp_path / "other"
+  artifact.export_split(model, variables, _mixed_genome(model.info, 4, seed=1),
+                        {"name": "resnet18", "width": 0.125}, str(other))
+
+  def refused(folder, load, match):
+    with pytest.raises(ValueError, match=match):
+      load(str(folder))
+
+  for side, name in (("cloud", "cloud.jax"), ("edge", "weights.npz"), ("edge", "edge.jax")):
+    bad = _copy_artifacts(out, tmp_path / f"flip_{name}")
+    data_ = bytearray((bad / side / name).read_bytes())
+    data_[len(data_) // 2] ^= 0x10
+    (bad / side / name).write_bytes(bytes(data_))
+    load = artifact.CloudProgram.load if side == "cloud" else artifact.EdgeProgram.load
+    refused(bad / side, load, re.escape(str(bad / side / name)) + ": SHA-256")
+  swapped = _copy_artifacts(out, tmp_path / "swapped")
+  (swapped / "cloud" / "manifest.json").write_bytes((other / "cloud" / "manifest.json").read_bytes())
+  refused(swapped / "cloud", artifact.CloudProgram.load, "cloud.jax: SHA-256")
+  edited = _copy_artifacts(out, tmp_path / "edited")
+  manifest = json.loads((edited / "edge" / "manifest.json").read_text())
+  layer = next(l for l in manifest["layers"] if l["w_bits"] == 4)
+  layer["w_bits"] = 8
+  (edited / "edge" / "manifest.json").write_text(json.dumps(manifest))
+  refused(edited / "edge", artifact.EdgeProgram.load, "manifest.json was changed after export")
+  _rehash(edited / "edge")
+  refused(edited / "edge", artifact.EdgeProgram.load,
+          f"weights.npz: layer {layer['name']} holds .* bytes of weight codes")
+  shape = _copy_artifacts(out, tmp_path / "shape")
+  manifest = json.loads((shape / "cloud" / "manifest.json").read_text())
+  manifest["ir"]["shape"] = [8, 8, 16]
+  (shape / "cloud" / "manifest.json").write_text(json.dumps(manifest))
+  _rehash(shape / "cloud")
+  refused(shape / "cloud", artifact.CloudProgram.load,
+          r"cloud.jax: the program's input is int32\[16, 16, 16\] per image; its manifest's IR")
+  # the two halves of different exports name different deployments
+  assert (artifact.EdgeProgram.load(str(other / "edge")).spec.ir.artifact_id
+          != artifact.CloudProgram.load(str(out / "cloud")).ir.artifact_id)
+
+
 def test_packed_weights_are_smaller_and_decode_to_the_codes(exported):
   """Sub-8-bit kernels are stored at their bit width (a 2-bit kernel in a quarter of its
   int8 bytes) and unpack to exactly the codes they were made from, in their dtype."""
@@ -295,8 +407,49 @@ def test_packed_weights_are_smaller_and_decode_to_the_codes(exported):
         assert arrays["w"].dtype == original["w"].dtype
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("per_channel,levels", [(True, "unsigned"), (True, "paper"),
+                                                 (False, "unsigned")])
+def test_parity_measures_against_the_quantizer_the_export_used(per_channel, levels, tmp_path):
+  """An edge exported per channel or with all 2^b levels is compared with the fake-quantized
+  model of the same settings: its codes agree but for ties (catches a reference built with
+  the default quantizer, whose codes differ on about half of the IR)."""
+  model = get_model("resnet18", width=0.125)
+  variables = _jittered(model, seed=4)
+  genome = _mixed_genome(model.info, 4, seed=4)
+  edge, cloud = artifact.export_split(model, variables, genome, {"name": "resnet18",
+                                      "width": 0.125}, str(tmp_path), per_channel=per_channel,
+                                      activation_levels=levels)
+  assert edge.spec.quantizer_settings() == {"per_channel": per_channel,
+                                            "activation_levels": levels}
+  result = parity.parity(model, variables, genome, edge, cloud, _images(16, seed=4))
+  assert result["ir_share_of_values_that_differ"] < 0.01, result
+  assert result["ir_max_difference"] <= 1 and result["top1_agreement"] >= 15 / 16, result
+
+
+@pytest.mark.slow
+def test_export_of_a_search_is_the_searched_genome_and_refuses_another_config(
+    smoke, smoke_search, tmp_path):
+  """The smoke search's reported genome, fine-tuned as it was evaluated: the exported split
+  has the test accuracy the search reported; a config other than the search's is refused
+  with the field that differs (it would fine-tune or quantize another way)."""
+  report, workdir = smoke_search
+  edge, cloud, made = parity.export_searched(smoke, str(workdir), str(tmp_path / "a"))
+  assert made["genome"].to_json() == report["genome"]
+  test = made["test"]
+  result = parity.parity(made["model"], made["variables"], made["genome"], edge, cloud,
+                         test.images, test.labels)
+  assert result["accuracy_fake_quant"] == pytest.approx(report["test_accuracy"],
+                                                        abs=1.01 / len(test))
+  other = smoke.copy_and_resolve_references()
+  other.fitness.finetune_lr = 2 * smoke.fitness.finetune_lr
+  with pytest.raises(ValueError, match="fitness.finetune_lr: searched with"):
+    parity.export_searched(other, str(workdir), str(tmp_path / "b"))
+
+
 @pytest.mark.slow
 @needs_real
+@pytest.mark.numerics
 def test_integer_split_agrees_with_the_model_on_real_cifar100(tmp_path):
   """The shipped model at the quick search's genome on 500 real test images: same top-1 on at
   least 99 % of them (the committed results/deploy run checks all 10 000)."""
@@ -312,62 +465,7 @@ def test_integer_split_agrees_with_the_model_on_real_cifar100(tmp_path):
   assert abs(result["accuracy_integer_split"] - result["accuracy_fake_quant"]) <= 0.01
 
 
-# --- the service ----------------------------------------------------------------------
-
-
-def _post(url, body):
-  request = urllib.request.Request(url, data=body, method="POST")
-  try:
-    with urllib.request.urlopen(request, timeout=60) as response:
-      return response.status, json.loads(response.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
-
-
-@pytest.mark.slow
-def test_service_and_client_predict_end_to_end_and_survive_bad_requests(exported, tmp_path):
-  """Both scripts on loopback: the client's predictions are the cloud's on the edge's IRs;
-  malformed, truncated and oversized requests get errors and the service keeps serving."""
-  _, _, _, edge, cloud, out = exported
-  images = _images(12, seed=6)
-  np.savez(tmp_path / "images.npz", image=images)
-  expected = cloud.logits(*edge.ir(images)).argmax(-1).tolist()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  max_body = 4 * edge.spec.ir.message_bytes
-  server = subprocess.Popen(
-      [sys.executable, "-m", "experiments.serve_cloud", f"--artifact={out / 'cloud'}",
-       "--port=0", f"--max_body_bytes={max_body}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  try:
-    line = server.stdout.readline()
-    url = re.search(r"serving on (http://\S+)", line).group(1)
-    client = subprocess.run(
-        [sys.executable, "-m", "experiments.edge_client", f"--artifact={out / 'edge'}",
-         f"--server={url}", f"--images={tmp_path / 'images.npz'}", "--batch_size=4",
-         f"--out={tmp_path / 'client.json'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert client.returncode == 0, client.stderr[-2000:]
-    result = json.loads((tmp_path / "client.json").read_text())
-    assert result["predictions"] == expected
-    assert result["bytes_per_image"] == edge.spec.ir.message_bytes
-    messages = edge.messages(images[:3])
-    predict = f"{url}/v1/predict"
-    status, body = _post(predict, b"not a message")
-    assert status == 400 and "truncated" in body["error"]
-    status, body = _post(predict, messages[0][:-10])
-    assert status == 400 and "truncated" in body["error"]
-    status, body = _post(predict, b"".join(messages) * 2)  # 6 messages > 4 allowed
-    assert status == 413 and "exceeds the limit" in body["error"]
-    status, body = _post(f"{url}/v2/other", b"")
-    assert status == 404
-    status, body = _post(predict, b"".join(messages))
-    assert status == 200 and body["predictions"] == expected[:3]
-    assert service.info(url)["ir"]["artifact_id"] == cloud.ir.artifact_id
-  finally:
-    server.terminate()
-    server.wait(timeout=30)
-
-
+@pytest.mark.numerics
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_weight_codes_are_the_fake_quantized_kernel(per_channel):
   """The codes are those of quantize_weights' output and codes · step is that output, up to

@@ -11,7 +11,7 @@ import pytest
 from maxpart_jax.genome import Genome
 from maxpart_jax.models import get_model
 from maxpart_jax.search import evolution
-from maxpart_jax.search.driver import METRICS, CachedEvaluator, effective_key
+from maxpart_jax.search.caching import METRICS, CachedEvaluator, effective_key
 from maxpart_jax.search.checks import (SPACE, OperatorCheckError, check_legal_genome,
                                        check_operator)
 from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator, register
@@ -227,7 +227,7 @@ def test_effective_key_ignores_masked_genes_and_cache_counts_hits():
 def test_readme_operator_example(tmp_path, monkeypatch):
   """The README's worked example registers through config.operator_modules and runs."""
   from experiments.configs import search as search_configs
-  from maxpart_jax.search import driver
+  from maxpart_jax.search import settings
   readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
   section = readme[readme.index("## Adding a search operator"):]
   code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 3)]
@@ -237,8 +237,8 @@ def test_readme_operator_example(tmp_path, monkeypatch):
   config.operator_modules = "my_ops"
   config.search.mutate = "lower_bits"
   try:
-    driver.validate_config(config)
-    strategy = driver.strategy_from_config(config)
+    settings.validate_config(config)
+    strategy = settings.strategy_from_config(config)
     a = _random_genome(0)
     child = strategy.op("mutate")(jax.random.key(0), a, SPACE.replace(prob_gene=jnp.float32(1.0)))
     np.testing.assert_array_equal(child.w_bits, np.full(SPACE.num_layers, 2))

@@ -1,5 +1,7 @@
 """Models, block metadata and the exact edge / cloud split (docs/method.md §2)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,7 @@ def test_macs_against_xla_cost_analysis(name):
     assert 0 <= extra <= 6 * elementwise, (b.label, extra, elementwise)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 def test_split_is_exact(name):
@@ -204,6 +207,7 @@ def _conv_reference(x, kernel):
   return out
 
 
+@pytest.mark.numerics
 def test_bfloat16_convolution_rounds_operands_after_quantization():
   """A bf16 QConv equals the float64 convolution of bf16-rounded operands, rounded to bf16.
 
@@ -235,6 +239,7 @@ def test_bfloat16_convolution_rounds_operands_after_quantization():
   np.testing.assert_allclose(np.asarray(out_q, np.float64), expected_q, rtol=2 ** -8, atol=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_numerics_keep_parameters_and_logits_float32_and_stay_close():
   model = _tiny("resnet18")
@@ -261,3 +266,32 @@ def test_numerics_names_are_checked_and_auto_follows_the_platform():
   assert resolve_numerics("auto", "highest", "cpu") == Numerics("float32", "highest")
   assert resolve_numerics("auto", "default", "gpu") == Numerics("bfloat16", "default")
   assert resolve_numerics("bfloat16", "highest", "cpu").dtype == "bfloat16"
+
+
+ISA_PROBE = """
+import hashlib, jax, numpy as np
+x = jax.random.normal(jax.random.key(0), (16, 16, 16, 8))
+w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print(hashlib.sha256(np.asarray(y).tobytes()).hexdigest())
+"""
+
+
+def test_the_readme_isa_flag_is_accepted_and_changes_float_rounding():
+  """The numerics tests are checked under other CPU code paths with
+  XLA_FLAGS=--xla_cpu_max_isa=... (README, "Tests on other CPUs"): XLA still accepts the
+  flag, and on a CPU with AVX-512 or AVX2, SSE4.2 rounds a convolution differently (so the
+  check exercises other rounding, as another machine would)."""
+  import subprocess, sys
+  def run(flags):
+    proc = subprocess.run([sys.executable, "-c", ISA_PROBE], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+  default, sse = run(""), run("--xla_cpu_max_isa=SSE4_2")
+  assert run("--xla_cpu_max_isa=AVX2")
+  with open("/proc/cpuinfo") as f:
+    vector = {"avx2", "avx512f"} & set(f.read().split())
+  if vector:
+    assert default != sse

@@ -22,29 +22,77 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from maxpart_jax import checkpoint
 from maxpart_jax.energy import DeviceConfig
-from maxpart_jax.search import algorithms, driver, nsga2
+from maxpart_jax.search import algorithms, caching, driver, nsga2, settings, storage
 from maxpart_jax.search.fitness import FitnessConfig, violation_degree, violations
 from maxpart_jax.search.checks import SPACE, check_legal_genome
 from maxpart_jax.search.evolution import Strategy
 from maxpart_jax.search.operators import SearchSpace
 
 
-@pytest.mark.parametrize("m", [2, 3])
-def test_fronts_and_crowding_match_pymoo(m):
-  """Catches a wrong peeling order (a point ranked before one that dominates it) or a
-  crowding distance not normalized per front and objective."""
-  rng = np.random.default_rng(m)
-  f = rng.random((60, m))
-  ranks = np.asarray(nsga2.front_ranks(nsga2.constrained_dominates(jnp.asarray(f),
-                                                                   jnp.zeros(60))))
-  _, want = NonDominatedSorting().do(f, return_rank=True)
-  np.testing.assert_array_equal(ranks, want)
-  crowding = np.asarray(nsga2.crowding_distance(jnp.asarray(f, jnp.float32), jnp.asarray(ranks)))
-  cd = get_crowding_function("cd")
-  for r in range(ranks.max() + 1):
-    front = ranks == r
-    # pymoo averages over objectives where Deb sums: the same order, m times smaller.
-    np.testing.assert_allclose(crowding[front] / m, cd.do(f[front]), rtol=1e-5)
+@pytest.mark.parametrize("m,grid", [(2, None), (3, None), (2, 4), (3, 3)])
+def test_fronts_and_crowding_match_pymoo(m, grid):
+  """Continuous points, and points on a small integer grid (ties in every objective and
+  duplicate points), a third of them infeasible: feasible fronts are pymoo's, infeasible
+  points follow in fronts of equal violation (Deb's constraint domination), and crowding
+  within every front is pymoo's. Catches a wrong peeling order (a point ranked before one
+  that dominates it), ties or duplicates treated as dominating, infeasible points mixed
+  into feasible fronts, and crowding not normalized per front and objective."""
+  rng = np.random.default_rng(m + (grid or 0))
+  for _ in range(5):
+    f = rng.random((60, m)) if grid is None else rng.integers(0, grid, (60, m)).astype(float)
+    violation = np.where(rng.random(60) < 1 / 3, rng.integers(1, 4, 60) / 4, 0.0)
+    ranks = np.asarray(nsga2.front_ranks(nsga2.constrained_dominates(
+        jnp.asarray(f), jnp.asarray(violation))))
+    feasible = violation == 0
+    _, want = NonDominatedSorting().do(f[feasible], return_rank=True)
+    np.testing.assert_array_equal(ranks[feasible], want)
+    levels = np.unique(violation[~feasible])
+    np.testing.assert_array_equal(ranks[~feasible], want.max() + 1 + np.searchsorted(
+        levels, violation[~feasible]))
+    crowding = np.asarray(nsga2.crowding_distance(jnp.asarray(f, jnp.float32),
+                                                  jnp.asarray(ranks)))
+    cd = get_crowding_function("cd")
+    for r in np.unique(ranks[feasible]):
+      front = ranks == r
+      # pymoo averages over objectives where Deb sums: the same order, m times smaller.
+      np.testing.assert_allclose(crowding[front] / m, cd.do(f[front]), rtol=1e-5)
+    if grid is not None:
+      assert len(np.unique(f, axis=0)) < len(f)  # duplicates were there
+
+
+def test_crowded_score_orders_like_the_crowded_comparison():
+  """Every pair of members, with tied fronts, tied and infinite crowding: a higher score
+  exactly when Deb's crowded comparison prefers the member (lower front, then larger
+  crowding). Catches a reversed score, which makes mating prefer the worst front."""
+  rng = np.random.default_rng(0)
+  rank = rng.integers(0, 4, 80)
+  crowding = rng.choice([0.0, 0.3, 0.3, 1.7, 12.0, np.inf], 80)
+  score = np.asarray(nsga2.crowded_score(jnp.asarray(rank), jnp.asarray(crowding, jnp.float32)))
+  for i in range(80):
+    for j in range(80):
+      better = rank[i] < rank[j] or (rank[i] == rank[j] and crowding[i] > crowding[j])
+      assert (score[i] > score[j]) == better, (rank[i], crowding[i], rank[j], crowding[j])
+
+
+def test_mating_tournaments_take_parents_from_the_better_fronts():
+  """ask() on a population whose first front (a quarter of it) carries 2-bit genes and the
+  rest 8-bit ones, with mutation off: a binary tournament picks a first-front parent with
+  probability 1 - (3/4)^2 = 7/16, so that share of the children's genes is 2-bit (a reversed
+  comparison gives (1/4)^2 = 1/16)."""
+  n, quarter = 16, 4
+  strategy = Strategy(pop_size=n, num_tournaments=n, crossover="uniform")
+  space = SearchSpace(w_choices=SPACE.w_choices, a_choices=SPACE.a_choices,
+                      prob_p=jnp.float32(0.0), prob_gene=jnp.float32(0.0),
+                      max_split=SPACE.max_split, num_layers=SPACE.num_layers, sample_size=2)
+  state = nsga2.init(jax.random.key(0), space, strategy)
+  w = jnp.where(jnp.arange(n)[:, None] < quarter, 2, 8) * jnp.ones((1, SPACE.num_layers),
+                                                                    jnp.int32)
+  state = state.replace(population=state.population.replace(w_bits=w),
+                        rank=jnp.where(jnp.arange(n) < quarter, 0, 1).astype(jnp.int32),
+                        crowding=jnp.ones(n))
+  ask = jax.jit(lambda k: nsga2.ask(k, state, space, strategy)[0])
+  share = np.mean([np.mean(np.asarray(ask(jax.random.key(s)).w_bits) == 2) for s in range(60)])
+  assert share == pytest.approx(7 / 16, abs=0.05)
 
 
 def test_constraint_domination_by_hand():
@@ -242,17 +290,17 @@ def test_search_runs_nsga2_on_the_evaluated_metrics(smoke, tmp_path):
   config.search.update(algorithm="nsga2", crossover="uniform", sample_size=2)
   report = driver.run_search(config, str(tmp_path))
   info = checkpoint.load_model(config.model_dir)[0].info
-  like = nsga2.init(jax.random.key(0), driver.space_from_config(config, info),
-                    driver.strategy_from_config(config))
-  state, meta = driver.load_state(str(tmp_path), like)
+  like = nsga2.init(jax.random.key(0), settings.space_from_config(config, info),
+                    settings.strategy_from_config(config))
+  state, meta = storage.load_state(str(tmp_path), like)
   assert int(state.step) == config.search.iterations // config.search.num_tournaments
-  fitness_config = driver.fitness_from_config(config)
-  for i, key in enumerate(driver.effective_keys(info, state.population)):
+  fitness_config = settings.fitness_from_config(config)
+  for i, key in enumerate(caching.effective_keys(info, state.population)):
     entry = meta["cache"][key]
     np.testing.assert_allclose(np.asarray(state.objectives[i]),
                                [-entry["privacy"], entry["energy_mj"], entry["eps"]], rtol=1e-6)
     assert float(state.violation[i]) == pytest.approx(float(violation_degree(
-        {k: np.array([entry[k]]) for k in driver.METRICS}, fitness_config)[0]))
+        {k: np.array([entry[k]]) for k in caching.METRICS}, fitness_config)[0]))
   feasible = [e["privacy"] for e in meta["cache"].values() if not violations(e, fitness_config)]
   assert report["feasible"] == bool(feasible)
   if feasible:

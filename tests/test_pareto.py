@@ -7,8 +7,18 @@ import shutil
 import numpy as np
 import pytest
 
-from maxpart_jax import pareto
-from maxpart_jax.search import driver
+from maxpart_jax.energy import DeviceConfig
+from maxpart_jax.search import pareto, settings, storage
+from maxpart_jax.search.fitness import FitnessConfig
+
+BOUNDS = FitnessConfig(eps_bound=0.03, device=DeviceConfig(budget_mj=0.4))
+
+
+def _row(privacy, energy_mj, eps, **kw):
+  """An evaluation as the search stores it (a working candidate unless ``kw`` says not)."""
+  return {"privacy": privacy, "energy_mj": energy_mj, "eps": eps, "accuracy": 0.5,
+          "fitness": privacy, "diverged": 0.0, "failed": 0.0, "collapsed": 0.0,
+          "latency_ms": 1.0, **kw}
 
 
 def _brute_force(values: np.ndarray, maximize) -> np.ndarray:
@@ -41,19 +51,37 @@ def test_hypervolume_by_hand_and_by_sampling():
   by hand; infeasible and failed genomes add nothing; in three objectives, a Monte Carlo
   estimate agrees. Catches a reference point outside the feasible box, a sign error in
   privacy, or infeasible genomes counted."""
-  row = lambda p, e, x, **kw: dict(privacy=p, energy_mj=e, eps=x, **kw)
-  evals = [row(0.5, 0.1, 0.0), row(0.8, 0.3, 0.01), row(2.0, 0.5, 0.0),  # over E_b
-           row(3.0, 0.1, 0.05), row(9.0, 0.1, 0.0, failed=1.0)]  # over ε_b; failed
-  two = pareto.hypervolume(evals, 0.4, 0.03, ("privacy", "energy_mj"))
+  evals = [_row(0.5, 0.1, 0.0), _row(0.8, 0.3, 0.01), _row(2.0, 0.5, 0.0),  # over E_b
+           _row(3.0, 0.1, 0.05), _row(9.0, 0.1, 0.0, failed=1.0)]  # over ε_b; failed
+  two = pareto.hypervolume(evals, BOUNDS, ("privacy", "energy_mj"))
   assert two == pytest.approx(0.5 * 0.3 + (0.8 - 0.5) * 0.1)  # 0.18
-  assert pareto.hypervolume(evals[2:], 0.4, 0.03) == 0.0
+  assert pareto.hypervolume(evals[2:], BOUNDS) == 0.0
   rng = np.random.default_rng(0)
   pts = np.array([[e["privacy"], e["energy_mj"], e["eps"]] for e in evals[:2]])
   samples = rng.random((200_000, 3)) * [1.0, 0.4, 0.03]
   dominated = ((samples[:, None, 0] <= pts[None, :, 0]) & (samples[:, None, 1] >= pts[None, :, 1])
                & (samples[:, None, 2] >= pts[None, :, 2])).any(1)
-  assert pareto.hypervolume(evals, 0.4, 0.03) == pytest.approx(
+  assert pareto.hypervolume(evals, BOUNDS) == pytest.approx(
       dominated.mean() * 1.0 * 0.4 * 0.03, rel=0.02)
+
+
+def test_front_and_hypervolume_judge_feasibility_as_the_search_does():
+  """With a latency bound, a genome that breaks only that bound is infeasible on the front,
+  off the within-bounds privacy-energy front and out of the hypervolume, exactly as
+  fitness.violations says (catches feasibility read from energy and ε alone)."""
+  bounded = FitnessConfig(eps_bound=0.03, device=DeviceConfig(budget_mj=0.4,
+                                                              latency_bound_ms=2.0))
+  evals = [_row(0.5, 0.1, 0.0, key="ok"), _row(0.9, 0.2, 0.0, key="slow", latency_ms=3.0),
+           _row(0.7, 0.3, 0.0, key="ok2")]
+  result = pareto.front(evals, bounded)
+  feasible = {p["key"]: p["feasible"] for p in result["points"]}
+  assert feasible == {"ok": True, "slow": False}  # "slow" dominates "ok2" in 3 objectives
+  assert [p["key"] for p in result["privacy_energy"]] == ["ok", "ok2"]
+  assert result["latency_bound_ms"] == 2.0
+  assert pareto.hypervolume(evals, bounded, ("privacy", "energy_mj")) == pytest.approx(
+      0.5 * 0.3 + 0.2 * 0.1)  # "ok" and "ok2" only
+  assert pareto.hypervolume(evals, BOUNDS, ("privacy", "energy_mj")) == pytest.approx(
+      0.5 * 0.3 + 0.4 * 0.2)  # without the bound "slow" counts (and shadows "ok2")
 
 
 def test_search_writes_its_evaluations_and_their_front(smoke, smoke_search, tmp_path):
@@ -71,20 +99,20 @@ def test_search_writes_its_evaluations_and_their_front(smoke, smoke_search, tmp_
       _brute_force(values, (True, False, True)))}
   assert {p["key"] for p in front["points"]} == expected
   assert all(p["feasible"] == (p["energy_mj"] < smoke.fitness.budget_mj and p["eps"] < eps_bound)
-             for p in front["points"])
+             for p in front["points"])  # the smoke config sets no latency bound
   within = [e for e in evaluations if e["eps"] < eps_bound]
   keep = _brute_force(np.array([[e["privacy"], e["energy_mj"]] for e in within]), (True, False))
   assert {p["key"] for p in front["privacy_energy"]} == {e["key"] for e, k in zip(within, keep) if k}
   # a failed candidate, however good its numbers, is left out
   failed = {**evaluations[0], "key": "failed", "privacy": 99.0, "failed": 1.0}
-  again = pareto.front(evaluations + [failed], smoke.fitness.budget_mj, eps_bound)
+  again = pareto.front(evaluations + [failed], settings.fitness_from_config(smoke))
   assert again["left_out"] == 1 and "failed" not in {p["key"] for p in again["points"]}
   # a search killed before its report: the same evaluations from its state
   killed = tmp_path / "killed"
   shutil.copytree(workdir, killed)
   (killed / "evaluations.json").unlink()
   strip = lambda rows: [{k: v for k, v in r.items() if k != "violations"} for r in rows]
-  assert driver.load_evaluations(str(killed)) == strip(evaluations)
+  assert storage.load_evaluations(str(killed)) == strip(evaluations)
 
 
 def test_strategy_study_gives_every_algorithm_the_same_candidates():
@@ -92,7 +120,7 @@ def test_strategy_study_gives_every_algorithm_the_same_candidates():
   candidates (GA one per step, NSGA-II and random search N per step), and NSGA-II runs
   Deb's binary tournaments with crossover."""
   from experiments.configs import search as search_configs
-  from maxpart_jax.strategy_study import algorithm_config, curves
+  from maxpart_jax.studies.strategy_study import algorithm_config, curves
   base = search_configs.get_config("quick")
   base.search.iterations = 48
   for name in ("ga", "nsga2", "random"):
@@ -107,13 +135,13 @@ def test_strategy_study_gives_every_algorithm_the_same_candidates():
     algorithm_config(base, "nsga2", 0)
   # Curves after each evaluation: the hypervolume of what was seen so far, and the best
   # feasible privacy (infeasible genomes never count).
-  evals = [dict(privacy=0.5, energy_mj=0.1, eps=0.0, violations=[]),
-           dict(privacy=0.9, energy_mj=0.5, eps=0.0, violations=["E over"]),
-           dict(privacy=0.8, energy_mj=0.3, eps=0.01, violations=[])]
-  got = curves(evals, 0.4, 0.03)
+  evals = [_row(0.5, 0.1, 0.0, violations=[]),
+           _row(0.9, 0.5, 0.0, violations=["E over"]),
+           _row(0.8, 0.3, 0.01, violations=[])]
+  got = curves(evals, BOUNDS)
   assert got["best_feasible_privacy"] == [0.5, 0.5, 0.8]
   assert got["hypervolume_pe"] == pytest.approx([0.15, 0.15, 0.18])
-  assert got["hypervolume"][-1] == pytest.approx(pareto.hypervolume(evals, 0.4, 0.03))
+  assert got["hypervolume"][-1] == pytest.approx(pareto.hypervolume(evals, BOUNDS))
 
 
 def test_link_study_picks_the_most_private_genome_that_fits_the_link():
@@ -123,7 +151,7 @@ def test_link_study_picks_the_most_private_genome_that_fits_the_link():
   deep one's compute time picks the shallow one. Catches energy or latency not recomputed
   per link."""
   from experiments.configs import search as search_configs
-  from maxpart_jax.link_study import best_per_link
+  from maxpart_jax.studies.link_study import best_per_link
   from maxpart_jax.energy import DeviceConfig, edge_energy, edge_latency
   from maxpart_jax.genome import uniform_genome
   from maxpart_jax.models import get_model

@@ -13,6 +13,8 @@ from maxpart_jax import privacy
 NUM_CLASSES = 10
 STATIC = ("metric", "normalization", "classify_fn", "return_index")
 
+pytestmark = pytest.mark.numerics  # tolerances that face float rounding (README)
+
 
 # ----------------------------------------------------------------------------- references
 def luma_np(images):

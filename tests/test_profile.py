@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxpart_jax import data, privacy, profile
+from maxpart_jax import data, privacy
 from maxpart_jax.genome import quantized_edge, uniform_genome
 from maxpart_jax.models import get_model
+from maxpart_jax.privacy import profile
 from maxpart_jax.quant import quantize_activations
+
+pytestmark = pytest.mark.numerics  # tolerances that face float rounding (README)
 
 
 @pytest.fixture(scope="module")

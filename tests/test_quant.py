@@ -13,6 +13,8 @@ from maxpart_jax.models.layers import QConv
 from maxpart_jax.quant import (ACTIVATION_LEVELS, FLOAT_BITS, QuantPolicy, check_bits,
                                quantize_activations, quantize_weights)
 
+pytestmark = pytest.mark.numerics  # tolerances that face float rounding (README)
+
 
 def np_quantize(x, bits, lo_zero=False, axes=None):
   """Plain numpy Eq. 5-6: s = c / (2^(b-1) - 1), round(clip(x) / s) * s."""

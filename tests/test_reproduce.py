@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from experiments.configs import reproduce as reproduce_configs
-from maxpart_jax import baselines, reproduce
 from maxpart_jax.energy import DeviceConfig, edge_energy
 from maxpart_jax.genome import Genome
 from maxpart_jax.models import get_model
-from maxpart_jax.search import driver
+from maxpart_jax.search import caching, settings
 from maxpart_jax.search.fitness import check_same_layers
+from maxpart_jax.studies import baselines, reproduce
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +121,7 @@ def test_restart_reuses_the_search_and_the_baselines(smoke, smoke_report, monkey
   workdir, report = smoke_report
   monkeypatch.setattr(baselines, "evaluate_baselines",
                       lambda *a, **k: pytest.fail("baselines evaluated again"))
-  monkeypatch.setattr(driver.CachedEvaluator, "__call__",
+  monkeypatch.setattr(caching.CachedEvaluator, "__call__",
                       lambda *a, **k: pytest.fail("search evaluated again"))
   again = reproduce.run_reproduction(_smoke_config(smoke), workdir)
   drop = lambda r: {k: v for k, v in r.items() if k != "search"}
@@ -132,14 +132,14 @@ def test_restart_reuses_the_search_and_the_baselines(smoke, smoke_report, monkey
 @pytest.mark.parametrize("variant", ["cpu_resnet18", "cpu_resnet50", "cpu_mobilenet"])
 def test_cpu_variants_are_charged_paper_size_energy(variant):
   config = reproduce_configs.get_config(variant)
-  driver.validate_config(config)
-  narrow = driver.info_from_spec(config.pretrain.model.to_dict())
-  wide = driver.energy_info_from_config(config)
+  settings.validate_config(config)
+  narrow = settings.info_from_spec(config.pretrain.model.to_dict())
+  wide = settings.energy_info_from_config(config)
   check_same_layers(narrow, wide)
   assert np.sum(wide.layer_macs) > 10 * np.sum(narrow.layer_macs)
   assert config.fitness.budget_mj == 0.35
   if variant != "cpu_resnet50":  # same depth as the paper-size model
-    check_same_layers(narrow, driver.info_from_spec(config.paper_model.to_dict()))
+    check_same_layers(narrow, settings.info_from_spec(config.paper_model.to_dict()))
 
 
 def test_paper_variants_keep_the_paper_settings():
@@ -262,8 +262,8 @@ def test_paper_variants_reproduce_table5_energies(variant, conv_fc8_mj, with_ir_
   """
   config = reproduce_configs.get_config(variant)
   assert config.fitness.transmission is False and config.search.num_tournaments == 1
-  info = driver.info_from_spec(config.pretrain.model.to_dict())
+  info = settings.info_from_spec(config.pretrain.model.to_dict())
   row = {r["strategy"]: r for r in reproduce.analytic_table(
-      info, driver.fitness_from_config(config).device, config.fitness.transmission)}["conv_fc8"]
+      info, settings.fitness_from_config(config).device, config.fitness.transmission)}["conv_fc8"]
   assert round(row["energy_mj"], 4) == conv_fc8_mj
   assert round(row["with_transmission_mj"], 4) == with_ir_mj

@@ -20,7 +20,7 @@ from experiments.configs import search as search_configs
 from experiments.configs import train as train_configs
 from maxpart_jax import checkpoint, data, runs, train
 from maxpart_jax.genome import uniform_genome
-from maxpart_jax.search import driver
+from maxpart_jax.search import build, caching, driver, settings, storage
 from maxpart_jax.search.fitness import Evaluator, violations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,19 +142,19 @@ def test_damaged_search_state_falls_back_to_the_previous_one(smoke, smoke_search
   missing newest state it resumes from the one before to the result of an undamaged run."""
   straight, finished = smoke_search
   strip = lambda r: {k: v for k, v in r.items() if k not in ("search_seconds", "phase_seconds")}
-  evaluator = driver.build_evaluator(smoke)  # one for all four resumes
+  evaluator = build.build_evaluator(smoke)  # one for all four resumes
   for how in ("truncated", "emptied", "flipped", "deleted"):
     workdir = tmp_path / how
     shutil.copytree(finished, workdir)
-    _damage(workdir / driver.STATE_FILE, how)
+    _damage(workdir / storage.STATE_FILE, how)
     caplog.clear()
     with caplog.at_level("WARNING"):
       resumed = driver.run_search(smoke, str(workdir), evaluator)
     assert "resuming from the previous search state" in caplog.text, how
     assert strip(resumed) == strip(straight), how
-  for name in (driver.STATE_FILE, driver.PREVIOUS_STATE_FILE):
+  for name in (storage.STATE_FILE, storage.PREVIOUS_STATE_FILE):
     (workdir / name).write_bytes(b"not a state")
-  with pytest.raises(runs.WorkdirError, match=f"no search state in .* loads \\({driver.STATE_FILE}: "):
+  with pytest.raises(runs.WorkdirError, match=f"no search state in .* loads \\({storage.STATE_FILE}: "):
     driver.run_search(smoke, str(workdir), evaluator)
 
 
@@ -274,14 +274,14 @@ def test_collapsed_edge_and_failed_privacy_are_named(smoke, caplog):
   train_split, val = data.load_split("train", **split), data.load_split("val", **split)
   images = val.take(8, seed=1).float_images()
   evaluator = Evaluator(model, dead, train_split, val, images,
-                        driver.fitness_from_config(smoke))
+                        settings.fitness_from_config(smoke))
   genomes = jax.tree.map(lambda *xs: jnp.stack(xs), *[uniform_genome(model.info, 2, 8, 8)] * 2)
   with caplog.at_level("WARNING"):
     out = evaluator.evaluate(genomes, finetune=False)
   assert out["collapsed"].all() and not out["diverged"].any()
   assert out["privacy"] == pytest.approx([2.0, 2.0])
   assert "collapsed: every IR channel is constant" in caplog.text
-  entry = {m: float(out[m][0]) for m in driver.METRICS}
+  entry = {m: float(out[m][0]) for m in caching.METRICS}
   assert "the edge collapsed: every IR channel is constant in every image" in violations(
       entry, evaluator.config)
   nan_privacy = dict(entry, collapsed=0.0, failed=1.0, privacy=float("nan"))

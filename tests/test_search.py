@@ -17,11 +17,12 @@ import pytest
 from conftest import EIGHT_CPU_ENV, relative_distance
 from test_privacy import luma_np, resize_np, zscore_np
 from experiments.configs import search as search_configs
-from maxpart_jax import attacks, checkpoint, data, metrics, train
+from maxpart_jax import checkpoint, data, metrics, train
 from maxpart_jax.energy import edge_energy
 from maxpart_jax.genome import to_policy, uniform_genome
+from maxpart_jax.privacy import attacks
 from maxpart_jax.quant import QuantPolicy
-from maxpart_jax.search import driver, fitness
+from maxpart_jax.search import build, caching, driver, fitness, settings, storage
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig, combine, punish, violations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +32,31 @@ def _genomes(info, specs):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *[uniform_genome(info, p, w, 8) for p, w in specs])
 
 
-def _evaluator(config, fitness=None, **kwargs):
+def _evaluator(config, fitness=None, images=None, **kwargs):
   model, variables, _ = checkpoint.load_model(config.model_dir)
   split = dict(data_dir=config.data_dir)
   train, val = data.load_split("train", **split), data.load_split("val", **split)
-  images = val.take(8, seed=1).float_images()
+  images = val.take(8, seed=1).float_images() if images is None else images
   fitness = fitness or FitnessConfig(**{"compute_dtype": "float32", **kwargs})  # as `smoke`
   return model, variables, val, images, Evaluator(model, variables, train, val, images, fitness)
+
+
+def _gratings(n: int, seed: int = 0) -> np.ndarray:
+  """(n, 32, 32, 3) float32 images in [0, 1]: coloured sinusoidal gratings of random
+  frequency, orientation and phase. Unlike the fake shards' flat colour plus pixel noise,
+  their luma has structure that a conv net's channels follow, so their privacy is far
+  from the value 2 of an uncorrelated IR and moves with the edge's weights."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:32, 0:32] / 31.0
+  images = []
+  for _ in range(n):
+    fx, fy = rng.uniform(0.5, 2.5, 2)
+    luma = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
+    images.append(luma[..., None] * rng.uniform(0.2, 1.0, 3))
+  return np.stack(images).astype(np.float32)
+
+
+PRIVACY_ATOL = 5e-4
 
 
 def test_punish_and_fitness_by_hand():
@@ -64,6 +83,7 @@ def _privacy_np(images, ir):
   return float(np.mean(scores))
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_evaluator_metrics_match_independent_computations(smoke):
   """Every metric of a batched evaluation, with real fine-tuning, against a computation that
@@ -75,9 +95,9 @@ def test_evaluator_metrics_match_independent_computations(smoke):
   scores the IR (catches an IR taken at another split, unquantized, or from the pre-trained
   instead of the fine-tuned weights); Eq. 11-12 are evaluated by hand.
   """
-  model, variables, val, images, ev = _evaluator(smoke, finetune_steps=3, batch_size=16,
-                                                 finetune_lr=1e-2, eps_bound=0.05,
-                                                 lambda_energy=0.5)
+  model, variables, val, images, ev = _evaluator(smoke, images=_gratings(8), finetune_steps=3,
+                                                 batch_size=16, finetune_lr=1e-2,
+                                                 eps_bound=0.05, lambda_energy=0.5)
   specs = [(2, 4), (4, 2), (5, 32)]
   genomes = _genomes(model.info, specs)
   out = ev.evaluate(genomes)
@@ -101,6 +121,7 @@ def test_evaluator_metrics_match_independent_computations(smoke):
     changes, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, changes), updates["batch_stats"], opt_state
 
+  untuned_gap = []
   for i, (p, _) in enumerate(specs):
     policy = to_policy(model.info, jax.tree.map(lambda x: x[i], genomes))
     params, stats = variables["params"], variables["batch_stats"]
@@ -115,10 +136,14 @@ def test_evaluator_metrics_match_independent_computations(smoke):
     assert out["accuracy"][i] == pytest.approx(accuracy, abs=1.01 / len(val))
     assert out["eps"][i] == pytest.approx(float_accuracy - out["accuracy"][i])
     ir = model.apply(tuned, data.normalize(images, val.dataset), stop=p, policy=policy)
-    # Measured equal to 1e-7 here; the IR of the untuned weights differs by 2e-3 or more.
-    assert out["privacy"][i] == pytest.approx(_privacy_np(images, ir), abs=5e-4)
+    # The same float32 steps compiled twice: on the CPU code paths tried (AVX-512, and
+    # SSE4.2 forced) the two agree to 5e-7, no IR code differs. Where the programs round
+    # differently (a GPU), an 8-bit IR code at a rounding tie flips by one step; at split 4
+    # (8x8 IR, 16 pixels per code) that moves the mean over 8 images by about 7e-4 when it
+    # hits an image's closest channel, and far less elsewhere: the tolerance allows one.
+    assert out["privacy"][i] == pytest.approx(_privacy_np(images, ir), abs=PRIVACY_ATOL)
     untuned = model.apply(variables, data.normalize(images, val.dataset), stop=p, policy=policy)
-    assert abs(_privacy_np(images, untuned) - out["privacy"][i]) > 1e-3  # the check can tell
+    untuned_gap.append(abs(_privacy_np(images, untuned) - out["privacy"][i]))
     assert out["energy_mj"][i] == pytest.approx(
         float(edge_energy(model.info, jax.tree.map(lambda x: x[i], genomes)).total_mj), rel=1e-6)
     e, eps, budget = out["energy_mj"][i], out["eps"][i], ev.config.device.budget_mj
@@ -126,6 +151,11 @@ def test_evaluator_metrics_match_independent_computations(smoke):
                 * (0.1 ** (eps / 0.05 - 1) if eps > 0.05 else 1.0))
     assert out["fitness"][i] == pytest.approx(expected, rel=1e-5)
   assert len(set(np.round(out["privacy"], 6))) == 3  # three different candidates
+  # The privacy check can tell fine-tuned from pre-trained weights: an evaluator that scored
+  # the pre-trained edge would be off on every candidate, and on at least one by far more
+  # than the tolerance (largest gap measured 0.08 and 0.35 on two CPU code paths; each
+  # candidate's 2e-3 or more).
+  assert max(untuned_gap) > 10 * PRIVACY_ATOL, untuned_gap
 
 
 @pytest.mark.slow
@@ -149,6 +179,7 @@ def test_evaluators_of_equal_settings_share_their_compilations(smoke):
   assert not np.array_equal(other["privacy"], out["privacy"])
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_attack_privacy_is_one_minus_the_ssim_of_the_cached_decoder(smoke):
   """``attack_ssim``: a candidate's privacy is 1 − SSIM of what the decoder of its split and
@@ -222,21 +253,27 @@ def test_finetuning_moves_weights_and_divergence_gives_zero(smoke, caplog):
   assert "diverged during fine-tuning: fitness set to 0" in caplog.text
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_device_pipelines_evaluate_like_the_host_loop(smoke):
   """The fused pipeline (one program for all fine-tuning steps, one for the accuracy) and
   the device pipeline (uint8 data on the device, one call per step and batch) against the
-  host loop (numpy batches), float32, with 8-bit activations and IRs.
+  host loop (numpy batches), float32, with 8-bit weights, activations and IRs.
 
   Catches a loop that skips, repeats or reorders steps, other batches than the host
-  loop's, or padded validation images counted. Tolerances: rounding of differently
-  compiled programs, amplified by the tiny smoke net (relative distance ~1e-4 of the
-  tuned weights; see test_train; another data order gives ~1); accuracy within one
-  validation image.
+  loop's, or padded validation images counted: one step fewer moves the weights by a
+  relative distance of 0.012-0.014, another data order by ~1. The tolerance, 1e-3, is 15
+  times the rounding of differently compiled programs (measured 6e-5 with AVX-512 and
+  2e-5 with SSE4.2; the device pipeline is bit for bit the host loop's). Weights stay at
+  8 bits: with 2-bit weights a rounding-level difference flips a whole weight code, and
+  the tiny smoke net amplifies that to 1e-3 (SSE4.2), as large as a skipped step's share.
+  Privacy (and fitness) may differ by a flipped IR code at a rounding tie: at split 5 one
+  code covers 64 pixels of the compared image, and one flip moves P by about 1e-3
+  (measured 1.2e-3 and 4.5e-4 relative); the tolerance allows four.
   """
   model, variables, _ = checkpoint.load_model(smoke.model_dir)
   val = data.load_split("val", data_dir=smoke.data_dir)
-  genomes = _genomes(model.info, [(2, 4), (4, 8), (5, 2)])
+  genomes = _genomes(model.info, [(2, 8), (4, 8), (5, 8)])
   out, tuned = {}, {}
   for pipeline in ("host", "device", "fused"):
     ev = _evaluator(smoke, finetune_steps=7, batch_size=16, finetune_lr=1e-2,
@@ -244,13 +281,11 @@ def test_device_pipelines_evaluate_like_the_host_loop(smoke):
     tuned[pipeline], _ = ev.finetune(genomes)
     out[pipeline] = ev.evaluate(genomes)
   first = jax.tree.map(lambda x: x[0], tuned["host"])
-  assert relative_distance(first, variables) > 1e-3  # the weights did move
+  assert relative_distance(first, variables) > 2e-2  # the weights did move
   for pipeline in ("device", "fused"):
     assert relative_distance(tuned[pipeline], tuned["host"]) < 1e-3, pipeline
     np.testing.assert_allclose(out[pipeline]["accuracy"], out["host"]["accuracy"],
                                atol=1.01 / len(val))
-    # 8-bit IR codes that sit on a rounding boundary flip by one step for weights that
-    # differ by 1e-4: privacy moves by up to ~1e-3 (measured 1.2e-3).
     np.testing.assert_allclose(out[pipeline]["privacy"], out["host"]["privacy"], rtol=5e-3)
     np.testing.assert_allclose(out[pipeline]["fitness"], out["host"]["fitness"], rtol=5e-3)
 
@@ -279,6 +314,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_one_and_eight_devices_agree(smoke):
   env = dict(os.environ, **EIGHT_CPU_ENV)
@@ -301,6 +337,7 @@ def _strip_times(report):
   return {k: v for k, v in report.items() if k not in ("search_seconds", "phase_seconds")}
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_killed_search_resumes_to_the_same_result(smoke, smoke_search, tmp_path, monkeypatch):
   straight, workdirs = smoke_search[0], {"a": smoke_search[1], "b": tmp_path / "b"}
@@ -314,7 +351,7 @@ def test_killed_search_resumes_to_the_same_result(smoke, smoke_search, tmp_path,
     return real(self, genomes, **kwargs)
 
   monkeypatch.setattr(Evaluator, "evaluate", crash_on_third_evaluation)
-  evaluator = driver.build_evaluator(smoke)  # a restarted process builds its own; same values
+  evaluator = build.build_evaluator(smoke)  # a restarted process builds its own; same values
   with pytest.raises(KeyboardInterrupt):
     driver.run_search(smoke, str(tmp_path / "b"), evaluator)
   monkeypatch.setattr(Evaluator, "evaluate", real)
@@ -355,12 +392,12 @@ def test_violations_and_best_feasible_by_hand():
            "old_format": {**entry(1.6, 0.1, 0.0), "genome": None}, "ok": entry(1.5, 0.34, 0.029),
            "worse": entry(1.0, 0.1, 0.0)}
   del cache["old_format"]["genome"]
-  assert driver.best_feasible(cache, config)[0] == "ok"
+  assert caching.best_feasible(cache, config)[0] == "ok"
   assert violations(cache["ok"], config) == []
   assert violations(cache["at_budget"], config) == ["E = 0.3500 mJ >= E_b = 0.35 mJ"]
   assert violations(cache["eps_over"], config) == ["ε = 0.0310 >= ε_b = 0.03"]
   assert violations(cache["diverged"], config) == ["diverged during fine-tuning"]
-  assert driver.best_feasible({"x": cache["over_budget"]}, config) is None
+  assert caching.best_feasible({"x": cache["over_budget"]}, config) is None
 
 
 @pytest.mark.slow
@@ -415,7 +452,7 @@ def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
   config.search.iterations = 0
   config.fitness.compute_dtype = "auto"
   driver.run_search(config, str(tmp_path))
-  path = tmp_path / driver.STATE_FILE
+  path = tmp_path / storage.STATE_FILE
   with np.load(path) as f:
     arrays = dict(f)
   meta = json.loads(str(arrays["meta"]))
@@ -430,12 +467,13 @@ def test_resume_refuses_auto_settings_that_resolve_differently(smoke, tmp_path):
     driver.run_search(config, str(tmp_path))
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_finished_search_extends_to_a_larger_t_like_a_straight_run(smoke, smoke_search,
                                                                   tmp_path):
   longer = copy.deepcopy(smoke)
   longer.search.iterations = 2 * smoke.search.iterations
-  evaluator = driver.build_evaluator(longer)  # T does not change how genomes are evaluated
+  evaluator = build.build_evaluator(longer)  # T does not change how genomes are evaluated
   straight = driver.run_search(longer, str(tmp_path / "a"), evaluator)
   shutil.copytree(smoke_search[1], tmp_path / "b")  # the finished shorter search
   extended = driver.run_search(longer, str(tmp_path / "b"), evaluator)
@@ -531,18 +569,18 @@ def test_settings_added_later_keep_older_searches_resumable(fake_data_dir):
       val=SimpleNamespace(images=np.zeros(2), labels=np.zeros(2)), privacy_images=np.zeros(2),
       numerics=SimpleNamespace(dtype="float32", precision="highest"), pipeline="device",
       candidate_loop="map")
-  identity = driver.search_identity(config, stub)
-  assert not set(driver.LATER_DEFAULTS) & set(identity)
+  identity = storage.search_identity(config, stub)
+  assert not set(storage.LATER_DEFAULTS) & set(identity)
   assert "search.pop_size" in identity and "fitness.lambda_energy" in identity
   config.search.algorithm = "nsga2"
   config.device.loss_rate = 0.05
   config.device.mac_rate_bits = (32, 8)
   config.device.mac_rate_gmacs = (1.0, 4.0)
   config.fitness.attack.steps, config.fitness.attack.images = 100, 500
-  changed = driver.search_identity(config, stub)
+  changed = storage.search_identity(config, stub)
   assert {k: changed[k] for k in set(changed) - set(identity)} == {
       "search.algorithm": "nsga2", "device.loss_rate": 0.05, "device.mac_rate_bits": [32, 8],
       "device.mac_rate_gmacs": [1.0, 4.0], "fitness.attack.steps": 100,
       "fitness.attack.images": 500}
-  fitness_config = driver.fitness_from_config(config)
+  fitness_config = settings.fitness_from_config(config)
   assert (fitness_config.attack.steps, fitness_config.attack_images) == (100, 500)

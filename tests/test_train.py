@@ -40,6 +40,7 @@ def test_smoke_run_takes_a_fixed_number_of_steps(fake_data_dir, tmp_path):
   assert all(type(v) in (int, float) for e in history["epochs"] for v in e.values())
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(fake_data_dir, tmp_path, monkeypatch):
   """Catches a resume that restarts the data order, skips or repeats steps, or loses an
@@ -83,6 +84,7 @@ def test_killed_run_resumes_to_the_same_result(fake_data_dir, tmp_path, monkeypa
   assert os.path.exists(tmp_path / "b" / "curves.png")
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_device_pipelines_train_like_the_host_loop(fake_data_dir, tmp_path):
   """The fused pipeline (steps in compiled loops) and the device pipeline (batches made on
@@ -107,8 +109,10 @@ def test_device_pipelines_train_like_the_host_loop(fake_data_dir, tmp_path):
   for pipeline in ("device", "fused"):
     assert relative_distance(params[pipeline], params["host"]) < 1e-3, pipeline
     assert hist[pipeline]["train_loss"] == pytest.approx(hist["host"]["train_loss"], rel=1e-4)
+    # The epoch's accuracy counts 8 batches of 36 images: weights a rounding apart may flip
+    # one prediction (measured: none flipped with AVX-512 or SSE4.2).
     assert hist[pipeline]["train_accuracy"] == pytest.approx(hist["host"]["train_accuracy"],
-                                                            abs=1e-6)
+                                                            abs=1.01 / (8 * 36))
 
 
 @pytest.mark.slow
@@ -147,13 +151,28 @@ def test_shipped_model_is_the_quick_configs_and_its_checksum_is_verified(tmp_pat
 
 
 @needs_real
+@pytest.mark.numerics
 def test_shipped_model_has_its_published_test_accuracy():
-  """58.50 % on the 10 000 real test images, as its README and results.json say."""
+  """58.50 % on the 10 000 real test images, as its README and results.json say, up to the
+  images whose top two logits are closer than float rounding on another CPU can move them.
+
+  Logits on two CPU code paths (AVX-512 and SSE4.2) differ by at most 6e-6; an image whose
+  top two logits are 1e-4 apart (17 times that) or more has the same top-1 on any CPU.
+  One test image is closer here, so the accuracy may move by 1e-4 (catches weights or a
+  normalization that change even one confident prediction)."""
   model, variables, _ = checkpoint.load_model(SHIPPED)
   test = data.load_split("test", data_dir=REAL_DIR)
   with open(os.path.join(os.path.dirname(SHIPPED), "results.json")) as f:
     published = json.load(f)["test_accuracy"]
-  assert evaluate(model, variables, test) == published == 0.585
+  assert published == 0.585
+  logits = np.concatenate([
+      np.asarray(model.full(variables, batch["image"]))
+      for batch in data.iterate_batches(test, 1000, train=False)])
+  top2 = np.sort(logits, axis=-1)[:, -2:]
+  undecided = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4))
+  assert undecided <= 3  # the bound below stays a statement about a few images
+  accuracy = float(np.mean(logits.argmax(-1) == test.labels))
+  assert abs(accuracy - published) <= undecided / len(test)
 
 
 def test_load_model_rejects_mismatched_checkpoint(tmp_path):

@@ -79,7 +79,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       pipeline="auto"))
   # metric="attack_ssim": privacy is 1 - SSIM of a learned decoder's reconstructions from
   # the IR (one decoder per split and IR width, trained on `images` training images; the
-  # expensive, honest option). maxpart_jax/attacks.py DecoderConfig for the rest.
+  # expensive, honest option). maxpart_jax/privacy/attacks.py DecoderConfig for the rest.
   c.fitness.attack = ml_collections.ConfigDict(dict(
       images=2000, steps=300, batch_size=64, learning_rate=3e-3, width=32, ssim_weight=0.0))
 

@@ -3,7 +3,9 @@
 Edge artifact (a folder; docs/deploy.md):
 
 * ``manifest.json``: format name and version, model, genome, split, IR spec, every edge
-  layer's spec (:class:`~maxpart_jax.deploy.integer.LayerSpec`), the artifact id.
+  layer's spec (:class:`~maxpart_jax.deploy.integer.LayerSpec`), the SHA-256 of the other
+  files, and the artifact id: a hash of this manifest and the cloud's, so it names every
+  file of both. Loading checks all of it and names the file that does not match.
 * ``weights.npz``: per integer layer its weight codes packed at the layer's bit width
   (offset binary), the fixed-point multipliers and the wide biases; per float layer its
   float32 kernel and folded batch norm.
@@ -13,8 +15,8 @@ Edge artifact (a folder; docs/deploy.md):
   device is a CPU-class processor, and XLA's GPU backend has no integer convolutions
   beyond cuDNN's int8 forms (int64 accumulators are out of reach on GPUs and TPUs).
 
-Cloud artifact: ``manifest.json`` and ``cloud.jax``, the float cloud part with its weights
-inside: ``(IR codes or float IR, scales) -> logits``, lowered for CPUs, NVIDIA GPUs and
+Cloud artifact: ``manifest.json`` (likewise) and ``cloud.jax``, the float cloud part with its
+weights inside: ``(IR codes or float IR, scales) -> logits``, lowered for CPUs, NVIDIA GPUs and
 TPUs, so a split exported on one kind of machine serves on another.
 """
 
@@ -33,14 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax import data
-from maxpart_jax.checkpoint import variables_sha256, write_json
+from maxpart_jax.checkpoint import write_json
 from maxpart_jax.deploy import integer, wire
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.models import SplitModel, Variables, model_from_spec
 from maxpart_jax.models.layers import batch_norm
 from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
 
-EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 1
+EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 2
+UNEXPORTED_ID = "0" * 16
+"""The artifact id of an edge built in memory (:func:`build_edge`): no cloud accepts it."""
 EDGE_PLATFORMS, CLOUD_PLATFORMS = ("cpu",), ("cpu", "cuda", "tpu")
 """What the exported programs are lowered for (see the module docstring)."""
 
@@ -64,12 +68,18 @@ class EdgeSpec:
   block_label: str
   layers: tuple[integer.LayerSpec, ...]
   ir: wire.IRSpec
+  per_channel: bool
+
+  def quantizer_settings(self) -> dict[str, Any]:
+    """``{"per_channel", "activation_levels"}`` the program was exported with (keyword
+    arguments of :func:`maxpart_jax.genome.quantized_apply`)."""
+    return {"per_channel": self.per_channel, "activation_levels": self.ir.activation_levels}
 
   def to_json(self) -> dict[str, Any]:
     return {"format": EDGE_FORMAT, "version": FORMAT_VERSION, "model": self.model,
             "dataset": self.dataset, "genome": self.genome, "split": self.split,
             "block": self.block_label, "fraction_bits": integer.FRACTION_BITS,
-            "ir": self.ir.to_json(),
+            "per_channel": self.per_channel, "ir": self.ir.to_json(),
             "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
   @classmethod
@@ -80,19 +90,54 @@ class EdgeSpec:
     return cls(model=manifest["model"], dataset=manifest["dataset"], genome=manifest["genome"],
                split=manifest["split"], block_label=manifest["block"],
                layers=tuple(integer.LayerSpec(**layer) for layer in manifest["layers"]),
-               ir=wire.IRSpec.from_json(manifest["ir"]))
+               ir=wire.IRSpec.from_json(manifest["ir"]), per_channel=manifest["per_channel"])
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _body_digest(manifest: dict[str, Any]) -> str:
+  """SHA-256 of a manifest without its pairing fields (``pair``, the IR's artifact id)."""
+  body = {k: v for k, v in manifest.items() if k != "pair"}
+  body["ir"] = {k: v for k, v in body["ir"].items() if k != "artifact_id"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _pair_id(pair: dict[str, str]) -> str:
+  """The artifact id of an edge / cloud pair: both manifests' digests, hashed together."""
+  return hashlib.sha256(f"{pair['edge']}:{pair['cloud']}".encode()).hexdigest()[:16]
 
 
 def _read_manifest(directory: str, kind: str) -> dict[str, Any]:
-  """``directory/manifest.json``; ``ValueError`` unless it is a ``kind`` artifact of the
-  version this runtime reads."""
-  with open(os.path.join(directory, "manifest.json")) as f:
+  """``directory/manifest.json``, checked: a ``kind`` artifact of the version this runtime
+  reads, unchanged since export (its digest), of the pair its artifact id names, and every
+  file it lists with the SHA-256 it lists. ``ValueError`` naming the file otherwise."""
+  path = os.path.join(directory, "manifest.json")
+  with open(path) as f:
     manifest = json.load(f)
   if manifest.get("format") != kind:
-    raise ValueError(f"not a {kind} artifact (format {manifest.get('format')!r})")
+    raise ValueError(f"{path}: not a {kind} artifact (format {manifest.get('format')!r})")
   if manifest.get("version") != FORMAT_VERSION:
-    raise ValueError(f"{kind} artifact version {manifest.get('version')}; this runtime reads "
-                     f"version {FORMAT_VERSION}")
+    raise ValueError(f"{path}: {kind} artifact version {manifest.get('version')}; this runtime "
+                     f"reads version {FORMAT_VERSION} (export the split again)")
+  side = "edge" if kind == EDGE_FORMAT else "cloud"
+  if _body_digest(manifest) != manifest["pair"][side]:
+    raise ValueError(f"{path} was changed after export: its content does not match its "
+                     "digest")
+  if _pair_id(manifest["pair"]) != manifest["ir"]["artifact_id"]:
+    raise ValueError(f"{path}: artifact id {manifest['ir']['artifact_id']} is not the id of "
+                     "the pair it names")
+  for name, expected in manifest["files"].items():
+    got = _sha256(os.path.join(directory, name))
+    if got != expected:
+      raise ValueError(f"{os.path.join(directory, name)}: SHA-256 {got[:16]}... is not the "
+                       f"{expected[:16]}... its manifest lists: the file was changed or comes "
+                       "from another export")
   return manifest
 
 
@@ -137,19 +182,21 @@ def edge_forward(model: SplitModel, spec: EdgeSpec, images: jax.Array,
     by_block.setdefault(layer.block, {})[layer.name.split("/")[1]] = (layer, arr)
   overflow = jnp.zeros((images.shape[0],), bool)
 
-  def saturated(v):
+  def clipped_where(clipped):
     nonlocal overflow
-    overflow = overflow | integer.overflowed(v)
-    return integer.saturate_int32(v)
+    overflow = overflow | integer.overflowed(clipped)
 
   for b, block in enumerate(model.chain.blocks[:spec.split]):
 
     def run(name, v, layers=by_block[b]):
       layer, arr = layers[name]
-      return saturated((integer.integer_layer if layer.integer else integer.float_layer)(
-          v, arr, layer))
+      out, clipped = (integer.integer_layer if layer.integer else integer.float_layer)(
+          v, arr, layer)
+      clipped_where(clipped)
+      return out
 
-    x = saturated(integer.block_forward(block)(run, x, block))
+    x, clipped = integer.saturate(integer.block_forward(block)(run, x, block))
+    clipped_where(clipped)
   ir = spec.ir
   if ir.bits >= FLOAT_BITS:
     return integer.to_float(x), jnp.ones((x.shape[0],), jnp.float32), overflow
@@ -181,19 +228,35 @@ def _pack_arrays(specs: list[integer.LayerSpec], arrays: list[dict[str, np.ndarr
   return out
 
 
-def _unpack_arrays(specs: tuple[integer.LayerSpec, ...], stored: Any) -> list[dict[str, np.ndarray]]:
+def _unpack_arrays(specs: tuple[integer.LayerSpec, ...], stored: Any, path: str
+                   ) -> list[dict[str, np.ndarray]]:
+  """weights.npz content as each layer's arrays; ``ValueError`` naming the layer whose packed
+  codes do not have the size its bit width gives."""
   arrays = []
   for spec in specs:
     prefix = f"{spec.name}/"
     arr = {k[len(prefix):]: np.asarray(stored[k]) for k in stored.files if k.startswith(prefix)}
     if spec.integer:
       shape = tuple(arr.pop("w_shape"))
+      count, packed = int(np.prod(shape)), arr.pop("w_packed")
+      if packed.size != -(-count * spec.w_bits // 8):
+        raise ValueError(f"{path}: layer {spec.name} holds {packed.size} bytes of weight codes; "
+                         f"{count} codes at {spec.w_bits} bits are {-(-count * spec.w_bits // 8)}")
       offset = integer.levels(spec.w_bits, True)
-      codes = wire.unpack_bits(arr.pop("w_packed").tobytes(), spec.w_bits,
-                               int(np.prod(shape))) - offset
+      codes = wire.unpack_bits(packed.tobytes(), spec.w_bits, count) - offset
       arr["w"] = codes.reshape(shape).astype(integer.code_dtype(offset))
     arrays.append(arr)
   return arrays
+
+
+def _check_shape(path: str, what: str, aval: Any, ir: wire.IRSpec, against: str) -> None:
+  """The program's IR ``what`` (input or output, batch dimension first) is ``ir``'s shape
+  and element type."""
+  dtype = np.float32 if ir.bits >= FLOAT_BITS else np.int32
+  if tuple(aval.shape[1:]) != tuple(ir.shape) or np.dtype(aval.dtype) != dtype:
+    raise ValueError(f"{path}: the program's {what} is {np.dtype(aval.dtype).name}"
+                     f"{list(aval.shape[1:])} per image; {against} is "
+                     f"{np.dtype(dtype).name}{list(ir.shape)}")
 
 
 class EdgeProgram:
@@ -208,11 +271,15 @@ class EdgeProgram:
 
   @classmethod
   def load(cls, directory: str) -> EdgeProgram:
-    """Reads an edge artifact; ``ValueError`` if it is of another format or version."""
+    """Reads an edge artifact; ``ValueError`` naming the file if it is of another format or
+    version, changed since export, or inconsistent (weights, program and manifest)."""
     spec = EdgeSpec.from_json(_read_manifest(directory, EDGE_FORMAT))
     with np.load(os.path.join(directory, "weights.npz")) as stored:
-      arrays = _unpack_arrays(spec.layers, stored)
-    return cls(spec, arrays, _read_exported(os.path.join(directory, "edge.jax")))
+      arrays = _unpack_arrays(spec.layers, stored, os.path.join(directory, "weights.npz"))
+    exported = _read_exported(os.path.join(directory, "edge.jax"))
+    _check_shape(os.path.join(directory, "edge.jax"), "output", exported.out_avals[0],
+                 spec.ir, "its manifest's IR")
+    return cls(spec, arrays, exported)
 
   def ir(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(codes or float IR (N, H, W, C), scales (N,))`` of a batch of uint8 images."""
@@ -225,7 +292,7 @@ class EdgeProgram:
       payload, scales, overflow = (np.asarray(a)
                                    for a in self.exported.call(images, self._device_arrays))
     if overflow.any():
-      limit = 2 ** (31 - integer.FRACTION_BITS)
+      limit = 2 ** (integer.WIDE_BITS - integer.FRACTION_BITS)
       raise ValueError(f"activations of images {np.flatnonzero(overflow).tolist()} left the "
                        f"edge's fixed-point range ±{limit}: their IR would be wrong")
     return payload, scales
@@ -244,10 +311,14 @@ class CloudProgram:
 
   @classmethod
   def load(cls, directory: str) -> CloudProgram:
-    """Reads a cloud artifact; ``ValueError`` if it is of another format or version."""
+    """Reads a cloud artifact; ``ValueError`` naming the file if it is of another format or
+    version, changed since export, or its program does not take the manifest's IR."""
     manifest = _read_manifest(directory, CLOUD_FORMAT)
-    return cls(wire.IRSpec.from_json(manifest["ir"]), manifest["num_classes"],
-               _read_exported(os.path.join(directory, "cloud.jax")))
+    ir = wire.IRSpec.from_json(manifest["ir"])
+    exported = _read_exported(os.path.join(directory, "cloud.jax"))
+    _check_shape(os.path.join(directory, "cloud.jax"), "input", exported.in_avals[0], ir,
+                 "its manifest's IR")
+    return cls(ir, manifest["num_classes"], exported)
 
   def logits(self, payload: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.asarray(self.exported.call(np.asarray(payload), np.asarray(scales, np.float32)))
@@ -269,14 +340,11 @@ def build_edge(model: SplitModel, variables: Variables, genome: Genome,
   w_bits, a_bits, ir_bits = effective_bits(info, genome)
   specs, arrays = _edge_layers(model, variables, genome, per_channel, activation_levels)
   genome_json = Genome(p=genome.p, w_bits=w_bits, a_bits=a_bits).to_json()
-  # Names the pair of programs; the arrays follow from these inputs.
-  digest = hashlib.sha256(json.dumps(
-      [model_spec, genome_json, per_channel, activation_levels, variables_sha256(variables)],
-      sort_keys=True).encode())
   ir = wire.IRSpec(shape=tuple(info.blocks[p - 1].out_shape), bits=int(ir_bits),
-                   activation_levels=activation_levels, artifact_id=digest.hexdigest()[:16])
+                   activation_levels=activation_levels, artifact_id=UNEXPORTED_ID)
   spec = EdgeSpec(model=model_spec, dataset=dataset, genome=genome_json, split=p,
-                  block_label=info.blocks[p - 1].label, layers=tuple(specs), ir=ir)
+                  block_label=info.blocks[p - 1].label, layers=tuple(specs), ir=ir,
+                  per_channel=per_channel)
   return spec, arrays
 
 
@@ -311,15 +379,24 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
   edge_dir, cloud_dir = os.path.join(directory, "edge"), os.path.join(directory, "cloud")
   os.makedirs(edge_dir, exist_ok=True)
   os.makedirs(cloud_dir, exist_ok=True)
-  write_json(os.path.join(edge_dir, "manifest.json"), spec.to_json())
   with open(os.path.join(edge_dir, "weights.npz"), "wb") as f:
     np.savez(f, **_pack_arrays(spec.layers, arrays))
   with open(os.path.join(edge_dir, "edge.jax"), "wb") as f:
     f.write(edge.serialize())
-  num_classes = int(model.info.layers[-1].out_shape[-1])
-  write_json(os.path.join(cloud_dir, "manifest.json"),
-             {"format": CLOUD_FORMAT, "version": FORMAT_VERSION, "model": model_spec,
-              "split": p, "ir": ir.to_json(), "num_classes": num_classes})
   with open(os.path.join(cloud_dir, "cloud.jax"), "wb") as f:
     f.write(cloud.serialize())
+  # Each manifest lists its files' SHA-256; the artifact id hashes both manifests, so it
+  # names exactly these files (docs/deploy.md §3).
+  manifests = {
+      "edge": {**spec.to_json(), "files": {name: _sha256(os.path.join(edge_dir, name))
+                                           for name in ("weights.npz", "edge.jax")}},
+      "cloud": {"format": CLOUD_FORMAT, "version": FORMAT_VERSION, "model": model_spec,
+                "split": p, "ir": ir.to_json(),
+                "num_classes": int(model.info.layers[-1].out_shape[-1]),
+                "files": {"cloud.jax": _sha256(os.path.join(cloud_dir, "cloud.jax"))}}}
+  pair = {side: _body_digest(manifest) for side, manifest in manifests.items()}
+  for side, folder in (("edge", edge_dir), ("cloud", cloud_dir)):
+    manifest = {**manifests[side], "pair": pair,
+                "ir": {**manifests[side]["ir"], "artifact_id": _pair_id(pair)}}
+    write_json(os.path.join(folder, "manifest.json"), manifest)
   return EdgeProgram.load(edge_dir), CloudProgram.load(cloud_dir)

@@ -1,9 +1,10 @@
 """Integer arithmetic of the edge program (docs/deploy.md).
 
-Between layers every activation is a *wide* integer: int32 fixed point with
-:data:`FRACTION_BITS` fractional bits (layers compute in int64 and saturate to int32 after
-each layer; :func:`overflowed` flags images whose values had to be clipped). A quantized layer (weight and input bits below 32)
-runs as integers only:
+Between layers every activation is a *wide* integer: int64 fixed point with
+:data:`FRACTION_BITS` fractional bits, whose magnitude must stay below ``2^WIDE_BITS``
+(:func:`overflowed` flags images whose values left that range; they are clipped, and the
+edge program refuses to send their IR). A quantized layer (weight and input bits below
+32) runs as integers only:
 
 1. **Input codes.** Like :func:`maxpart_jax.quant.quantize_activations`, the clipping
    value is the image's own maximum ``M`` (a wide integer); the codes are
@@ -12,9 +13,10 @@ runs as integers only:
    (int64 where the worst case could overflow int32, e.g. 16-bit genes).
 3. **Requantization** with batch norm folded in: the real output is
    ``a_c · (M · 2^-F / L) · s_w · acc + b_c``; the per-channel factor
-   ``k_c = a_c · s_w / L`` is a fixed-point multiplier (31-bit mantissa and a shift),
-   the image's ``M`` multiplies it at run time, and the product is renormalized to 31 bits
-   so that ``acc · multiplier`` fits int64. ``b_c`` is a wide integer.
+   ``k_c = a_c · s_w / L`` is a fixed-point multiplier (31-bit mantissa and a shift), and
+   the wide output ``round(acc · M · mantissa · 2^-shift) + B_c`` is computed exactly, in
+   multi-word integer arithmetic, and rounded once (:func:`requantize`). ``B_c`` is the
+   wide bias.
 
 ReLU, max-pooling and residual additions act on wide integers. Layers the genome leaves
 at 32 bits (by the paper's convention the stem) have no integer form: they run in
@@ -35,13 +37,22 @@ import numpy as np
 
 from maxpart_jax.quant import FLOAT_BITS, quantize_activations, quantize_weights
 
-FRACTION_BITS = 20
-"""Fractional bits of the wide activations (int32: range ±2048, resolution 9.5e-7). The
-CIFAR models' activations stay below 25 (ResNet18 ×0.25); the edge program reports any
-image whose activations leave the range instead of wrapping around."""
+FRACTION_BITS = 32
+"""Fractional bits of the wide activations: a resolution of 2.3e-10, finer than float32's
+rounding of any activation above 4e-3 of the image's largest one (what decides a code)."""
+
+WIDE_BITS = 45
+"""Wide activations stay below ``2^45`` in magnitude, i.e. ±8192 in real units (the CIFAR
+models peak below 25), so that ``2 · V · L`` of a 16-bit code computation fits int64."""
+
+WIDE_LIMIT = 2 ** WIDE_BITS - 1
+"""The largest wide magnitude (also the largest clipping value ``M`` an edge can send)."""
 
 MANTISSA_BITS = 31
 """Fixed-point multipliers are ``mantissa · 2^-shift`` with ``2^30 <= mantissa < 2^31``."""
+
+MAX_SHIFT = 150
+"""The largest multiplier shift :func:`requantize` handles (a 160-bit product)."""
 
 def levels(bits: int, signed: bool, activation_levels: str = "paper") -> int:
   """Largest code of a ``bits``-bit quantizer: ``2^(b-1) - 1`` (signed, or the paper's
@@ -71,24 +82,100 @@ def fixed_point(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
           np.where(values < 0, -1, 1).astype(np.int64))
 
 
-def round_shift(v: jax.Array, shift: jax.Array) -> jax.Array:
-  """``round(v · 2^-shift)`` (halves up) for int64 ``v``; a negative shift multiplies."""
-  shift = jnp.asarray(shift, jnp.int64)
-  right = jnp.maximum(shift, 1)
-  rounded = (v + (jnp.int64(1) << (right - 1))) >> right
-  return jnp.where(shift > 0, rounded, v << jnp.maximum(-shift, 0))
+_LIMB = 32
+_MASK = np.uint64(2 ** _LIMB - 1)
 
 
-def saturate_int32(v: jax.Array) -> jax.Array:
-  """int64 to int32, clipped to int32's range (the edge never wraps around)."""
-  info = np.iinfo(np.int32)
-  return jnp.clip(v, info.min, info.max).astype(jnp.int32)
+def _limbs(v: jax.Array, count: int) -> list[jax.Array]:
+  """A non-negative int64 as ``count`` base-2^32 digits (uint64), least significant first."""
+  u = v.astype(jnp.uint64)
+  return [(u >> np.uint64(_LIMB * i)) & _MASK for i in range(count)]
 
 
-def overflowed(v: jax.Array) -> jax.Array:
-  """Per image (N,): whether any int64 value lies outside int32's range."""
-  info = np.iinfo(np.int32)
-  return jnp.any((v < info.min) | (v > info.max), axis=tuple(range(1, v.ndim)))
+def _normalize(columns: list[jax.Array]) -> list[jax.Array]:
+  """Column sums (each below 2^63) to base-2^32 digits, carrying upwards; one more digit."""
+  out, carry = [], jnp.zeros_like(columns[0])
+  for column in columns:
+    total = column + carry
+    out.append(total & _MASK)
+    carry = total >> np.uint64(_LIMB)
+  return out + [carry]
+
+
+def _multiply(x: list[jax.Array], y: list[jax.Array]) -> list[jax.Array]:
+  """Schoolbook product of two digit lists (each digit below 2^32)."""
+  columns = [jnp.zeros(jnp.broadcast_shapes(x[0].shape, y[0].shape), jnp.uint64)
+             for _ in range(len(x) + len(y))]
+  for i, xi in enumerate(x):
+    for j, yj in enumerate(y):
+      product = xi * yj  # < 2^64
+      columns[i + j] = columns[i + j] + (product & _MASK)
+      columns[i + j + 1] = columns[i + j + 1] + (product >> np.uint64(_LIMB))
+  return _normalize(columns)[:-1]
+
+
+def _digit(digits: list[jax.Array], index: jax.Array) -> jax.Array:
+  """``digits[index]`` per element (0 beyond the last digit)."""
+  out = jnp.zeros_like(digits[0])
+  for i, d in enumerate(digits):
+    out = jnp.where(index == i, d, out)
+  return out
+
+
+def requantize(acc: jax.Array, m: jax.Array, mantissa: jax.Array, shift: jax.Array,
+               sign: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``round(sign · acc · m · mantissa / 2^shift)`` exactly (halves rounded up), as int64,
+  and where it left ``±WIDE_LIMIT`` (clipped there).
+
+  ``acc``: int accumulators; ``m``: the images' clipping values (broadcastable, ``0 <= m
+  <= WIDE_LIMIT``); ``mantissa``, ``shift``, ``sign``: the per-channel fixed-point
+  multiplier (``0 <= mantissa < 2^31``, ``1 <= shift <= MAX_SHIFT``). The product of up to
+  140 bits is
+  formed in base-2^32 digits, the rounding constant added and the shift applied to the
+  whole number: one rounding, no intermediate truncation.
+  """
+  acc = acc.astype(jnp.int64) * sign
+  negative = acc < 0
+  product = _multiply(_multiply(_limbs(jnp.abs(acc), 2), _limbs(m.astype(jnp.int64), 2)),
+                      _limbs(mantissa.astype(jnp.int64), 1))
+  shift = jnp.broadcast_to(jnp.asarray(shift, jnp.int64), product[0].shape)
+  # floor((x + 2^(s-1)) / 2^s) of x = ±|x|: for x < 0 it is -floor((|x| + 2^(s-1) - 1) / 2^s).
+  half = shift - 1
+  rounding = [jnp.where(half // _LIMB == i, np.uint64(1) << (half % _LIMB).astype(jnp.uint64),
+                        np.uint64(0)) for i in range(len(product))]
+  product = _normalize([p + r for p, r in zip(product, rounding)])
+  borrow = negative.astype(jnp.uint64)  # subtract 1 from |x| + 2^(s-1) >= 1 for x < 0
+  digits = []
+  for d in product:
+    digits.append(jnp.where(d >= borrow, d - borrow, d + np.uint64(2 ** _LIMB) - borrow))
+    borrow = jnp.where(d >= borrow, np.uint64(0), np.uint64(1))
+  # Bits s.. of the rounded magnitude: digits q, q+1 and q+2 shifted by r (s = 32 q + r);
+  # anything at bit 63 of the result or above is out of range.
+  q, r = shift // _LIMB, (shift % _LIMB).astype(jnp.uint64)
+  d0, d1, d2 = (_digit(digits, q + i) for i in range(3))
+  r_or_1 = jnp.maximum(r, np.uint64(1))
+  top = d2 & ((np.uint64(1) << (r_or_1 - np.uint64(1))) - np.uint64(1))  # bits below 63
+  magnitude = ((d0 >> r) | (d1 << (np.uint64(_LIMB) - r))
+               | jnp.where(r > 0, top << (np.uint64(2 * _LIMB) - r_or_1), np.uint64(0)))
+  beyond = jnp.where(r > 0, (d2 >> (r_or_1 - np.uint64(1))) != 0,
+                     (d2 != 0) | ((d1 >> np.uint64(_LIMB - 1)) != 0))
+  for i, d in enumerate(digits):
+    beyond = beyond | ((i >= q + 3) & (d != 0))
+  clipped = beyond | (magnitude > np.uint64(WIDE_LIMIT))
+  value = jnp.where(clipped, WIDE_LIMIT, magnitude.astype(jnp.int64))
+  return jnp.where(negative, -value, value), clipped
+
+
+def saturate(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Wide integers clipped to ``±WIDE_LIMIT``, and where they had to be (the edge never
+  wraps around)."""
+  v = v.astype(jnp.int64)
+  return jnp.clip(v, -WIDE_LIMIT, WIDE_LIMIT), jnp.abs(v) > WIDE_LIMIT
+
+
+def overflowed(clipped: jax.Array) -> jax.Array:
+  """Per image (N,): whether any of its values was clipped."""
+  return jnp.any(clipped, axis=tuple(range(1, clipped.ndim)))
 
 
 def to_wide(x: jax.Array) -> jax.Array:
@@ -122,7 +209,7 @@ def activation_codes(v: jax.Array, bits: int, signed: bool, activation_levels: s
   codes = jnp.where(m_b > 0, codes, 0)
   if signed:
     codes = jnp.where(v < 0, -codes, codes)
-  return codes.astype(jnp.int32), m.astype(jnp.int32)
+  return codes.astype(jnp.int32), m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +232,6 @@ class LayerSpec:
   activation_levels: str
   per_channel: bool
   acc_bits: int = 32
-  pre_shift: int = 0
 
   @property
   def integer(self) -> bool:
@@ -190,10 +276,15 @@ def layer_arrays(spec: LayerSpec, kernel: np.ndarray, bn_params: dict[str, Any],
   fan_in = int(np.prod(codes.shape[:-1]))
   worst = largest_in * levels(spec.w_bits, True) * fan_in
   acc_bits = 32 if worst < 2 ** 31 else 64
-  pre_shift = max(0, int(worst).bit_length() - 31) if acc_bits == 64 else 0
   mantissa, shift, sign = fixed_point(a * step / largest_in)
   bias = np.round(b * 2.0 ** FRACTION_BITS).astype(np.int64)
-  spec = dataclasses.replace(spec, acc_bits=acc_bits, pre_shift=pre_shift)
+  nonzero = mantissa > 0
+  if np.any(nonzero & ((shift < 1) | (shift > MAX_SHIFT))) or np.any(np.abs(bias) > WIDE_LIMIT):
+    raise ValueError(f"layer {spec.name}: its folded batch norm (scale up to "
+                     f"{np.abs(a).max():.3g}, shift up to {np.abs(b).max():.3g}) is outside "
+                     "what the integer edge represents")
+  shift = np.where(nonzero, shift, 1)
+  spec = dataclasses.replace(spec, acc_bits=acc_bits)
   return spec, {"w": codes, "k": mantissa, "shift": shift, "sign": sign, "bias": bias}
 
 
@@ -206,29 +297,34 @@ def _conv(x: jax.Array, w: jax.Array, spec: LayerSpec, out_dtype: Any,
       preferred_element_type=out_dtype, precision=precision)
 
 
-def integer_layer(x: jax.Array, arrays: dict[str, jax.Array], spec: LayerSpec) -> jax.Array:
-  """Codes, integer convolution and requantization (batch norm folded): int64 wide out."""
+def integer_layer(x: jax.Array, arrays: dict[str, jax.Array], spec: LayerSpec
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Codes, integer convolution and exact requantization (batch norm folded): the wide
+  output (int64) and where it had to be clipped."""
   codes, m = activation_codes(to_wide(x), spec.a_bits, spec.signed_input, spec.activation_levels)
   w = arrays["w"]
   operand = jnp.promote_types(w.dtype, code_dtype(levels(spec.a_bits, spec.signed_input,
                                                           spec.activation_levels)))
   acc_type = jnp.int32 if spec.acc_bits == 32 else jnp.int64
-  acc = _conv(codes.astype(operand), w.astype(operand), spec, acc_type).astype(jnp.int64)
-  acc = round_shift(acc, spec.pre_shift) if spec.pre_shift else acc
-  mult = m.astype(jnp.int64)[:, None, None, None] * arrays["k"]  # < 2^62
-  extra = jnp.maximum(64 - jax.lax.clz(mult) - MANTISSA_BITS, 0)
-  out = round_shift(acc * (mult >> extra), arrays["shift"] - extra - spec.pre_shift)
-  return out * arrays["sign"] + arrays["bias"]
+  acc = _conv(codes.astype(operand), w.astype(operand), spec, acc_type)
+  out, clipped = requantize(acc, m[:, None, None, None], arrays["k"], arrays["shift"],
+                            arrays["sign"])
+  out, beyond = saturate(out + arrays["bias"])
+  return out, clipped | beyond
 
 
-def float_layer(x: jax.Array, arrays: dict[str, jax.Array], spec: LayerSpec) -> jax.Array:
-  """A layer the genome leaves in float: float32 convolution and batch norm, int64 wide out."""
+def float_layer(x: jax.Array, arrays: dict[str, jax.Array], spec: LayerSpec
+                ) -> tuple[jax.Array, jax.Array]:
+  """A layer the genome leaves in float: float32 convolution and batch norm; the wide output
+  (int64) and where it had to be clipped."""
   x = to_float(x)
   if spec.a_bits < FLOAT_BITS:
     x = quantize_activations(x, jnp.int32(spec.a_bits), signed=spec.signed_input,
                              levels=spec.activation_levels)
   y = _conv(x, arrays["w"], spec, jnp.float32, jax.lax.Precision.HIGHEST)
-  return to_wide(y * arrays["a"] + arrays["b"])
+  y = jnp.clip(y * arrays["a"] + arrays["b"], -2.0 ** (WIDE_BITS + 1 - FRACTION_BITS),
+               2.0 ** (WIDE_BITS + 1 - FRACTION_BITS))  # beyond the range either way
+  return saturate(to_wide(y))
 
 
 def relu(x: jax.Array) -> jax.Array:
@@ -241,7 +337,7 @@ def max_pool(x: jax.Array) -> jax.Array:
 
 
 # The integer form of each block type: `run(name, x)` applies the block's conv named
-# `name` with its batch norm and returns int32 wide integers; `block` is the Flax module
+# `name` with its batch norm and returns int64 wide integers; `block` is the Flax module
 # (for its static attributes).
 BlockForward = Callable[[Callable[[str, jax.Array], jax.Array], jax.Array, nn.Module], jax.Array]
 

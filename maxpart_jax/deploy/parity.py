@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxpart_jax import data
+from maxpart_jax import data, train
 from maxpart_jax.deploy import artifact
 from maxpart_jax.genome import Genome, quantized_apply, quantized_edge
 from maxpart_jax.models import SplitModel, Variables
@@ -43,20 +43,28 @@ def export_searched(config: ml_collections.ConfigDict, workdir: str, out: str
   Returns the two programs and ``{"genome", "report", "model", "variables",
   "test"}``: what :func:`parity` needs.
   """
-  from maxpart_jax.search import driver
+  from maxpart_jax.search import build, storage
   genome, report = reported_genome(workdir)
-  evaluator = driver.build_evaluator(config)
+  evaluator = build.build_evaluator(config)
+  stored, current = storage.stored_identity(workdir), storage.search_identity(config, evaluator)
+  changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+  if changed:
+    raise ValueError(f"the config differs from the one the search in {workdir} ran with, so "
+                     "the export would fine-tune and quantize another way than the search "
+                     "evaluated: " + "; ".join(f"{k}: searched with {stored.get(k)!r}, now "
+                                               f"{current.get(k)!r}" for k in changed)
+                     + f" (the search's settings are in {workdir}/config.json)")
   variables, diverged = evaluator.finetune(evaluator.pad(jax.tree.map(lambda x: x[None], genome)))
   if diverged[0]:
     raise ValueError(f"fine-tuning the genome of {workdir}/best.json diverged")
   variables = jax.device_get(jax.tree.map(lambda x: x[0], variables))
   model = evaluator.model.with_numerics(Numerics())  # the reference computes in float32
   edge, cloud = artifact.export_split(
-      model, variables, genome, driver.model_spec(config.pretrain), out,
+      model, variables, genome, train.model_spec(config.pretrain), out,
       dataset=evaluator.train.dataset, per_channel=config.fitness.per_channel,
       activation_levels=config.fitness.activation_levels)
   return edge, cloud, {"genome": genome, "report": report, "model": model,
-                       "variables": variables, "test": driver.load_test_split(config, evaluator)}
+                       "variables": variables, "test": build.load_test_split(config, evaluator)}
 
 
 def reference_codes(ir: np.ndarray, largest: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +90,7 @@ def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifa
   edge_seconds = 0.0
   largest = edge.spec.ir.largest
   quantized = edge.spec.ir.bits < FLOAT_BITS
+  settings = edge.spec.quantizer_settings()  # the reference quantizes as the export did
   for i in range(0, len(images), batch_size):
     batch = images[i:i + batch_size]
     t0 = time.perf_counter()
@@ -89,8 +98,8 @@ def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifa
     edge_seconds += time.perf_counter() - t0
     logits = cloud.logits(payload, scales)
     x = jnp.asarray(data.normalize(batch, edge.spec.dataset))
-    ref_logits = np.asarray(quantized_apply(model, variables, x, genome))
-    ref_ir = np.asarray(quantized_edge(model, variables, x, genome))
+    ref_logits = np.asarray(quantized_apply(model, variables, x, genome, **settings))
+    ref_ir = np.asarray(quantized_edge(model, variables, x, genome, **settings))
     if quantized:
       ref_codes, ref_scale = reference_codes(ref_ir, largest)
       diff = np.abs(payload - ref_codes)

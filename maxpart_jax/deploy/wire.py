@@ -16,7 +16,7 @@ header before it and the payload.
 
 :func:`decode` rejects, with a :class:`WireError` naming the problem, a message that is
 truncated, corrupt, larger than announced, from another deployment (artifact id), or
-whose shape, bits or codes do not fit what the receiver expects.
+whose shape, bits, codes, padding or scale do not fit what the receiver expects.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from maxpart_jax.deploy.integer import levels as largest_code
+from maxpart_jax.deploy.integer import FRACTION_BITS, WIDE_BITS, levels as largest_code
 from maxpart_jax.quant import FLOAT_BITS
 
 MAGIC = b"MPIR"
@@ -36,6 +36,8 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBBBHHH8sfII")
 HEADER_BYTES = HEADER.size
 LEVELS = {"paper": 0, "unsigned": 1, "float": 2}
+MAX_VALUE = 2.0 ** (WIDE_BITS - FRACTION_BITS)
+"""The largest IR value (and scale) an edge program produces: its fixed-point range."""
 
 
 class WireError(ValueError):
@@ -101,19 +103,31 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
   return planes.reshape(count, bits).astype(np.int64) @ weights
 
 
+def _check_scale(scale: float) -> None:
+  if not 0.0 <= scale <= MAX_VALUE:  # also NaN
+    raise WireError(f"IR scale {scale} is outside [0, {MAX_VALUE:g}], the range an edge "
+                    "program produces")
+
+
+def _check_float_values(payload: np.ndarray) -> None:
+  if not np.all(np.abs(payload) <= MAX_VALUE):  # also NaN
+    raise WireError(f"float IR holds values outside ±{MAX_VALUE:g} (or NaN), beyond what an "
+                    "edge program produces")
+
+
 def encode(payload: np.ndarray, scale: float, spec: IRSpec) -> bytes:
   """One image's IR message: ``payload`` is its codes (``bits < 32``) or float32 values."""
   payload = np.asarray(payload)
   if tuple(payload.shape) != tuple(spec.shape):
     raise WireError(f"IR of shape {tuple(payload.shape)}; this deployment sends {spec.shape}")
   if spec.bits >= FLOAT_BITS:
+    _check_float_values(payload)
     body, scale = payload.astype("<f4").tobytes(), 1.0
   else:
     if payload.min() < 0 or payload.max() > spec.largest:
       raise WireError(f"codes outside 0..{spec.largest} for a {spec.bits}-bit IR")
     body = pack_bits(payload, spec.bits)
-  if not np.isfinite(scale) or scale < 0:
-    raise WireError(f"IR scale must be finite and >= 0, got {scale}")
+  _check_scale(scale)
   head = HEADER.pack(MAGIC, VERSION, spec.bits, spec.levels_code, 0, *spec.shape,
                      bytes.fromhex(spec.artifact_id), scale, len(body), 0)[:-4]
   return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
@@ -148,13 +162,14 @@ def decode(data: bytes, spec: IRSpec) -> tuple[np.ndarray, float, int]:
   body = bytes(data[HEADER_BYTES:end])
   if zlib.crc32(body, zlib.crc32(bytes(data[:HEADER_BYTES - 4]))) != crc:
     raise WireError("corrupt message: CRC-32 mismatch")
-  if not np.isfinite(scale) or scale < 0:
-    raise WireError(f"IR scale {scale} is not a finite non-negative number")
+  _check_scale(scale)
   if bits >= FLOAT_BITS:
     payload = np.frombuffer(body, "<f4").astype(np.float32)
-    if not np.all(np.isfinite(payload)):
-      raise WireError("float IR contains NaN or inf")
+    _check_float_values(payload)
   else:
+    used_bits = spec.elements * bits % 8
+    if used_bits and body[-1] >> used_bits:
+      raise WireError("non-zero padding bits after the last code")
     payload = unpack_bits(body, bits, spec.elements)
     if payload.max(initial=0) > spec.largest:
       raise WireError(f"codes above {spec.largest}, the largest {bits}-bit code")

@@ -20,7 +20,7 @@ from maxpart_jax.quant import QuantPolicy, quantize_activations, quantize_weight
 
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 PRECISIONS = ("highest", "high", "default")
 
 
@@ -32,6 +32,9 @@ class Numerics:
     dtype: operand dtype of convolutions and matmuls, ``float32`` or ``bfloat16``
       (mixed precision: parameters, optimizer state, batch norm, the quantizers and
       the loss stay float32; a bf16 convolution accumulates in float32 and returns bf16).
+      ``float64`` is a reference for measuring precision (the deployment's, in
+      ``experiments/deploy_precision.py``): it needs ``jax.enable_x64`` and float64
+      variables and inputs, and is refused otherwise.
     precision: ``jax.lax.Precision`` of float32 operands. ``highest`` is true float32
       on every backend; ``default`` lets the backend pick its fastest mode (TF32 on
       NVIDIA GPUs, a single bf16 pass on TPUs), which changes 8-bit IR codes. CPUs
@@ -44,6 +47,9 @@ class Numerics:
   def __post_init__(self):
     if self.dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+    if self.dtype == "float64" and not jax.config.jax_enable_x64:
+      raise ValueError("compute dtype float64 needs 64-bit floats: run it inside "
+                       "jax.enable_x64(True)")
     if self.precision not in PRECISIONS:
       raise ValueError(f"matmul precision must be one of {PRECISIONS}, got {self.precision!r}")
 

@@ -56,12 +56,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxpart_jax import attacks, data, privacy
+from maxpart_jax import data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy, population_latency
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
 from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.privacy import attacks
 from maxpart_jax.quant import QuantPolicy, check_activation_levels
 from maxpart_jax.train import (PIPELINES, Progress, StepRunner, TrainState, TrainStep,
                                count_correct, resolve_pipeline)

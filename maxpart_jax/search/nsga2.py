@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from maxpart_jax import pareto
 from maxpart_jax.genome import Genome
+from maxpart_jax.search import pareto
 from maxpart_jax.search.evolution import Strategy, keep_best
 from maxpart_jax.search.operators import SearchSpace
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from maxpart_jax.deploy.parity import reported_genome
-from maxpart_jax.search import driver
+from maxpart_jax.search import build
 from maxpart_jax.search.fitness import violations
 
 
@@ -40,8 +40,8 @@ def compare(config: ml_collections.ConfigDict, searches: list[str],
   for metric in metrics:
     measured = copy.deepcopy(config)
     measured.fitness.metric = metric
-    evaluator = driver.build_evaluator(measured)
-    out = evaluator.evaluate(genomes, test=driver.load_test_split(measured, evaluator))
+    evaluator = build.build_evaluator(measured)
+    out = evaluator.evaluate(genomes, test=build.load_test_split(measured, evaluator))
     for i, (search, (_, report)) in enumerate(zip(searches, reported)):
       rows.append({
           "search": search, "searched_metric": searched_metric(search, report), "metric": metric,

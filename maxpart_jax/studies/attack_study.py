@@ -4,7 +4,7 @@ For every model of a config (``experiments/configs/attacks.py``), every split an
 (the edge in float, only the IR quantized, as in the paper's Fig. 8) and every searched
 genome (the edge quantized as the genome says; the pre-trained weights, without the
 search's fine-tuning): the paper's score P (each metric of the config) of the victim
-images' IRs, and the SSIM / PSNR of both attacks of :mod:`maxpart_jax.attacks` on them
+images' IRs, and the SSIM / PSNR of both attacks of :mod:`maxpart_jax.privacy.attacks` on them
 (docs/method.md §10).
 
 Each finished split is saved to ``<workdir>/<model>/rows.json``; a rerun resumes after the
@@ -33,8 +33,9 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from maxpart_jax import attacks, checkpoint, data, privacy, profile, runs, train
+from maxpart_jax import checkpoint, data, privacy, runs, train
 from maxpart_jax.genome import Genome, to_policy, validate_genome
+from maxpart_jax.privacy import attacks, profile
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
 
 ROWS_FILE = "rows.json"
@@ -155,6 +156,46 @@ def study_identity(config: ml_collections.ConfigDict, name: str, aux: np.ndarray
   return json.loads(json.dumps(identity))  # tuples as lists, as stored
 
 
+DUPLICATE_SSIM = 0.01
+"""An 8-bit IR whose decoder SSIM is within this of the float IR's at the same split repeats
+that setting (8 bits keep the IR's information), so it is not a second observation."""
+
+
+def deduplicated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """``rows`` without the 8-bit-IR settings that repeat the float IR of the same model and
+  split (decoder SSIM within :data:`DUPLICATE_SSIM`): the rows the correlations count, so
+  that near-copies do not pass for independent observations and shrink the p-values."""
+  floats = {(r["model"], r["split"]): r["decoder"]["ssim"] for r in rows
+            if r["source"] == "ir_only" and r["ir_bits"] == FLOAT_BITS}
+  return [r for r in rows
+          if not (r["source"] == "ir_only" and r["ir_bits"] == 8
+                  and abs(r["decoder"]["ssim"] - floats.get((r["model"], r["split"]), np.inf))
+                  <= DUPLICATE_SSIM)]
+
+
+def study_correlations(rows: list[dict[str, Any]], models: list[str],
+                       metrics: tuple[str, ...]) -> dict[str, Any]:
+  """Correlations over all models and per model, on :func:`deduplicated` rows
+  (``"correlations"``) and, for comparison, on every row (``"correlations_all_settings"``)."""
+  out = {}
+  for key, kept in (("correlations", deduplicated(rows)), ("correlations_all_settings", rows)):
+    out[key] = {"all": correlations(kept, metrics)}
+    for name in models:
+      out[key][name] = correlations([r for r in kept if r["model"] == name], metrics)
+  return out
+
+
+def restate_correlations(path: str) -> dict[str, Any]:
+  """Recomputes the correlations of a written ``study.json`` from its rows (no attack is
+  run) and writes it back; returns it."""
+  with open(path) as f:
+    result = json.load(f)
+  result.update(study_correlations(result["rows"], result["models"],
+                                   tuple(result["config"]["metrics"])))
+  checkpoint.write_json(path, result)
+  return result
+
+
 def correlations(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
   """Spearman's rho (and its p-value) between each metric's P and each attack measure."""
   out = {}
@@ -211,11 +252,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
     all_rows = [r for name in models for r in sorted(states[name]["rows"],
                                                      key=lambda r: (r["split"], r["source"] != "ir_only"))]
     result = {"config": config.to_dict(), "models": models, "rows": all_rows,
-              "correlations": {"all": correlations(all_rows, tuple(config.metrics))},
+              **study_correlations(all_rows, models, tuple(config.metrics)),
               "seconds": round(sum(r["decoder"]["seconds"] + r["whitebox"]["seconds"]
-                                   for r in all_rows), 1)}
-    for name in models:
-      result["correlations"][name] = correlations(states[name]["rows"], tuple(config.metrics))
+                                   for r in all_rows), 1), "environment": runs.environment()}
     os.makedirs(out, exist_ok=True)
     checkpoint.write_json(os.path.join(out, "study.json"), result)
     _plots(result, {name: states[name]["recon"] for name in models},

@@ -1,7 +1,7 @@
 """The reproduction report as markdown and figures (paper Tables 2/4/5, Fig. 11).
 
 Everything here reads the ``report.json`` dictionary that
-:func:`maxpart_jax.reproduce.run_reproduction` writes, so a report can be redrawn
+:func:`maxpart_jax.studies.reproduce.run_reproduction` writes, so a report can be redrawn
 without rerunning anything.
 """
 

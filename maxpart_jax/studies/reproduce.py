@@ -4,7 +4,7 @@ docs/method.md §8 describes the experiments.
 
 ``run_reproduction(config, workdir)`` builds one evaluator (data, fine-tuning,
 privacy images, energy model), runs the search in ``<workdir>/search`` (resumable),
-evaluates the baselines of :mod:`maxpart_jax.baselines` with the very same
+evaluates the baselines of :mod:`maxpart_jax.studies.baselines` with the very same
 evaluator, and writes ``<workdir>/report.md``, ``report.json`` and the figures.
 Every stage is saved as it finishes, so a restarted run redoes nothing.
 """
@@ -20,13 +20,13 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from maxpart_jax import baselines as baselines_lib
-from maxpart_jax import checkpoint, reporting, runs
+from maxpart_jax import checkpoint, runs
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, layer_energy_pj
 from maxpart_jax.genome import Genome, effective_bits, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.search import driver
+from maxpart_jax.search import build, driver, settings, storage
 from maxpart_jax.search.fitness import check_same_layers
+from maxpart_jax.studies import baselines as baselines_lib, reporting
 from maxpart_jax.train import model_spec
 
 def block_energy_mj(info: ModelInfo, genome: Genome, device: DeviceConfig) -> np.ndarray:
@@ -63,7 +63,7 @@ def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]
   """Baseline rows, computed once and kept in ``baselines.json``."""
   path = os.path.join(workdir, "baselines.json")
   # "rows": the version of the row format (v3: failed / collapsed candidates).
-  key = {"search": driver.identity_hash(driver.search_identity(config, evaluator)),
+  key = {"search": storage.identity_hash(storage.search_identity(config, evaluator)),
          "searched_p": search_report["p"], "rows": 3}
   if os.path.exists(path):
     with open(path) as f:
@@ -75,7 +75,7 @@ def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]
                                       search_report["p"])
   logging.info("evaluating the baselines: %s",
                ", ".join(f"{b.name} (p={b.p}, {b.w_bits} bit)" for b in todo))
-  rows = baselines_lib.evaluate_baselines(evaluator, todo, driver.load_test_split(config, evaluator))
+  rows = baselines_lib.evaluate_baselines(evaluator, todo, build.load_test_split(config, evaluator))
   checkpoint.write_json(path, {"key": key, "rows": rows})
   return rows
 
@@ -127,7 +127,7 @@ def claims(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the search and the baselines of ``config``; writes the report."""
   with runs.workdir_lock(workdir):
-    evaluator = driver.build_evaluator(config)
+    evaluator = build.build_evaluator(config)
     search_dir = os.path.join(workdir, "search")
     search_report = driver.run_search(config, search_dir, evaluator)
     info, device = evaluator.model.info, evaluator.config.device
@@ -144,7 +144,7 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                                                           evaluator.config.transmission)
                                               .transmission_mj))
              for name, g in (("uniform8", same), ("searched", searched))}
-    paper_info = driver.info_from_spec(config.paper_model.to_dict())
+    paper_info = settings.info_from_spec(config.paper_model.to_dict())
     try:
       check_same_layers(info, paper_info)
       paper_searched = searched
@@ -172,7 +172,7 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
             "search_seconds", "evaluations", "lookups", "cache_hit_rate", "steps",
             "tournaments_per_step", "devices", "phase_seconds", "p", "block", "edge_layers",
             "ir_bits", "genome")},
-        "search_settings": config.search.to_dict(),
+        "search_settings": config.search.to_dict(), "environment": runs.environment(),
     }
     report["search"]["seconds_per_evaluation"] = (
         report["search"]["search_seconds"] / max(report["search"]["evaluations"], 1))

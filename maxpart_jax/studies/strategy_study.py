@@ -9,7 +9,8 @@ import copy
 import ml_collections
 import numpy as np
 
-from maxpart_jax import pareto
+from maxpart_jax.search import pareto
+from maxpart_jax.search.fitness import FitnessConfig
 
 
 def algorithm_config(base: ml_collections.ConfigDict, algorithm: str,
@@ -30,7 +31,7 @@ def algorithm_config(base: ml_collections.ConfigDict, algorithm: str,
   return config
 
 
-def curves(evaluations: list[dict], budget_mj: float, eps_bound: float) -> dict[str, list]:
+def curves(evaluations: list[dict], config: FitnessConfig) -> dict[str, list]:
   """Hypervolume (3 objectives and privacy-energy) and best feasible privacy after each of a
   search's distinct evaluations, in the order it made them."""
   out = {"hypervolume": [], "hypervolume_pe": [], "best_feasible_privacy": []}
@@ -40,9 +41,8 @@ def curves(evaluations: list[dict], budget_mj: float, eps_bound: float) -> dict[
       best = max(best, e["privacy"])
     out["best_feasible_privacy"].append(best)
     seen = evaluations[:i + 1]
-    out["hypervolume"].append(pareto.hypervolume(seen, budget_mj, eps_bound))
-    out["hypervolume_pe"].append(pareto.hypervolume(seen, budget_mj, eps_bound,
-                                                    ("privacy", "energy_mj")))
+    out["hypervolume"].append(pareto.hypervolume(seen, config))
+    out["hypervolume_pe"].append(pareto.hypervolume(seen, config, ("privacy", "energy_mj")))
   return out
 
 

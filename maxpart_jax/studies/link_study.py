@@ -12,18 +12,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxpart_jax.baselines import raw_image_energy_mj, raw_image_latency_ms
 from maxpart_jax.energy import population_energy, population_latency
 from maxpart_jax.genome import Genome
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.search import driver
+from maxpart_jax.search import settings, storage
 from maxpart_jax.search.fitness import FitnessConfig, violation_degree
+from maxpart_jax.studies.baselines import raw_image_energy_mj, raw_image_latency_ms
 
 
 def measured_pool(workdir: str) -> list[dict]:
   """Every genome the reproduction's search measured that did not fail, with its privacy,
   ε and genome."""
-  return [e for e in driver.load_evaluations(os.path.join(workdir, "search"))
+  return [e for e in storage.load_evaluations(os.path.join(workdir, "search"))
           if not (e.get("diverged") or e.get("failed") or e.get("collapsed"))]
 
 
@@ -31,7 +31,7 @@ def best_per_link(pool: list[dict], config: ml_collections.ConfigDict, info: Mod
                   tx_pj: float, bandwidth: float, latency_bound: float, loss: float) -> dict:
   """The most private genome of ``pool`` that meets E_b, ε_b and the latency bound on one
   link (transmission counted), with its energy and latency there."""
-  device = dataclasses.replace(driver.device_from_config(config), tx_pj_per_bit=tx_pj,
+  device = dataclasses.replace(settings.device_from_config(config), tx_pj_per_bit=tx_pj,
                                bandwidth_mbps=bandwidth, latency_bound_ms=latency_bound,
                                loss_rate=loss)
   bounds = FitnessConfig(eps_bound=config.fitness.eps_bound, device=device)

@@ -1,4 +1,8 @@
-"""Privacy of an intermediate representation (IR), docs/method.md §4 (paper Eq. 1, 2).
+"""Privacy of an intermediate representation (IR): the paper's score (docs/method.md §4, Eq. 1-2).
+
+This package is where privacy lives: the score here, the inversion attacks that test it in
+:mod:`~maxpart_jax.privacy.attacks`, privacy per block and layer in
+:mod:`~maxpart_jax.privacy.profile`.
 
     P(x, IR) = min_i dist(x, resize(IR[..., i]))
 

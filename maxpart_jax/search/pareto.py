@@ -12,11 +12,14 @@ objectives; :func:`front` works on a search's evaluations (``evaluations.json``)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+
+from maxpart_jax.search.fitness import FitnessConfig, violations
 
 OBJECTIVES = (("privacy", True), ("energy_mj", False), ("accuracy", True))
 """The objectives of a deployment and whether each is maximized."""
@@ -41,49 +44,57 @@ def non_dominated(objectives: jnp.ndarray, maximize: Sequence[bool]) -> jnp.ndar
   return ~jnp.any(dominates(objectives, maximize), axis=0)
 
 
-def front(evaluations: Sequence[dict[str, Any]], budget_mj: float | None = None,
-          eps_bound: float | None = None) -> dict[str, Any]:
+def front(evaluations: Sequence[dict[str, Any]], config: FitnessConfig | None = None
+          ) -> dict[str, Any]:
   """The fronts of a search's evaluated genomes.
 
   Candidates that diverged, failed or collapsed, or whose objectives are not finite, are left
   out: their numbers do not describe a working deployment.
 
   Returns:
-    ``points``: the front over :data:`OBJECTIVES`, by energy; with ``budget_mj`` and
-    ``eps_bound`` each point is marked ``feasible`` (E < E_b and ε < ε_b).
-    ``privacy_energy``: with ``eps_bound``, the two-objective front (privacy up, energy
-    down) of the genomes within the accuracy bound: the most private deployment for every
-    energy budget, what a deployer choosing E_b reads off. Also ``considered``, ``left_out``.
+    ``points``: the front over :data:`OBJECTIVES`, by energy; with the search's fitness
+    ``config`` each point is marked ``feasible`` exactly as the search judges it
+    (:func:`~maxpart_jax.search.fitness.violations`: E < E_b, ε < ε_b and, when set, the
+    latency bound).
+    ``privacy_energy``: with ``config``, the two-objective front (privacy up, energy down) of
+    the genomes within the accuracy bound (and the latency bound): the most private
+    deployment for every energy budget, what a deployer choosing E_b reads off. Also
+    ``considered``, ``left_out``.
   """
   usable = [e for e in evaluations
             if not (e.get("diverged") or e.get("failed") or e.get("collapsed"))
             and all(math.isfinite(float(e[name])) for name, _ in OBJECTIVES)]
   points = _front_of(usable, OBJECTIVES)
-  if budget_mj is not None and eps_bound is not None:
+  bounds = {"budget_mj": None, "eps_bound": None, "latency_bound_ms": None}
+  within = []
+  if config is not None:
     for p in points:
-      p["feasible"] = bool(p["energy_mj"] < budget_mj and p["eps"] < eps_bound)
-  within = ([] if eps_bound is None else
-            _front_of([e for e in usable if e["eps"] < eps_bound], OBJECTIVES[:2]))
+      p["feasible"] = not violations(p, config)
+    # Within every bound but the energy one: the energy axis is what the front trades.
+    unbudgeted = dataclasses.replace(config, device=dataclasses.replace(
+        config.device, budget_mj=math.inf))
+    within = _front_of([e for e in usable if not violations(e, unbudgeted)], OBJECTIVES[:2])
+    bounds = {"budget_mj": config.device.budget_mj, "eps_bound": config.eps_bound,
+              "latency_bound_ms": config.device.latency_bound_ms or None}
   return {"objectives": [{"name": n, "maximize": up} for n, up in OBJECTIVES],
           "points": points, "privacy_energy": within, "considered": len(usable),
-          "left_out": len(evaluations) - len(usable), "budget_mj": budget_mj,
-          "eps_bound": eps_bound}
+          "left_out": len(evaluations) - len(usable), **bounds}
 
 
-def hypervolume(evaluations: Sequence[dict[str, Any]], budget_mj: float, eps_bound: float,
+def hypervolume(evaluations: Sequence[dict[str, Any]], config: FitnessConfig,
                 objectives: Sequence[str] = ("privacy", "energy_mj", "eps")) -> float:
-  """Hypervolume (moocore) of the feasible evaluated genomes: the volume of the feasible box
+  """Hypervolume (moocore) of the feasible evaluated genomes (feasible as the search judges
+  it: :func:`~maxpart_jax.search.fitness.violations`): the volume of the feasible box
   ``0 <= P``, ``E < E_b``, ``ε < ε_b`` that they dominate, over ``objectives`` (privacy up,
   energy and ε down; any subset, e.g. ``("privacy", "energy_mj")`` for the
   privacy-energy plane of the genomes within ε_b). One number per search that grows with
   every genome that pushes the front out, and is 0 when nothing feasible was found.
   """
   import moocore
-  bounds = {"privacy": 0.0, "energy_mj": budget_mj, "eps": eps_bound}
+  bounds = {"privacy": 0.0, "energy_mj": config.device.budget_mj, "eps": config.eps_bound}
   sign = {"privacy": -1.0, "energy_mj": 1.0, "eps": 1.0}
   rows = [[sign[o] * float(e[o]) for o in objectives] for e in evaluations
-          if not (e.get("diverged") or e.get("failed") or e.get("collapsed"))
-          and e["energy_mj"] < budget_mj and e["eps"] < eps_bound and e["privacy"] > 0]
+          if not violations(e, config) and e["privacy"] > 0]
   if not rows:
     return 0.0
   return float(moocore.hypervolume(np.array(rows), ref=np.array([bounds[o] for o in objectives])))

@@ -1,0 +1,173 @@
+"""What a search stores in its workdir, and what it must match to resume.
+
+After every step the search writes ``<workdir>/search_state.npz`` atomically (the
+algorithm's state, the cache of evaluations, the history); the state before it stays as
+``search_state.prev.npz`` to fall back to. :func:`search_identity` names everything the
+results depend on; a resumed search must depend on the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maxpart_jax import checkpoint, data, runs
+from maxpart_jax.search import algorithms
+from maxpart_jax.search.fitness import Evaluator
+from maxpart_jax.train import split_spec
+
+
+STATE_FILE = "search_state.npz"
+PREVIOUS_STATE_FILE = "search_state.prev.npz"
+
+
+# Settings added after searches were first stored, at the value that reproduces what ran
+# before they existed: left out of a search's identity at that value, so those searches
+# still resume. (Their cached evaluations get the analytic latency_ms on load.)
+LATER_DEFAULTS = {
+    "search.algorithm": "ga", "fitness.lambda_latency": 0.1, "device.tx_pj_per_bit": 100.0,
+    "device.mac_rate_bits": [32, 16, 8], "device.mac_rate_gmacs": [1.0, 2.0, 4.0],
+    "device.bandwidth_mbps": 1.0, "device.packet_bits": 12000, "device.header_bits": 0,
+    "device.loss_rate": 0.0, "device.retry_timeout_ms": 0.0, "device.latency_bound_ms": 0.0,
+    "fitness.attack.images": 2000, "fitness.attack.steps": 300, "fitness.attack.batch_size": 64,
+    "fitness.attack.learning_rate": 3e-3, "fitness.attack.width": 32,
+    "fitness.attack.ssim_weight": 0.0}
+
+
+def save_state(workdir: str, state: algorithms.State, meta: dict[str, Any]) -> None:
+  """Writes the state leaves and the JSON metadata in one file, atomically; the file it
+  replaces stays as :data:`PREVIOUS_STATE_FILE`."""
+  path = os.path.join(workdir, STATE_FILE)
+  tmp = runs.unique_tmp(path)
+  with open(tmp, "wb") as f:
+    np.savez(f, meta=np.array(json.dumps(meta)),
+             **{f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})
+  if os.path.exists(path):
+    os.replace(path, os.path.join(workdir, PREVIOUS_STATE_FILE))
+  os.replace(tmp, path)
+
+
+def _load(path: str, like: algorithms.State) -> tuple[algorithms.State, dict[str, Any]]:
+  """One state file; raises if it is unreadable or does not fit ``like``."""
+  with np.load(path) as f:
+    meta = json.loads(str(f["meta"]))
+    treedef = jax.tree.structure(like)
+    leaves = [np.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
+  for got, want in zip(leaves, jax.tree.leaves(like)):
+    if got.shape != want.shape or got.dtype != want.dtype:
+      raise ValueError(f"an array is {got.dtype}{list(got.shape)}, the search needs "
+                       f"{want.dtype}{list(want.shape)}")
+  return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), meta
+
+
+def load_state(workdir: str, like: algorithms.State
+               ) -> tuple[algorithms.State, dict[str, Any]] | None:
+  """The latest search state of ``workdir`` that loads, or None if it holds none.
+
+  Falls back (logged) to the state before it when the latest is damaged or missing, e.g.
+  after a kill between the two renames of :func:`save_state`; a ``WorkdirError`` names the files
+  if neither loads.
+  """
+  paths = [os.path.join(workdir, f) for f in (STATE_FILE, PREVIOUS_STATE_FILE)]
+  errors = []
+  for path in filter(os.path.exists, paths):
+    try:
+      state, meta = _load(path, like)
+    except Exception as e:  # pylint: disable=broad-except  (zip, npz, JSON and shape errors)
+      errors.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
+      logging.warning("the search state %s does not load (%s)", path, errors[-1])
+      continue
+    if path != paths[0]:
+      logging.warning("resuming from the previous search state %s (step %d)", path,
+                      int(state.step))
+    return state, meta
+  if errors:
+    raise runs.WorkdirError(f"no search state in {workdir} loads ({'; '.join(errors)}); delete "
+                            f"{STATE_FILE} and {PREVIOUS_STATE_FILE} there to start the search "
+                            "again")
+  return None
+
+
+def load_evaluations(workdir: str) -> list[dict[str, Any]]:
+  """The genomes a search in ``workdir`` has evaluated so far, with their metrics: from
+  ``evaluations.json`` when it has finished, else from its latest readable state."""
+  path = os.path.join(workdir, "evaluations.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+    try:
+      with np.load(os.path.join(workdir, name)) as f:
+        cache = json.loads(str(f["meta"]))["cache"]
+      return [{"key": key, **entry} for key, entry in cache.items()]
+    except Exception as e:  # pylint: disable=broad-except  (missing, zip, npz, JSON errors)
+      logging.warning("%s/%s does not load (%s: %s)", workdir, name, type(e).__name__, e)
+  raise runs.WorkdirError(f"{workdir} holds no evaluations.json and no search state that "
+                          "loads; give the workdir of a search (a reproduction's search is "
+                          "in <workdir>/search)")
+
+
+def stored_identity(workdir: str) -> dict[str, Any]:
+  """The identity (:func:`search_identity`) a search in ``workdir`` recorded; a
+  ``WorkdirError`` if it holds no readable search state."""
+  for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+    try:
+      with np.load(os.path.join(workdir, name)) as f:
+        return json.loads(str(f["meta"]))["identity"]
+    except Exception:  # pylint: disable=broad-except  (missing, zip, npz, JSON errors)
+      continue
+  raise runs.WorkdirError(f"{workdir} holds no search state that records its settings "
+                          f"({STATE_FILE})")
+
+
+def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> dict[str, Any]:
+  """Everything a search's results depend on, as ``{name: value}``; a resumed search must match.
+
+  Settings of ``config`` (``search.iterations`` is left out: it only says when to stop,
+  and step ``t`` draws the same randomness whatever the total, so a finished search can
+  be extended with a larger T and ends exactly where a run with that T from the start
+  would), the hold-out split, the content of the data and of the pre-trained weights
+  (not where they live: moving them is harmless), the images ε and P are measured on, and
+  what the ``auto`` settings resolved to on this machine (``compute_dtype="auto"`` is
+  float32 on a CPU and bfloat16 on a GPU).
+  """
+  identity = runs.flatten({
+      k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+      for k in ("search", "fitness", "device", "privacy_images", "val_images", "energy_model")})
+  del identity["search.iterations"]
+  identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
+  identity.update({
+      "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
+      "data_content": data.content_hash(evaluator.train.dataset, config.data_dir or None),
+      # The images ε and P are measured on, as the evaluator holds them (a caller may pass
+      # an evaluator built for another search.seed).
+      "evaluation_images_sha256": _images_sha256(evaluator),
+      "resolved.compute_dtype": evaluator.numerics.dtype,
+      "resolved.matmul_precision": evaluator.numerics.precision,
+      "resolved.pipeline": evaluator.pipeline, "resolved.candidate_loop": evaluator.candidate_loop})
+  identity = json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
+  return {k: v for k, v in identity.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+
+
+def _images_sha256(evaluator: Evaluator) -> str:
+  digest = hashlib.sha256()
+  for array in (evaluator.val.images, evaluator.val.labels, evaluator.privacy_images):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+  """A short hash of :func:`search_identity` (keys of results derived from a search)."""
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+AUTO_HINT = ("(resolved.*: the config's `auto` settings resolve differently on this machine; "
+             "set them explicitly to the stored values to resume)")
