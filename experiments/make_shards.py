@@ -14,13 +14,14 @@ it is read only if its MD5 is the published one (or the one ``--md5`` vouches fo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tarfile
 
 from absl import app, flags
 import numpy as np
+
+from maxpart_jax import checkpoint
 
 _ARCHIVE = flags.DEFINE_string("archive", None, "cifar-100-python.tar.gz or cifar-10-python.tar.gz",
                                required=True)
@@ -41,20 +42,11 @@ MEMBERS = {
 }
 
 
-def md5(path: str) -> str:
-  """The MD5 of a file, as the CIFAR page publishes it."""
-  digest = hashlib.md5()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def read_archive(path: str, accept_md5: tuple[str, ...] = tuple(PUBLISHED_MD5.values())
                  ) -> dict[str, dict[str, np.ndarray]]:
   """``{"train": arrays, "test": arrays}`` from an official CIFAR python archive;
   ``ValueError`` before anything is unpickled if its MD5 is not in ``accept_md5``."""
-  got = md5(path)
+  got = checkpoint.file_digest(path, "md5")
   if got not in accept_md5:
     published = ", ".join(f"{name} {digest}" for name, digest in PUBLISHED_MD5.items())
     raise ValueError(f"{path} has MD5 {got}, not that of a published CIFAR archive ({published})."

@@ -88,6 +88,15 @@ def finite_or_none(obj: Any) -> Any:
   return obj
 
 
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+  """The hex digest of a file's bytes (``algorithm``: a ``hashlib`` name), read in chunks."""
+  digest = hashlib.new(algorithm)
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
 def variables_sha256(variables: Variables) -> str:
   """SHA-256 of every array's path, dtype, shape and bytes: the weights' identity.
 

@@ -402,7 +402,7 @@ def test_make_shards_from_the_official_archive(tmp_path, classes):
   out = tmp_path / "shards"
   with pytest.raises(ValueError, match="not that of a published CIFAR archive"):
     make_shards.read_archive(str(archive))  # refused before unpickling
-  trusted = (make_shards.md5(str(archive)),)
+  trusted = (hashlib.md5(archive.read_bytes()).hexdigest(),)
   make_shards.write_shards(make_shards.read_archive(str(archive), trusted), str(out),
                            shard_size=10)
   assert sorted(os.listdir(out)) == ["test-00.npz", "train-00.npz", "train-01.npz", "train-02.npz"]
@@ -419,7 +419,7 @@ def test_make_shards_from_the_official_archive(tmp_path, classes):
   with __import__("tarfile").open(bad, "w:gz"):
     pass
   with pytest.raises(ValueError, match="not an official CIFAR python archive"):
-    make_shards.read_archive(str(bad), (make_shards.md5(str(bad)),))
+    make_shards.read_archive(str(bad), (hashlib.md5(bad.read_bytes()).hexdigest(),))
 
 
 def test_make_shards_command_line(tmp_path):
@@ -438,8 +438,10 @@ def test_make_shards_command_line(tmp_path):
   unknown = run("a.tar.gz")
   assert unknown.returncode != 0 and "not that of a published CIFAR archive" in unknown.stderr
   assert not (tmp_path / "out").exists()
-  ok = run("a.tar.gz", f"--md5={make_shards.md5(str(tmp_path / 'a.tar.gz'))}")
-  bad = run("bad.tar.gz", f"--md5={make_shards.md5(str(tmp_path / 'bad.tar.gz'))}")
+  md5 = {name: hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
+         for name in ("a.tar.gz", "bad.tar.gz")}
+  ok = run("a.tar.gz", f"--md5={md5['a.tar.gz']}")
+  bad = run("bad.tar.gz", f"--md5={md5['bad.tar.gz']}")
   assert ok.returncode == 0 and "export MAXPART_DATA_DIR=" in ok.stdout, ok.stderr[-2000:]
   assert sorted(os.listdir(tmp_path / "out")) == ["test-00.npz", "train-00.npz"]
   assert bad.returncode != 0 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr

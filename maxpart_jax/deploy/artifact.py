@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax import data
-from maxpart_jax.checkpoint import write_json
+from maxpart_jax.checkpoint import file_digest, write_json
 from maxpart_jax.deploy import integer, wire
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.models import SplitModel, Variables, model_from_spec
@@ -93,14 +93,6 @@ class EdgeSpec:
                ir=wire.IRSpec.from_json(manifest["ir"]), per_channel=manifest["per_channel"])
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _body_digest(manifest: dict[str, Any]) -> str:
   """SHA-256 of a manifest without its pairing fields (``pair``, the IR's artifact id)."""
   body = {k: v for k, v in manifest.items() if k != "pair"}
@@ -133,7 +125,7 @@ def _read_manifest(directory: str, kind: str) -> dict[str, Any]:
     raise ValueError(f"{path}: artifact id {manifest['ir']['artifact_id']} is not the id of "
                      "the pair it names")
   for name, expected in manifest["files"].items():
-    got = _sha256(os.path.join(directory, name))
+    got = file_digest(os.path.join(directory, name))
     if got != expected:
       raise ValueError(f"{os.path.join(directory, name)}: SHA-256 {got[:16]}... is not the "
                        f"{expected[:16]}... its manifest lists: the file was changed or comes "
@@ -388,12 +380,12 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
   # Each manifest lists its files' SHA-256; the artifact id hashes both manifests, so it
   # names exactly these files (docs/deploy.md §3).
   manifests = {
-      "edge": {**spec.to_json(), "files": {name: _sha256(os.path.join(edge_dir, name))
+      "edge": {**spec.to_json(), "files": {name: file_digest(os.path.join(edge_dir, name))
                                            for name in ("weights.npz", "edge.jax")}},
       "cloud": {"format": CLOUD_FORMAT, "version": FORMAT_VERSION, "model": model_spec,
                 "split": p, "ir": ir.to_json(),
                 "num_classes": int(model.info.layers[-1].out_shape[-1]),
-                "files": {"cloud.jax": _sha256(os.path.join(cloud_dir, "cloud.jax"))}}}
+                "files": {"cloud.jax": file_digest(os.path.join(cloud_dir, "cloud.jax"))}}}
   pair = {side: _body_digest(manifest) for side, manifest in manifests.items()}
   for side, folder in (("edge", edge_dir), ("cloud", cloud_dir)):
     manifest = {**manifests[side], "pair": pair,
