@@ -3,6 +3,7 @@ with the fake-quantized model and the HTTP service."""
 
 import json
 import re
+import shutil
 import struct
 import zlib
 
@@ -13,11 +14,12 @@ import pytest
 
 from conftest import REAL_DIR, REPO, SHIPPED_MODEL, needs_real
 from conftest import images as _images, jittered as _jittered, mixed_genome as _mixed_genome
-from maxpart_jax import checkpoint, data, energy
+from maxpart_jax import checkpoint, data, energy, runs
 from maxpart_jax.deploy import artifact, integer, parity, wire
 from maxpart_jax.genome import Genome, quantized_edge
 from maxpart_jax.models import get_model
 from maxpart_jax.quant import quantize_activations, quantize_weights
+from maxpart_jax.search import storage
 
 
 def _reference_codes(model, variables, genome, images, largest):
@@ -445,6 +447,28 @@ def test_export_of_a_search_is_the_searched_genome_and_refuses_another_config(
   other.fitness.finetune_lr = 2 * smoke.fitness.finetune_lr
   with pytest.raises(ValueError, match="fitness.finetune_lr: searched with"):
     parity.export_searched(other, str(workdir), str(tmp_path / "b"))
+  # A result committed without its search state: best.json carries the whole identity; a
+  # result written before it did has its settings in config.json, and those are checked.
+  committed = tmp_path / "committed"
+  committed.mkdir()
+  shutil.copy(workdir / "best.json", committed / "best.json")
+  (committed / "config.json").write_text(smoke.to_json_best_effort())  # as experiments/ do
+  assert report["identity"] == storage.stored_identity(str(workdir))[0]
+  assert storage.stored_identity(str(committed)) == (report["identity"], True)
+  older = {k: v for k, v in report.items() if k != "identity"}
+  (committed / "best.json").write_text(json.dumps(older))
+  settings, complete = storage.stored_identity(str(committed))
+  assert not complete and settings == {k: v for k, v in report["identity"].items()
+                                       if k in settings}
+  assert "fitness.finetune_lr" in settings and "data_content" not in settings
+  _, _, made_c = parity.export_searched(smoke, str(committed), str(tmp_path / "c"))
+  assert made_c["genome"].to_json() == report["genome"]
+  assert jax.tree.all(jax.tree.map(np.array_equal, made_c["variables"], made["variables"]))
+  with pytest.raises(ValueError, match="fitness.finetune_lr: searched with"):
+    parity.export_searched(other, str(committed), str(tmp_path / "d"))
+  (committed / "config.json").unlink()
+  with pytest.raises(runs.WorkdirError, match="nothing records its settings"):
+    parity.export_searched(smoke, str(committed), str(tmp_path / "e"))
 
 
 @pytest.mark.slow

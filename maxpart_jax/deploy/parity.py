@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,7 +47,13 @@ def export_searched(config: ml_collections.ConfigDict, workdir: str, out: str
   from maxpart_jax.search import build, storage
   genome, report = reported_genome(workdir)
   evaluator = build.build_evaluator(config)
-  stored, current = storage.stored_identity(workdir), storage.search_identity(config, evaluator)
+  stored, complete = storage.stored_identity(workdir)
+  current = storage.search_identity(config, evaluator)
+  if not complete:
+    logging.warning("%s records the search's settings but not the hashes of its data and "
+                    "weights (a result from before best.json carried them): only the settings "
+                    "are checked", workdir)
+    current = {k: v for k, v in current.items() if k in storage.settings_identity(config)}
   changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
   if changed:
     raise ValueError(f"the config differs from the one the search in {workdir} ran with, so "

@@ -115,17 +115,49 @@ def load_evaluations(workdir: str) -> list[dict[str, Any]]:
                           "in <workdir>/search)")
 
 
-def stored_identity(workdir: str) -> dict[str, Any]:
-  """The identity (:func:`search_identity`) a search in ``workdir`` recorded; a
-  ``WorkdirError`` if it holds no readable search state."""
+def stored_identity(workdir: str) -> tuple[dict[str, Any], bool]:
+  """The identity (:func:`search_identity`) a search in ``workdir`` recorded, and whether it
+  is complete.
+
+  It is read from the search state, else from ``best.json`` (which carries it, so a result
+  committed without its state keeps it). A result written before ``best.json`` carried it
+  has only its settings, from ``config.json`` (:func:`settings_identity`; incomplete: the
+  hashes of its data and weights are unknown). A ``WorkdirError`` if there is none of these.
+  """
   for name in (STATE_FILE, PREVIOUS_STATE_FILE):
     try:
       with np.load(os.path.join(workdir, name)) as f:
-        return json.loads(str(f["meta"]))["identity"]
+        return json.loads(str(f["meta"]))["identity"], True
     except Exception:  # pylint: disable=broad-except  (missing, zip, npz, JSON errors)
       continue
-  raise runs.WorkdirError(f"{workdir} holds no search state that records its settings "
-                          f"({STATE_FILE})")
+  for name in ("best.json", "config.json"):
+    try:
+      with open(os.path.join(workdir, name)) as f:
+        stored = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if name == "best.json" and isinstance(stored.get("identity"), dict):
+      return stored["identity"], True
+    if name == "config.json":
+      return settings_identity(ml_collections.ConfigDict(stored)), False
+  raise runs.WorkdirError(f"{workdir} holds no search state ({STATE_FILE}), no best.json with "
+                          "its identity and no config.json: nothing records its settings")
+
+
+def settings_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The part of :func:`search_identity` that the config alone determines."""
+  identity = runs.flatten({
+      k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+      for k in ("search", "fitness", "device", "privacy_images", "val_images", "energy_model")
+      if k in config})  # a config stored before a section existed lacks it
+  identity.pop("search.iterations", None)
+  identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
+  return _as_stored(identity)
+
+
+def _as_stored(identity: dict[str, Any]) -> dict[str, Any]:
+  identity = json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
+  return {k: v for k, v in identity.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
 
 def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> dict[str, Any]:
@@ -139,11 +171,7 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
   what the ``auto`` settings resolved to on this machine (``compute_dtype="auto"`` is
   float32 on a CPU and bfloat16 on a GPU).
   """
-  identity = runs.flatten({
-      k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-      for k in ("search", "fitness", "device", "privacy_images", "val_images", "energy_model")})
-  del identity["search.iterations"]
-  identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
+  identity = settings_identity(config)
   identity.update({
       "pretrained_weights_sha256": checkpoint.variables_sha256(evaluator.variables),
       "data_content": data.content_hash(evaluator.train.dataset, config.data_dir or None),
@@ -153,8 +181,7 @@ def search_identity(config: ml_collections.ConfigDict, evaluator: Evaluator) -> 
       "resolved.compute_dtype": evaluator.numerics.dtype,
       "resolved.matmul_precision": evaluator.numerics.precision,
       "resolved.pipeline": evaluator.pipeline, "resolved.candidate_loop": evaluator.candidate_loop})
-  identity = json.loads(json.dumps(identity, default=str))  # as stored: tuples become lists
-  return {k: v for k, v in identity.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+  return _as_stored(identity)
 
 
 def _images_sha256(evaluator: Evaluator) -> str:

@@ -87,6 +87,8 @@ def final_report(config: ml_collections.ConfigDict, workdir: str, evaluator: Eva
       "phase_seconds": meta_out["phase_seconds"], "steps": int(state.step),
       "tournaments_per_step": config.search.num_tournaments, "devices": evaluator.num_devices,
       "environment": runs.environment(),
+      # What the result depends on (storage.search_identity): export_split checks it.
+      "identity": meta_out["identity"],
   }
   checkpoint.write_json(os.path.join(workdir, "best.json"), report)
   checkpoint.write_json(os.path.join(workdir, "history.json"), meta_out["history"])
