@@ -19,6 +19,13 @@ from maxpart_jax.studies import attack_study
 FAST_DECODER = attacks.DecoderConfig(steps=100, batch_size=32, width=16)
 
 
+# dm_pix computes SSIM in float32: its variance terms E[x^2] - mu^2 of [0, 1] images carry
+# absolute errors of a few 2^-24, against the constant C2 = 0.03^2 = 9e-4 that bounds the
+# denominator from below: up to ~1e-4 relative per pixel in the worst case (9e-6 measured
+# on the stem's reconstructions). A window or constant unlike skimage's moves SSIM by > 1e-3.
+SSIM_ATOL = 1e-4
+
+
 @pytest.fixture(scope="module")
 def shipped():
   model, variables, _ = checkpoint.load_model(SHIPPED_MODEL)
@@ -33,6 +40,7 @@ def real_images():
 
 
 @needs_real
+@pytest.mark.numerics
 def test_decoder_inverts_the_stem_but_not_the_deepest_split(shipped, real_images):
   """Catches a decoder that cannot learn (or cheats with the victim images): from the stem's
   float IR (16 channels at full resolution) it must recover the images almost perfectly,
@@ -48,7 +56,7 @@ def test_decoder_inverts_the_stem_but_not_the_deepest_split(shipped, real_images
   assert stem["losses"][-10:].mean() < stem["losses"][:10].mean() / 5
   # the reported scores are those of the returned reconstructions, by another implementation
   np.testing.assert_allclose(stem["ssim_per_image"],
-                             _skimage_ssim(stem["reconstructions"], victims), atol=1e-5)
+                             _skimage_ssim(stem["reconstructions"], victims), atol=SSIM_ATOL)
 
 
 @needs_real
@@ -135,7 +143,7 @@ def test_scores_and_total_variation_match_hand_computations():
   blurred = np.clip(images * rng.uniform(0.2, 1.0, (3, 1, 1, 3)) + 0.3, 0, 1).astype(np.float32)
   for other in (recon, blurred, rng.uniform(size=images.shape).astype(np.float32)):
     np.testing.assert_allclose(attacks.reconstruction_scores(other, images)["ssim"],
-                               _skimage_ssim(other, images), atol=1e-5)
+                               _skimage_ssim(other, images), atol=SSIM_ATOL)
   mse = ((recon - images) ** 2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(scores["psnr"], 10 * np.log10(1 / mse), rtol=1e-5)
   perfect = attacks.reconstruction_scores(images, images)

@@ -1,10 +1,12 @@
 """The cloud service and its client: end to end, under load, against hostile and slow
 clients, with a bearer token and TLS."""
 
+import asyncio
 import concurrent.futures
 import contextlib
 import http.server
 import json
+import logging
 import os
 import re
 import socket
@@ -158,6 +160,78 @@ def test_service_under_load_slow_and_idle_clients(exported):
     compiled = client.info()["batch_sizes_compiled"]
     assert compiled == [1, 2, 4, 8], compiled
     assert _rss_mib(server.pid) - before < 100  # one program per distinct size: ~10 MiB each
+
+
+class _EchoCloud:
+  """A cloud program whose logits are (scale, -scale): each answer names its message."""
+
+  def __init__(self, fail: bool = False):
+    self.sizes, self.fail = [], fail
+
+  def logits(self, payload, scales):
+    self.sizes.append(len(payload))
+    time.sleep(0.02)  # long enough for the other requests to arrive meanwhile
+    if self.fail:
+      raise RuntimeError("cloud program failed")
+    return np.stack([scales, -scales], axis=1)
+
+
+def test_concurrent_requests_share_batches_in_arrival_order():
+  """A 20-message request and five 1-message requests arriving while its first batch runs:
+  the five share one padded batch right after that first batch (instead of five calls
+  after all of the large request), every answer goes to its own message, and a failing
+  cloud program fails every request of its batch."""
+  cloud = _EchoCloud()
+  inference = service.Inference(cloud, max_batch=8)
+  large = np.arange(20, dtype=np.float32)
+  small = [np.array([100.0 + i], np.float32) for i in range(5)]
+  finished = []
+
+  async def request(name, scales):
+    logits = await inference(np.zeros((len(scales), 1)), scales)
+    finished.append((name, len(cloud.sizes)))
+    return logits
+
+  async def main():
+    return await asyncio.gather(request("large", large),
+                                *(request(f"small{i}", x) for i, x in enumerate(small)))
+
+  answers = asyncio.run(main())
+  for scales, logits in zip([large, *small], answers):
+    np.testing.assert_array_equal(logits, np.stack([scales, -scales], axis=1))
+  assert cloud.sizes == [8, 8, 8, 4]  # 8 of large; 5 small padded to 8; 8 and 4 of large
+  assert inference.calls == 4 and inference.batch_sizes == {4, 8}
+  assert sorted(finished)[1:] == [(f"small{i}", 2) for i in range(5)]  # after 2 batches
+  assert ("large", 4) in finished
+
+  failing = service.Inference(_EchoCloud(fail=True), max_batch=8)
+
+  async def failed():
+    return await asyncio.gather(*(failing(np.zeros((1, 1)), x) for x in small),
+                                return_exceptions=True)
+
+  assert all(isinstance(e, RuntimeError) and "cloud program failed" in str(e)
+             for e in asyncio.run(failed()))
+
+
+def test_binding_beyond_loopback_without_token_or_tls_warns(exported, tmp_path, caplog):
+  """127.0.0.1 (the default) is quiet; 0.0.0.0 warns without a token, and with a token but
+  without TLS; with both it is quiet. An empty token file is refused."""
+  cloud = exported[4]
+  cases = [("127.0.0.1", None, None, None), ("0.0.0.0", None, None, "without a bearer token"),
+           ("0.0.0.0", "t", None, "without TLS"), ("0.0.0.0", "t", "cert.pem", None)]
+  for host, token, cert, warning in cases:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      _, sock = service.make_server(cloud, host, 0, service.ServiceConfig(token=token),
+                                    ssl_certfile=cert, ssl_keyfile=cert)
+    sock.close()
+    warned = [r.getMessage() for r in caplog.records if "reachable from other" in r.getMessage()]
+    assert (warned and warning in warned[0]) if warning else not warned, (host, warned)
+  (tmp_path / "empty").write_text(" \n")
+  with pytest.raises(ValueError, match="token file .* is empty"):
+    service.read_token(str(tmp_path / "empty"))
+  assert service.read_token(None) is None
 
 
 def _self_signed(tmp_path):

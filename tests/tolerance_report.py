@@ -54,9 +54,9 @@ def _record(ratio: float) -> None:
 
 def _allclose_ratio(actual: Any, desired: Any, rtol: float, atol: float) -> float:
   a, d = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-  diff = np.abs(a - d)
-  tol = np.broadcast_to(atol + rtol * np.abs(d), diff.shape)
-  with np.errstate(divide="ignore", invalid="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore"):  # inf - inf, x / 0
+    diff = np.abs(a - d)
+    tol = np.broadcast_to(atol + rtol * np.abs(d), diff.shape)
     ratio = np.where(diff == 0, 0.0, diff / tol)
   ratio = ratio[np.isfinite(diff)]
   return float(ratio.max(initial=0.0))

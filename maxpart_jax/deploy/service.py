@@ -22,6 +22,7 @@ one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import http
@@ -83,12 +84,22 @@ class ServiceConfig:
 
 
 class Inference:
-  """The cloud program on padded batches, one batch at a time, in arrival order."""
+  """The cloud program on padded batches, one batch at a time, in arrival order.
+
+  A request sends its messages in chunks of at most ``max_batch``, one chunk at a time. One
+  worker takes the waiting chunks in arrival order and runs as many together as fit in
+  ``max_batch`` (from different requests), padded to a power of two: concurrent small
+  requests share one call, and a request waits for at most one batch of a large one.
+  """
 
   def __init__(self, cloud: CloudProgram, max_batch: int):
     self.cloud, self.max_batch = cloud, max_batch
     self.batch_sizes: set[int] = set()  # the padded sizes run so far (one program each)
-    self._lock: asyncio.Lock | None = None
+    self.calls = 0  # batches run
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._waiting: collections.deque = collections.deque()
+    self._ready: asyncio.Event | None = None
+    self._worker: asyncio.Task | None = None  # held: the loop keeps only a weak reference
 
   def padded_size(self, n: int) -> int:
     """The smallest power of two >= n (n <= max_batch)."""
@@ -101,16 +112,48 @@ class Inference:
       payload = np.concatenate([payload, np.zeros((pad, *payload.shape[1:]), payload.dtype)])
       scales = np.concatenate([scales, np.ones(pad, scales.dtype)])
     self.batch_sizes.add(size)
+    self.calls += 1
     return self.cloud.logits(payload, scales)[:n]
 
+  def _start(self) -> None:
+    """One worker per event loop (a server runs one; tests may start several in turn)."""
+    loop = asyncio.get_running_loop()
+    if self._loop is not loop:
+      self._loop, self._waiting, self._ready = loop, collections.deque(), asyncio.Event()
+      self._worker = loop.create_task(self._work())
+
+  async def _work(self) -> None:
+    while True:
+      await self._ready.wait()
+      taken, n = [], 0
+      while self._waiting and (not taken or n + len(self._waiting[0][0]) <= self.max_batch):
+        taken.append(self._waiting.popleft())
+        n += len(taken[-1][0])
+      if not self._waiting:
+        self._ready.clear()
+      try:
+        logits = await anyio.to_thread.run_sync(
+            self._logits, np.concatenate([t[0] for t in taken]),
+            np.concatenate([t[1] for t in taken]))
+      except Exception as e:  # pylint: disable=broad-except  (each request answers it)
+        for _, _, future in taken:
+          if not future.done():
+            future.set_exception(e)
+        continue
+      offsets = np.cumsum([0] + [len(t[0]) for t in taken])
+      for (_, _, future), a, b in zip(taken, offsets[:-1], offsets[1:]):
+        if not future.done():  # its client may have gone
+          future.set_result(logits[a:b])
+
   async def __call__(self, payload: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    if self._lock is None:
-      self._lock = asyncio.Lock()  # FIFO: waiters get it in the order they asked
+    self._start()
     out = []
     for start in range(0, len(payload), self.max_batch):
-      batch = slice(start, start + self.max_batch)
-      async with self._lock:
-        out.append(await anyio.to_thread.run_sync(self._logits, payload[batch], scales[batch]))
+      future = self._loop.create_future()
+      self._waiting.append((payload[start:start + self.max_batch],
+                            scales[start:start + self.max_batch], future))
+      self._ready.set()
+      out.append(await future)
     return np.concatenate(out)
 
 
