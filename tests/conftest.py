@@ -2,11 +2,20 @@
 
 import os
 import pathlib
+import tempfile
 
 # Resume tests compare runs bit for bit; XLA's GPU kernels are deterministic only on request
 # (set before JAX starts; CPUs ignore the flag).
 os.environ["XLA_FLAGS"] = " ".join(
     filter(None, [os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true"]))
+
+# One persistent compilation cache for the session and its subprocesses (the command-line
+# tests, the served clouds): a program compiled once is loaded, not compiled again, by the
+# next process that needs it. A fresh folder per session, so every run compiles its own.
+_CACHE = tempfile.TemporaryDirectory(prefix="maxpart_jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE.name)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
