@@ -77,6 +77,15 @@ def test_requantize_is_exact_integer_arithmetic_rounded_once():
   np.testing.assert_array_equal(got, [e[0] for e in expected])
   np.testing.assert_array_equal(clipped, [e[1] for e in expected])
   assert 0.2 < clipped.mean() < 0.8  # both in and out of range were exercised
+  # int32 accumulators take another path (|acc| · mantissa in one int64): the same results.
+  small = np.abs(acc) < 2 ** 31
+  assert small.sum() > n // 3 and small[ties].sum() > 100
+  with jax.enable_x64(True):
+    got32, clipped32 = (np.asarray(a) for a in integer.requantize(
+        jnp.asarray(acc[small].astype(np.int32)), jnp.asarray(m[small]),
+        jnp.asarray(mantissa[small]), jnp.asarray(shift[small]), jnp.asarray(sign[small])))
+  np.testing.assert_array_equal(got32, got[small])
+  np.testing.assert_array_equal(clipped32, clipped[small])
   products = (sign[ties] * acc[ties]).astype(object) * m[ties] * mantissa[ties]
   assert all(p % (1 << int(s)) == 1 << (int(s) - 1) for p, s in zip(products, shift[ties]))
 

@@ -134,10 +134,15 @@ def requantize(acc: jax.Array, m: jax.Array, mantissa: jax.Array, shift: jax.Arr
   formed in base-2^32 digits, the rounding constant added and the shift applied to the
   whole number: one rounding, no intermediate truncation.
   """
+  narrow = acc.dtype == jnp.int32  # |acc| < 2^31: |acc| · mantissa < 2^62 fits one int64
   acc = acc.astype(jnp.int64) * sign
   negative = acc < 0
-  product = _multiply(_multiply(_limbs(jnp.abs(acc), 2), _limbs(m.astype(jnp.int64), 2)),
-                      _limbs(mantissa.astype(jnp.int64), 1))
+  if narrow:
+    product = _multiply(_limbs(jnp.abs(acc) * mantissa.astype(jnp.int64), 2),
+                        _limbs(m.astype(jnp.int64), 2))
+  else:
+    product = _multiply(_multiply(_limbs(jnp.abs(acc), 2), _limbs(m.astype(jnp.int64), 2)),
+                        _limbs(mantissa.astype(jnp.int64), 1))
   shift = jnp.broadcast_to(jnp.asarray(shift, jnp.int64), product[0].shape)
   # floor((x + 2^(s-1)) / 2^s) of x = ±|x|: for x < 0 it is -floor((|x| + 2^(s-1) - 1) / 2^s).
   half = shift - 1
