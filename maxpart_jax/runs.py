@@ -111,7 +111,7 @@ def check_identity(stored: dict[str, Any] | None, current: dict[str, Any], workd
     raise WorkdirError(f"{workdir} holds a {what} from an earlier version of maxpart_jax that "
                        "did not record what it depends on, so it cannot be resumed safely; "
                        "use a new --workdir (or delete this one)")
-  changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+  changed = changed_keys(stored, current)
   if changed:
     lines = "; ".join(f"{k}: was {_short(stored.get(k))}, now {_short(current.get(k))}"
                       for k in changed)
@@ -121,6 +121,11 @@ def check_identity(stored: dict[str, Any] | None, current: dict[str, Any], workd
                        f"would mix two runs. Changed: {lines}. Start fresh with a new "
                        "--workdir (or delete this one), or restore the earlier settings"
                        + "".join(f" {a}" for a in advice))
+
+
+def changed_keys(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """The keys, sorted, whose values differ between two identities (or that one lacks)."""
+  return [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxpart_jax import data, train
+from maxpart_jax import data, runs, train
 from maxpart_jax.deploy import artifact
 from maxpart_jax.genome import Genome, quantized_apply, quantized_edge
 from maxpart_jax.models import SplitModel, Variables
@@ -48,13 +48,14 @@ def export_searched(config: ml_collections.ConfigDict, workdir: str, out: str
   genome, report = reported_genome(workdir)
   evaluator = build.build_evaluator(config)
   stored, complete = storage.stored_identity(workdir)
-  current = storage.search_identity(config, evaluator)
-  if not complete:
+  if complete:
+    current = storage.search_identity(config, evaluator)
+  else:
     logging.warning("%s records the search's settings but not the hashes of its data and "
                     "weights (a result from before best.json carried them): only the settings "
                     "are checked", workdir)
-    current = {k: v for k, v in current.items() if k in storage.settings_identity(config)}
-  changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    current = storage.settings_identity(config)
+  changed = runs.changed_keys(stored, current)
   if changed:
     raise ValueError(f"the config differs from the one the search in {workdir} ran with, so "
                      "the export would fine-tune and quantize another way than the search "

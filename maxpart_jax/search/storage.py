@@ -130,18 +130,23 @@ def stored_identity(workdir: str) -> tuple[dict[str, Any], bool]:
         return json.loads(str(f["meta"]))["identity"], True
     except Exception:  # pylint: disable=broad-except  (missing, zip, npz, JSON errors)
       continue
-  for name in ("best.json", "config.json"):
-    try:
-      with open(os.path.join(workdir, name)) as f:
-        stored = json.load(f)
-    except (OSError, ValueError):
-      continue
-    if name == "best.json" and isinstance(stored.get("identity"), dict):
-      return stored["identity"], True
-    if name == "config.json":
-      return settings_identity(ml_collections.ConfigDict(stored)), False
+  best = _read_json(os.path.join(workdir, "best.json"))
+  if isinstance(best, dict) and isinstance(best.get("identity"), dict):
+    return best["identity"], True
+  config = _read_json(os.path.join(workdir, "config.json"))
+  if isinstance(config, dict):
+    return settings_identity(ml_collections.ConfigDict(config)), False
   raise runs.WorkdirError(f"{workdir} holds no search state ({STATE_FILE}), no best.json with "
                           "its identity and no config.json: nothing records its settings")
+
+
+def _read_json(path: str) -> Any:
+  """The JSON in ``path``, or None if it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def settings_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
