@@ -284,9 +284,8 @@ class EdgeProgram:
       payload, scales, overflow = (np.asarray(a)
                                    for a in self.exported.call(images, self._device_arrays))
     if overflow.any():
-      limit = 2 ** (integer.WIDE_BITS - integer.FRACTION_BITS)
       raise ValueError(f"activations of images {np.flatnonzero(overflow).tolist()} left the "
-                       f"edge's fixed-point range ±{limit}: their IR would be wrong")
+                       f"edge's fixed-point range ±{wire.MAX_VALUE:g}: their IR would be wrong")
     return payload, scales
 
   def messages(self, images: np.ndarray) -> list[bytes]:
