@@ -130,6 +130,22 @@ def mixed_genome(info, p, seed=0):
                 a_bits=jnp.asarray(rng.choice([4, 8], info.num_layers), jnp.int32))
 
 
+def gratings(n: int, seed: int = 0, frequencies: tuple[float, float] = (0.5, 2.5)) -> np.ndarray:
+  """(n, 32, 32, 3) float32 images in [0, 1]: coloured sinusoidal gratings of random
+  frequency (cycles per image, drawn from ``frequencies``), orientation and phase. Unlike the
+  fake shards' flat colour plus pixel noise, their luma has structure that a conv net's
+  channels follow: their privacy is far from the value 2 of an uncorrelated IR and moves with
+  the edge's weights, and a small decoder learns to reconstruct them in a few dozen steps."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:32, 0:32] / 31.0
+  out = []
+  for _ in range(n):
+    fx, fy = rng.uniform(*frequencies, 2)
+    luma = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
+    out.append(luma[..., None] * rng.uniform(0.2, 1.0, 3))
+  return np.stack(out).astype(np.float32)
+
+
 def images(n, seed=0):
   """n random uint8 images (n, 32, 32, 3)."""
   return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)

@@ -14,6 +14,7 @@ from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.privacy import attacks
 from maxpart_jax.quant import QuantPolicy
 from maxpart_jax.studies import attack_study
+from maxpart_jax.studies import rows as study_rows
 
 # Small enough for the suite; results/attacks/ uses the study's larger settings.
 FAST_DECODER = attacks.DecoderConfig(steps=100, batch_size=32, width=16)
@@ -182,7 +183,7 @@ def test_attack_study_resumes_to_the_same_rows_and_refuses_other_settings(fake_d
   assert [(r["split"], r["source"], r["ir_bits"]) for r in first["rows"]] == [
       (1, "ir_only", 32), (1, "ir_only", 2), (2, "ir_only", 32), (2, "ir_only", 2)]
   # a kill after the first split: only the second is attacked again
-  rows_file = workdir / "resnet18" / attack_study.ROWS_FILE
+  rows_file = workdir / "resnet18" / study_rows.ROWS_FILE
   stored = json.loads(rows_file.read_text())
   stored["rows"] = stored["rows"][:2]
   rows_file.write_text(json.dumps(stored))

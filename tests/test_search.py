@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import EIGHT_CPU_ENV, relative_distance
+from conftest import EIGHT_CPU_ENV, gratings, relative_distance
 from test_privacy import luma_np, resize_np, zscore_np
 from experiments.configs import search as search_configs
 from maxpart_jax import checkpoint, data, metrics, train
@@ -39,21 +39,6 @@ def _evaluator(config, fitness=None, images=None, **kwargs):
   images = val.take(8, seed=1).float_images() if images is None else images
   fitness = fitness or FitnessConfig(**{"compute_dtype": "float32", **kwargs})  # as `smoke`
   return model, variables, val, images, Evaluator(model, variables, train, val, images, fitness)
-
-
-def _gratings(n: int, seed: int = 0) -> np.ndarray:
-  """(n, 32, 32, 3) float32 images in [0, 1]: coloured sinusoidal gratings of random
-  frequency, orientation and phase. Unlike the fake shards' flat colour plus pixel noise,
-  their luma has structure that a conv net's channels follow, so their privacy is far
-  from the value 2 of an uncorrelated IR and moves with the edge's weights."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[0:32, 0:32] / 31.0
-  images = []
-  for _ in range(n):
-    fx, fy = rng.uniform(0.5, 2.5, 2)
-    luma = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
-    images.append(luma[..., None] * rng.uniform(0.2, 1.0, 3))
-  return np.stack(images).astype(np.float32)
 
 
 PRIVACY_ATOL = 5e-4
@@ -95,7 +80,7 @@ def test_evaluator_metrics_match_independent_computations(smoke):
   scores the IR (catches an IR taken at another split, unquantized, or from the pre-trained
   instead of the fine-tuned weights); Eq. 11-12 are evaluated by hand.
   """
-  model, variables, val, images, ev = _evaluator(smoke, images=_gratings(8), finetune_steps=3,
+  model, variables, val, images, ev = _evaluator(smoke, images=gratings(8), finetune_steps=3,
                                                  batch_size=16, finetune_lr=1e-2,
                                                  eps_bound=0.05, lambda_energy=0.5)
   specs = [(2, 4), (4, 2), (5, 32)]

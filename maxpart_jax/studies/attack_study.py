@@ -37,9 +37,8 @@ from maxpart_jax import checkpoint, data, privacy, runs, train
 from maxpart_jax.genome import Genome, to_policy, validate_genome
 from maxpart_jax.privacy import attacks, profile
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
+from maxpart_jax.studies.rows import load_rows, save_rows
 
-ROWS_FILE = "rows.json"
-RECON_FILE = "reconstructions.npz"
 
 
 def settings(model, config: ml_collections.ConfigDict, genomes: list[tuple[str, Genome]]
@@ -228,7 +227,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
   with runs.workdir_lock(workdir):
     states, plan = {}, []
     for name in models:
-      states[name] = _load(os.path.join(workdir, name), identities[name])
+      states[name] = load_rows(os.path.join(workdir, name), identities[name],
+                               "study of inversion attacks")
       model, variables, _ = checkpoint.load_model(config.models[name].model_dir)
       done = {r["split"] for r in states[name]["rows"]}
       for split, group in settings(model, config, load_genomes(model, config.models[name].genomes)):
@@ -242,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
       rows, recon = attack_split(model, variables, split, group, aux, victims, config, key)
       states[name]["rows"] += [{"model": name, **r} for r in rows]
       states[name]["recon"].update(recon)
-      _save(os.path.join(workdir, name), states[name])
+      save_rows(os.path.join(workdir, name), states[name])
       for r in rows:
         logging.info("%s split %d (%s) %s %d-bit IR: P(mse) %.3f, decoder SSIM %.3f, white-box "
                      "SSIM %.3f", name, split, r["block"], r["source"], r["ir_bits"],
@@ -260,30 +260,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str,
     _plots(result, {name: states[name]["recon"] for name in models},
            victims[:config.grid_images], config, out)
     return result
-
-
-def _load(folder: str, identity: dict[str, Any]) -> dict[str, Any]:
-  """The rows and reconstructions a model's folder holds (none for a new folder)."""
-  rows_path = os.path.join(folder, ROWS_FILE)
-  if not os.path.exists(rows_path):
-    return {"identity": identity, "rows": [], "recon": {}}
-  with open(rows_path) as f:
-    stored = json.load(f)
-  runs.check_identity(stored.get("identity"), identity, folder, "study of inversion attacks")
-  with np.load(os.path.join(folder, RECON_FILE)) as npz:
-    recon = dict(npz)
-  return {"identity": identity, "rows": stored["rows"], "recon": recon}
-
-
-def _save(workdir: str, state: dict[str, Any]) -> None:
-  """Rows and reconstructions, each replaced atomically (reconstructions first)."""
-  os.makedirs(workdir, exist_ok=True)
-  recon_path = os.path.join(workdir, RECON_FILE)
-  tmp = runs.unique_tmp(recon_path) + ".npz"
-  np.savez(tmp, **state["recon"])
-  os.replace(tmp, recon_path)
-  checkpoint.write_json(os.path.join(workdir, ROWS_FILE),
-                        {"identity": state["identity"], "rows": state["rows"]})
 
 
 def _plots(result: dict[str, Any], recon: dict[str, dict[str, np.ndarray]],
