@@ -1,0 +1,65 @@
+r"""Defended-split study configs: ``--config=experiments/configs/defenses.py:<variant>``.
+
+Variants:
+  quick   the study of results/defenses/: the shipped ResNet18 x0.25 at the quick search's
+          budget (E_b = 0.025 mJ with transmission, eps_b = 0.03), its searched genome and
+          deeper uniform genomes, each defense alone and combined.
+  smoke   two rows, a few steps: for tests.
+
+Rows are ``"<genome>/<defense stack>"``: a genome named in ``genomes`` (a best.json path, or
+``uniform:p:w_bits:a_bits``) and a stack (``maxpart_jax.privacy.defenses.parse_stack``,
+``none`` for no defense). Every row is fine-tuned with the same settings, defended or not.
+
+Image sets: fine-tuning on the ``train`` split; the adaptive attacker's ``aux_images`` from the
+``val`` hold-out (disjoint from the fine-tuning images and the victims); the victims a seeded
+draw from ``test``; top-1 on the whole ``test`` split.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  """The config of ``variant`` (default ``quick``)."""
+  variant = variant or "quick"
+  c = ml_collections.ConfigDict()
+  c.dataset = "cifar100"
+  c.data_dir = ""  # a folder of .npz shards; empty: $MAXPART_DATA_DIR, else tfds
+  c.seed = 0
+  c.model_dir = "pretrained/cpu_resnet18/model"
+  c.budget_mj = 0.025
+  c.eps_bound = 0.03
+  c.transmission = True
+  c.aux_images = 5000
+  c.victim_images = 256
+  c.whitebox_images = 32
+  c.grid_images = 8
+  c.init_images = 512  # train images the defenses are initialized from (bottleneck PCA)
+  c.genomes = ml_collections.ConfigDict({
+      "quick": "results/search_quick/best.json",
+      # split 7 (layer3.1, the CPU reproduction's split) at 4-bit weights: 0.0225 mJ undefended
+      "p7": "uniform:7:4:8",
+      # split 8 (layer4.0) at 4-bit weights: over the budget undefended, 0.0237 mJ with an
+      # 8-channel bottleneck (4x4x8 values sent instead of 4x4x128)
+      "p8": "uniform:8:4:8",
+  })
+  c.rows = ("quick/none", "quick/adversarial:30", "p7/none", "p7/adversarial:30",
+            "quick/bottleneck:4,adversarial:30", "p7/bottleneck:16,adversarial:30",
+            "quick/noise:1", "quick/dcor:2", "quick/bottleneck:4", "p7/adversarial:100",
+            "p8/bottleneck:8,adversarial:30", "p8/bottleneck:8")
+  c.finetune = ml_collections.ConfigDict(dict(
+      steps=600, batch_size=64, learning_rate=3e-4, grad_clip=1.0, decoder_learning_rate=2e-3,
+      decoder_warmup=200, decoder_width=32))
+  # the adaptive attacker: from scratch, >= 4x the inner decoder's steps, >= its width
+  c.decoder = ml_collections.ConfigDict(dict(steps=2400, batch_size=64, learning_rate=3e-3,
+                                             width=32, ssim_weight=0.0))
+  c.whitebox = ml_collections.ConfigDict(dict(steps=200, learning_rate=0.02, tv_weight=0.05,
+                                              init_noise=0.01))
+  if variant == "smoke":
+    c.aux_images, c.victim_images, c.whitebox_images, c.grid_images, c.init_images = 64, 16, 4, 4, 64
+    c.rows = ("quick/none", "quick/bottleneck:2,noise:0.5")
+    c.finetune.update(steps=4, batch_size=8, decoder_warmup=1, decoder_width=8)
+    c.decoder.update(steps=16, batch_size=8, width=8)
+    c.whitebox.steps = 3
+  elif variant != "quick":
+    raise ValueError(f"unknown defenses config variant {variant!r}; choose from ['quick', 'smoke']")
+  return c

@@ -1,0 +1,38 @@
+r"""Defended splits against adaptive attackers (docs/method.md §13).
+
+  python -m experiments.defense_study --config=experiments/configs/defenses.py:quick \
+      --workdir=workdirs/defenses --out=results/defenses
+
+The study itself is :mod:`maxpart_jax.studies.defense_study`: one row per genome and defense
+stack, resumable from ``--workdir``. Writes ``study.json``, ``privacy_accuracy.png`` and
+``grid.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from experiments import common
+from maxpart_jax.studies import defense_study
+
+_CONFIG = common.define_config("experiments/configs/defenses.py:quick", "defense study config")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/defenses", "resumable state of the study")
+_OUT = flags.DEFINE_string("out", "results/defenses", "where the JSON and the plots go")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  common.quiet_logs()
+  try:
+    result = defense_study.run(_CONFIG.value, _WORKDIR.value, _OUT.value)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"float test top-1 {100 * result['float_test_accuracy']:.2f} %")
+  for r in result["rows"]:
+    print(f"{r['row']:40s} top-1 {100 * r['test_accuracy']:5.2f} %  energy {r['energy_mj']:.4f} mJ"
+          f"  decoder SSIM {r['decoder']['ssim']:.3f}  white-box SSIM {r['whitebox']['ssim']:.3f}"
+          f"  {'feasible' if r['feasible'] else 'infeasible'}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

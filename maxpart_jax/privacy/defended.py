@@ -1,0 +1,356 @@
+"""Defended splits: fine-tuning a deployment with defenses, and attacking it adaptively.
+
+A defended deployment (:class:`DefendedSplit`) runs blocks ``1..p`` quantized by a genome,
+then the stack's ``send`` functions (:mod:`maxpart_jax.privacy.defenses`), then quantizes the
+message at the IR's bits (on ``[-c, c]`` if a defense makes it signed); the cloud runs the
+stack's ``receive`` functions and blocks ``p+1..``. :func:`finetune` trains the whole
+network and the defenses' parameters for cross-entropy plus the defenses' penalties; with an
+``adversarial`` defense of strength α it also trains an inner decoder on the messages and
+subtracts α times its reconstruction MSE (simultaneous gradient steps, the decoder trained
+alone for ``decoder_warmup`` steps first).
+
+A defense counts only against an attacker who knows it (docs/method.md §13):
+:func:`adaptive_attacks` trains a *new* decoder from scratch (its own key) on the defended
+messages of the attacker's own images, which the caller draws disjoint from the fine-tuning
+images and the victims, for at least 4x the inner decoder's steps, and runs the white-box
+attack through the defended edge, noise included (a fresh draw every step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from maxpart_jax import data, train
+from maxpart_jax.genome import Genome, to_policy
+from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.privacy import attacks
+from maxpart_jax.privacy.defenses import Stack
+from maxpart_jax.quant import QuantPolicy, quantize_activations
+
+ATTACKER_STEPS_FACTOR = 4
+"""The adaptive decoder trains at least this many times as long as the inner decoder."""
+STANDARDIZE_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """How a defended deployment is fine-tuned.
+
+  Attributes:
+    steps: Adam steps of the network and the defenses' parameters.
+    batch_size: training images per step (random crop and flip).
+    learning_rate: Adam step of the network and the defenses' parameters.
+    grad_clip: global gradient norm clip of those updates.
+    decoder_learning_rate: Adam step of the inner decoder (``adversarial`` only).
+    decoder_warmup: steps in which only the inner decoder learns from the messages.
+    decoder_width: the inner decoder's width (:class:`maxpart_jax.privacy.attacks.Decoder`).
+    decoder_steps: the inner decoder's Adam steps per step of the network (a stronger inner
+      adversary; the adaptive attacker's rule counts ``steps * decoder_steps``).
+    seed: batches, noise draws and the decoder's initialization.
+  """
+
+  steps: int = 600
+  batch_size: int = 64
+  learning_rate: float = 3e-4
+  grad_clip: float = 1.0
+  decoder_learning_rate: float = 2e-3
+  decoder_warmup: int = 200
+  decoder_width: int = 32
+  decoder_steps: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "decoder_width", "decoder_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"fine-tuning {name} must be >= 1, got {getattr(self, name)}")
+    if not 0 <= self.decoder_warmup < self.steps:
+      raise ValueError(f"decoder_warmup must be in [0, steps), got {self.decoder_warmup}")
+    if not (self.learning_rate > 0 and self.decoder_learning_rate > 0 and self.grad_clip > 0):
+      raise ValueError("learning rates and grad_clip must be > 0")
+
+
+@struct.dataclass
+class DefendedSplit:
+  """A defended deployment: the network's variables, the defenses' parameters, the policy.
+
+  ``policy`` quantizes the edge as the genome says but leaves the IR to :func:`message`.
+  """
+
+  variables: Variables
+  defense_params: list
+  policy: QuantPolicy
+  model: SplitModel = struct.field(pytree_node=False)
+  split: int = struct.field(pytree_node=False)
+  stack: Stack = struct.field(pytree_node=False)
+  dataset: str = struct.field(pytree_node=False, default="cifar100")
+
+  @property
+  def message_shape(self) -> tuple[int, int, int]:
+    return self.stack.message_shape(self.model.info.blocks[self.split - 1].out_shape)
+
+
+def defended_split(model: SplitModel, variables: Variables, genome: Genome, stack: Stack,
+                   sample_images: np.ndarray, key: jax.Array, *, dataset: str = "cifar100",
+                   per_channel: bool = False, activation_levels: str = "paper") -> DefendedSplit:
+  """A defended deployment before fine-tuning: the defenses initialized from the IRs of
+  ``sample_images`` ((N, H, W, 3) floats in [0, 1])."""
+  attacks.check_images(sample_images)
+  split = model.info.check_split(int(genome.p))
+  stack.check(model.info.blocks[split - 1].out_shape)
+  policy = to_policy(model.info, genome, per_channel, activation_levels)
+  policy = policy.replace(split=jnp.int32(0))  # the IR is quantized after the defenses
+  irs = attacks.edge_irs(model, variables, split, policy, sample_images, dataset=dataset)
+  return DefendedSplit(variables, stack.init(key, irs), policy, model, split, stack, dataset)
+
+
+def _normalized(images: jax.Array, dataset: str) -> jax.Array:
+  info = data.dataset_info(dataset)
+  return (images - jnp.asarray(info.mean)) / jnp.asarray(info.std)
+
+
+def _quantize_message(d: DefendedSplit, message: jax.Array) -> jax.Array:
+  return quantize_activations(message, d.policy.ir_bits, signed=d.stack.signed,
+                              levels=d.policy.activation_levels)
+
+
+def image_keys(key: jax.Array, start: int, n: int) -> jax.Array:
+  """The noise keys of images ``start..start+n-1``: ``fold_in(key, i)``, whatever the batching."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + n))
+
+
+def _send(d: DefendedSplit, params: list, ir: jax.Array, keys: jax.Array) -> jax.Array:
+  # per image: a message never depends on the other images of its batch
+  msg = jax.vmap(lambda x, k: d.stack.send(params, x[None], k)[0])(ir, keys)
+  return _quantize_message(d, msg)
+
+
+def message(d: DefendedSplit, images: jax.Array, keys: jax.Array) -> jax.Array:
+  """What the defended device sends for ``images`` in [0, 1] (inference mode); ``keys``
+  (one per image, :func:`image_keys`) draw the noise of the defenses that have some."""
+  ir = d.model.apply(d.variables, _normalized(images, d.dataset), stop=d.split, policy=d.policy)
+  return _send(d, d.defense_params, ir, keys)
+
+
+def logits(d: DefendedSplit, images: jax.Array, keys: jax.Array) -> jax.Array:
+  """The cloud's logits for ``images`` in [0, 1] through the defended split."""
+  received = d.stack.receive(d.defense_params, message(d, images, keys))
+  return d.model.apply(d.variables, received, start=d.split)
+
+
+_message_batch = jax.jit(message)
+
+
+@jax.jit
+def _correct_batch(d, images, labels, keys):
+  return jnp.sum(jnp.argmax(logits(d, images, keys), -1) == labels)
+
+
+def messages(d: DefendedSplit, images: np.ndarray, key: jax.Array,
+             batch_size: int = 500) -> jax.Array:
+  """The messages of ``images`` ((N, H, W, 3) in [0, 1]); image ``i`` draws its noise with
+  ``image_keys(key, i, 1)``."""
+  attacks.check_images(images)
+  return jnp.concatenate([
+      _message_batch(d, jnp.asarray(images[i:i + batch_size]),
+                     image_keys(key, i, len(images[i:i + batch_size])))
+      for i in range(0, len(images), batch_size)])
+
+
+def accuracy(d: DefendedSplit, split: data.Split, key: jax.Array, batch_size: int = 500) -> float:
+  """Top-1 accuracy through the defended deployment (noise drawn from ``key``)."""
+  correct = 0
+  for i in range(0, len(split.images), batch_size):
+    images = jnp.asarray(split.images[i:i + batch_size].astype(np.float32) / 255.0)
+    correct += int(_correct_batch(d, images, jnp.asarray(split.labels[i:i + batch_size]),
+                                  image_keys(key, i, len(images))))
+  return correct / len(split.images)
+
+
+# ------------------------------------------------------------------------- fine-tuning
+
+def _standardize(x: jax.Array) -> jax.Array:
+  """Per-channel batch standardization with ``sqrt(var + eps)``: the gradient of a
+  standard deviation at zero variance is NaN."""
+  axes = tuple(range(x.ndim - 1))
+  mean = jax.lax.stop_gradient(jnp.mean(x, axis=axes, keepdims=True))
+  var = jax.lax.stop_gradient(jnp.var(x, axis=axes, keepdims=True))
+  return (x - mean) / jnp.sqrt(var + STANDARDIZE_EPS)
+
+
+def _optimizers(config: FinetuneConfig):
+  net = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate))
+  return net, optax.adam(config.decoder_learning_rate)
+
+
+def _edge_message(d: DefendedSplit, params: Any, dparams: list, images: jax.Array,
+                  key: jax.Array) -> tuple[jax.Array, Any]:
+  """The message of a training batch (batch norm in training mode) and the new statistics."""
+  variables = {"params": params, "batch_stats": d.variables["batch_stats"]}
+  ir, upd = d.model.apply(variables, _normalized(images, d.dataset), stop=d.split,
+                          policy=d.policy, train=True)
+  return _send(d, dparams, ir, jax.random.split(key, ir.shape[0])), upd["batch_stats"]
+
+
+def _decoder_mse(module, decoder, msg, images):
+  return jnp.mean((module.apply(decoder, _standardize(msg)) - images) ** 2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_step(config: FinetuneConfig, image_shape, carry, batch):
+  """The inner decoder's ``decoder_steps`` on the current messages, then one step of the
+  network and the defenses against the updated decoder."""
+  d, opt_state, decoder, decoder_opt, step = carry
+  images, labels, key = batch
+  net_tx, dec_tx = _optimizers(config)
+  module = attacks.Decoder(image_shape, config.decoder_width)
+  alpha = jnp.where(step >= config.decoder_warmup, d.stack.adversarial_weight, 0.0)
+  # A reconstruction worse than the batch's mean image says nothing about the image: the
+  # reward stops there, or the edge learns to make the decoder paint inverted images,
+  # which a fresh decoder reads as well as upright ones.
+  no_information = jnp.mean((images - jnp.mean(images, axis=0)) ** 2)
+
+  current = jax.lax.stop_gradient(
+      _edge_message(d, d.variables["params"], d.defense_params, images, key)[0])
+
+  # unrolled: XLA runs convolutions inside loops far slower on CPUs (attacks.iterate)
+  for _ in range(config.decoder_steps):
+    grads = jax.grad(_decoder_mse, argnums=1)(module, decoder, current, images)
+    updates, decoder_opt = dec_tx.update(grads, decoder_opt, decoder)
+    decoder = optax.apply_updates(decoder, updates)
+
+  def net_loss(trainable):
+    params, dparams = trainable
+    msg, stats = _edge_message(d, params, dparams, images, key)
+    out, upd = d.model.apply({"params": params, "batch_stats": stats},
+                             d.stack.receive(dparams, msg), start=d.split, train=True)
+    ce = train.cross_entropy(out, labels)
+    mse = _decoder_mse(module, decoder, msg, images)
+    loss = ce + d.stack.penalty(images, msg) - alpha * jnp.minimum(mse, no_information)
+    return loss, (ce, mse, upd["batch_stats"], jnp.mean(jnp.argmax(out, -1) == labels))
+
+  trainable = (d.variables["params"], d.defense_params)
+  (loss, (ce, mse, stats, acc)), grads = jax.value_and_grad(net_loss, has_aux=True)(trainable)
+  updates, opt_state = net_tx.update(grads, opt_state, trainable)
+  params, dparams = optax.apply_updates(trainable, updates)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, dparams))]))
+  d = d.replace(variables={"params": params, "batch_stats": stats}, defense_params=dparams)
+  metrics = {"loss": loss, "ce": ce, "decoder_mse": mse, "no_information_mse": no_information,
+             "accuracy": acc, "finite": finite}
+  return (d, opt_state, decoder, decoder_opt, step + 1), metrics
+
+
+class FinetuneDiverged(ValueError):
+  """The defended fine-tuning produced a non-finite loss or weights."""
+
+
+def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig = FinetuneConfig(),
+             log_every: int = 100) -> tuple[DefendedSplit, dict[str, Any]]:
+  """Fine-tunes a defended deployment; returns it and the per-step history (and the inner
+  decoder's final parameters under ``"decoder"``, for the tests that tell it apart from the
+  adaptive attacker's). Raises :class:`FinetuneDiverged` on a non-finite step."""
+  image_shape = tuple(d.model.input_shape)
+  net_tx, dec_tx = _optimizers(config)
+  key = jax.random.key(config.seed)
+  init_key, noise_key = jax.random.split(key)
+  msg_shape = (1, *d.message_shape)
+  decoder = attacks.Decoder(image_shape, config.decoder_width).init(init_key, jnp.zeros(msg_shape))
+  trainable = (d.variables["params"], d.defense_params)
+  carry = (d, net_tx.init(trainable), decoder, dec_tx.init(decoder), jnp.int32(0))
+  rng = np.random.default_rng(config.seed)
+  history: dict[str, list[float]] = {}
+  start = time.time()
+  for i in range(config.steps):
+    idx = rng.integers(0, len(train_split.images), config.batch_size)
+    images = data.augment(train_split.images[idx], rng).astype(np.float32) / 255.0
+    batch = (jnp.asarray(images), jnp.asarray(train_split.labels[idx]),
+             jax.random.fold_in(noise_key, i))
+    carry, metrics = _train_step(config, image_shape, carry, batch)
+    if not bool(metrics["finite"]):
+      raise FinetuneDiverged(f"defended fine-tuning ({d.stack.spec()}) diverged at step {i}: "
+                             f"loss {float(metrics['loss'])}; lower the learning rate or the "
+                             "defense's strength")
+    for name, value in metrics.items():
+      if name != "finite":
+        history.setdefault(name, []).append(float(value))
+    if log_every and ((i + 1) % log_every == 0 or i + 1 == config.steps):
+      elapsed = time.time() - start
+      logging.info("defended fine-tuning %s: step %d/%d, ce %.3f, decoder mse %.4f, "
+                   "%.1f s, ETA %.0f s", d.stack.spec(), i + 1, config.steps,
+                   np.mean(history["ce"][-log_every:]), np.mean(history["decoder_mse"][-log_every:]),
+                   elapsed, elapsed / (i + 1) * (config.steps - i - 1))
+  history["decoder"] = carry[2]
+  return carry[0], history
+
+
+# ------------------------------------------------------------------------------ attacks
+
+def adaptive_decoder_attack(d: DefendedSplit, aux_images: np.ndarray, victim_images: np.ndarray,
+                            key: jax.Array, config: attacks.DecoderConfig,
+                            inner: FinetuneConfig | None = None) -> dict[str, Any]:
+  """A decoder trained from scratch on the defended messages of ``aux_images``.
+
+  With ``inner`` (the fine-tuning's config), refuses an attacker weaker than the rules
+  of docs/method.md §13: fewer than ``ATTACKER_STEPS_FACTOR`` times the inner decoder's
+  steps, a narrower decoder, or the inner decoder's own seed.
+  """
+  if inner is not None and d.stack.adversarial_weight:
+    inner_steps = inner.steps * inner.decoder_steps
+    if config.steps < ATTACKER_STEPS_FACTOR * inner_steps or config.width < inner.decoder_width:
+      raise ValueError(f"the adaptive decoder ({config.steps} steps, width {config.width}) must "
+                       f"train at least {ATTACKER_STEPS_FACTOR}x the inner decoder's "
+                       f"{inner_steps} steps at no smaller width ({inner.decoder_width})")
+  if inner is not None and np.array_equal(jax.random.key_data(key),
+                                          jax.random.key_data(jax.random.key(inner.seed))):
+    raise ValueError("the adaptive attacker must not reuse the fine-tuning's seed")
+  aux_key, victim_key, train_key = jax.random.split(key, 3)
+  aux = messages(d, aux_images, aux_key)
+  victims = messages(d, victim_images, victim_key)
+  decoders, losses = attacks.train_decoders(train_key, aux[None], jnp.asarray(aux_images), config)
+  recon = attacks.decode(decoders, victims[None])[0]
+  scores = attacks.reconstruction_scores(recon, victim_images)
+  return {"reconstructions": np.asarray(recon), "ssim": float(scores["ssim"].mean()),
+          "psnr": float(scores["psnr"].mean()), "losses": np.asarray(losses[0])}
+
+
+def whitebox_attack(d: DefendedSplit, victim_images: np.ndarray, key: jax.Array,
+                    config: attacks.WhiteboxConfig = attacks.WhiteboxConfig()) -> dict[str, Any]:
+  """The white-box attack through the defended edge (its weights, defenses and genome
+  known): images whose message matches the victims' messages; noise is drawn afresh at
+  every step (the attacker knows its distribution, not the victim's draw)."""
+  attacks.check_images(victim_images)
+  target_key, start_key, step_key = jax.random.split(key, 3)
+  targets = messages(d, victim_images, target_key)
+  shape = targets.shape
+  x0 = jnp.clip(0.5 + config.init_noise * jax.random.normal(start_key, victim_images.shape), 0, 1)
+  scale = jnp.mean(targets ** 2, axis=tuple(range(1, len(shape)))) + 1e-12
+  carry = (x0, optax.adam(config.learning_rate).init(x0))
+  (x, _), losses = attacks.iterate(_whitebox_step, (config,), carry,
+                                   jax.random.split(step_key, config.steps), (d, targets, scale))
+  scores = attacks.reconstruction_scores(x, victim_images)
+  return {"reconstructions": np.asarray(x), "ssim": float(scores["ssim"].mean()),
+          "psnr": float(scores["psnr"].mean()), "losses": np.asarray(losses)}
+
+
+def _whitebox_step(config, carry, key, d, targets, scale):
+  axes = tuple(range(1, targets.ndim))
+
+  def objective(x):
+    per_image = (jnp.mean((message(d, x, jax.random.split(key, x.shape[0])) - targets) ** 2, axis=axes) / scale
+                 + config.tv_weight * attacks.total_variation(x))
+    return jnp.sum(per_image), jnp.mean(per_image)
+
+  x, opt_state = carry
+  grads, loss = jax.grad(objective, has_aux=True)(x)
+  updates, opt_state = optax.adam(config.learning_rate).update(grads, opt_state, x)
+  return (jnp.clip(optax.apply_updates(x, updates), 0.0, 1.0), opt_state), loss

@@ -1,0 +1,240 @@
+"""The defended-split study: each row is a genome and a defense stack, fine-tuned, then
+measured against an adaptive attacker (docs/method.md §13, ``results/defenses/``).
+
+Per row: test top-1 through the defended deployment, the edge energy with the defense's
+layers and the message's transmission, the bits sent, the paper's P (mse) of the message,
+the adaptive decoder's and the white-box attack's SSIM / PSNR, and whether the row meets the
+budget and the accuracy bound (against the float model's test top-1). Rows are stored as
+they finish; a rerun resumes and refuses a workdir made with other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from maxpart_jax import checkpoint, data, privacy, runs, train  # noqa: E402
+from maxpart_jax.energy import DeviceConfig  # noqa: E402
+from maxpart_jax.genome import Genome, uniform_genome, validate_genome  # noqa: E402
+from maxpart_jax.privacy import attacks, defended, defenses  # noqa: E402
+from maxpart_jax.studies.rows import load_rows, save_rows  # noqa: E402
+
+
+
+def parse_genome(model, source: str) -> Genome:
+  """A best.json path, or ``uniform:p:w_bits:a_bits``."""
+  if source.startswith("uniform:"):
+    try:
+      p, w, a = (int(v) for v in source.split(":")[1:])
+    except ValueError:
+      raise ValueError(f"genome {source!r}: write uniform:p:w_bits:a_bits") from None
+    genome = uniform_genome(model.info, p, w, a)
+  else:
+    with open(source) as f:
+      genome = Genome.from_json(json.load(f)["genome"])
+  validate_genome(model.info, genome)
+  return genome
+
+
+def parse_rows(model, config: ml_collections.ConfigDict
+               ) -> list[tuple[str, str, Genome, defenses.Stack]]:
+  """``(row name, genome name, genome, stack)`` per config row, all checked before any work."""
+  rows = []
+  for row in config.rows:
+    name, sep, spec = row.partition("/")
+    if not sep or name not in config.genomes:
+      raise ValueError(f"row {row!r}: write <genome>/<defenses> with a genome of "
+                       f"{sorted(config.genomes)}")
+    genome = parse_genome(model, config.genomes[name])
+    stack = defenses.parse_stack(spec)
+    stack.check(model.info.blocks[int(genome.p) - 1].out_shape)
+    rows.append((f"{name}/{stack.spec()}", name, genome, stack))
+  if len({r[0] for r in rows}) != len(rows):
+    raise ValueError("the config lists a row twice")
+  return rows
+
+
+def image_sets(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The fine-tuning split, the attacker's images (val), the victims and the test split."""
+  kw = dict(dataset=config.dataset, data_dir=config.data_dir or None)
+  train_split, val, test = (data.load_split(s, **kw) for s in ("train", "val", "test"))
+  if config.aux_images > len(val) or config.victim_images > len(test):
+    raise ValueError(f"at most {len(val)} attacker images (the val split) and {len(test)} "
+                     f"victims, got {config.aux_images} and {config.victim_images}")
+  rng = np.random.default_rng(config.seed)
+  aux = val.float_images()[np.sort(rng.permutation(len(val))[:config.aux_images])]
+  victims = test.float_images()[np.sort(rng.permutation(len(test))[:config.victim_images])]
+  init = train_split.float_images()[rng.permutation(len(train_split))[:config.init_images]]
+  return {"train": train_split, "test": test, "aux": aux, "victims": victims, "init": init}
+
+
+def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> dict[str, Any]:
+  """What the rows depend on: every setting but the rows and their genomes, the model, the
+  data and the images drawn. A new row or genome joins the study; a changed setting makes a
+  new one; a stored row whose genome changed is refused by :func:`run`."""
+  identity = runs.flatten({k: v for k, v in config.to_dict().items()
+                           if k not in ("rows", "genomes", "grid_images")})
+  with open(os.path.join(config.model_dir, "model.json"), "rb") as f:
+    identity["model_sha256"] = hashlib.sha256(f.read()).hexdigest()
+  identity["data"] = data.content_hash(config.dataset, config.data_dir or None)
+  for what in ("aux", "victims", "init"):
+    identity[f"{what}_sha256"] = hashlib.sha256(sets[what].tobytes()).hexdigest()
+  return json.loads(json.dumps(identity))
+
+
+def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: dict[str, Any],
+                config: ml_collections.ConfigDict, key: jax.Array,
+                float_accuracy: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Fine-tunes one defended deployment and attacks it; the row and its reconstructions."""
+  ft = defended.FinetuneConfig(seed=config.seed, **config.finetune)
+  init_key, eval_key, attack_key, wb_key = jax.random.split(key, 4)
+  start = time.time()
+  d = defended.defended_split(model, variables, genome, stack, sets["init"], init_key,
+                              dataset=config.dataset)
+  d, history = defended.finetune(d, sets["train"], ft)
+  finetune_s = time.time() - start
+  accuracy = defended.accuracy(d, sets["test"], eval_key)
+  victims = sets["victims"]
+  msgs = defended.messages(d, victims, eval_key)
+  p_mse = float(privacy.mean_privacy(victims, msgs, "mse"))
+  t = time.time()
+  dec = defended.adaptive_decoder_attack(d, sets["aux"], victims, attack_key,
+                                         attacks.DecoderConfig(**config.decoder), ft)
+  decoder_s = time.time() - t
+  t = time.time()
+  wb = defended.whitebox_attack(d, victims[:config.whitebox_images], wb_key,
+                                attacks.WhiteboxConfig(**config.whitebox))
+  whitebox_s = time.time() - t
+  device = DeviceConfig(budget_mj=config.budget_mj)
+  energy = defenses.defended_energy(model.info, genome, stack, device, config.transmission)
+  eps = float_accuracy - accuracy
+  row = {
+      "p": int(genome.p), "block": model.info.blocks[int(genome.p) - 1].label,
+      "defenses": stack.spec(), "genome": genome.to_json(),
+      "test_accuracy": accuracy, "test_eps": eps,
+      "energy_mj": float(energy.total_mj), "compute_mj": float(energy.compute_mj),
+      "transmission_mj": float(energy.transmission_mj),
+      "message_shape": list(d.message_shape),
+      "message_bits": float(defenses.message_bits(model.info, genome, stack)),
+      "privacy_mse": p_mse,
+      "decoder": {"ssim": dec["ssim"], "psnr": dec["psnr"], "final_loss": float(dec["losses"][-1]),
+                  "seconds": round(decoder_s, 1)},
+      "whitebox": {"ssim": wb["ssim"], "psnr": wb["psnr"], "seconds": round(whitebox_s, 1)},
+      "inner_decoder_mse": float(np.mean(history["decoder_mse"][-50:])),
+      "finetune_final_ce": float(np.mean(history["ce"][-50:])),
+      "finetune_seconds": round(finetune_s, 1),
+      "feasible": bool(float(energy.total_mj) < config.budget_mj and eps <= config.eps_bound),
+  }
+  n = config.grid_images
+  return row, {"decoder": dec["reconstructions"][:n], "whitebox": wb["reconstructions"][:n]}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any]:
+  """Runs (or resumes) the study and writes ``study.json`` and the plots to ``out``."""
+  attacks.DecoderConfig(**config.decoder)  # their checks, before any work
+  attacks.WhiteboxConfig(**config.whitebox)
+  defended.FinetuneConfig(**config.finetune)
+  model, variables, meta = checkpoint.load_model(config.model_dir)
+  rows_plan = parse_rows(model, config)
+  sets = image_sets(config)
+  identity = study_identity(config, sets)
+  float_accuracy = train.evaluate(model, variables, sets["test"])
+  with runs.workdir_lock(workdir):
+    state = load_rows(workdir, identity, "defense study")
+    stored = {row["row"]: row for row in state["rows"]}
+    for name, _, genome, _ in rows_plan:
+      if name in stored and stored[name]["genome"] != genome.to_json():
+        raise ValueError(f"row {name!r} in {workdir} was made with another genome "
+                         f"({stored[name]['genome']}); use another workdir")
+    todo = [r for r in rows_plan if r[0] not in stored]
+    logging.info("defense study: %d rows to run, %d done", len(todo), len(state["rows"]))
+    progress = train.Progress(len(todo), every=1, name="defended rows", unit="row")
+    for i, (name, genome_name, genome, stack) in enumerate(todo):
+      key = jax.random.fold_in(jax.random.key(config.seed + 1), len(state["rows"]))
+      row, recon = measure_row(model, variables, genome, stack, sets, config, key, float_accuracy)
+      state["rows"].append({"row": name, "genome_name": genome_name, **row})
+      state["recon"].update({f"{k}|{name}": v for k, v in recon.items()})
+      save_rows(workdir, state)
+      logging.info("%s: top-1 %.2f %%, energy %.4f mJ, decoder SSIM %.3f, white-box SSIM %.3f",
+                   name, 100 * row["test_accuracy"], row["energy_mj"], row["decoder"]["ssim"],
+                   row["whitebox"]["ssim"])
+      progress(i + 1)
+    wanted = [r[0] for r in rows_plan]
+    rows = [r for r in state["rows"] if r["row"] in wanted]
+    rows.sort(key=lambda r: wanted.index(r["row"]))
+    result = {"config": config.to_dict(), "float_test_accuracy": float_accuracy, "rows": rows,
+              "proxies": proxy_correlations(rows), "environment": runs.environment()}
+    os.makedirs(out, exist_ok=True)
+    checkpoint.write_json(os.path.join(out, "study.json"), result)
+    _plots(result, state["recon"], sets["victims"][:config.grid_images], config, out)
+    return result
+
+
+PROXIES = ("privacy_mse", "inner_decoder_mse")
+"""Cheap privacy terms a defended search could use instead of an adaptive attack: the paper's
+P of the message, and the inner decoder's reconstruction MSE at the end of the fine-tuning."""
+
+
+def proxy_correlations(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Spearman's rho (and p) of each proxy against the adaptive decoder's SSIM over the rows;
+  a proxy fit for a search needs rho <= -0.9 (higher proxy, worse reconstructions)."""
+  if len(rows) < 3:
+    return {}
+  ssim = [r["decoder"]["ssim"] for r in rows]
+  out = {}
+  for proxy in PROXIES:
+    rho, p = stats.spearmanr([r[proxy] for r in rows], ssim)
+    out[proxy] = {"rho": float(rho), "p": float(p), "n": len(rows)}
+  return out
+
+
+def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.ndarray,
+           config: ml_collections.ConfigDict, out: str) -> None:
+  rows = result["rows"]
+  floor = result["float_test_accuracy"] - config.eps_bound
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+  for ax, attack in zip(axes, ("decoder", "whitebox")):
+    for r in rows:
+      ok = r["energy_mj"] < config.budget_mj
+      ax.scatter(100 * r["test_accuracy"], r[attack]["ssim"], marker="o" if ok else "x",
+                 color="C0" if r["defenses"] == "none" else "C3")
+      ax.annotate(r["row"], (100 * r["test_accuracy"], r[attack]["ssim"]), fontsize=6,
+                  xytext=(3, 3), textcoords="offset points")
+    ax.axvline(100 * floor, color="gray", ls="--", lw=0.8, label="accuracy bound")
+    ax.axhline(0.3, color="gray", ls=":", lw=0.8, label="SSIM 0.3")
+    ax.set(xlabel="test top-1 (%)", ylabel=f"{attack} SSIM (adaptive)",
+           title=f"{attack} attack vs accuracy (x: over the energy budget)")
+    ax.legend(fontsize=7)
+  fig.savefig(os.path.join(out, "privacy_accuracy.png"), dpi=110)
+  plt.close(fig)
+  lines = [("original", originals)]
+  for r in rows:
+    for attack in ("decoder", "whitebox"):
+      images = recon.get(f"{attack}|{r['row']}")
+      if images is not None:
+        lines.append((f"{attack}\n{r['row']}\nSSIM {r[attack]['ssim']:.2f}", images))
+  n = len(originals)
+  fig, axes = plt.subplots(len(lines), n, figsize=(1.1 * n + 2.2, 1.1 * len(lines)), squeeze=False)
+  for i, (label, images) in enumerate(lines):
+    for j in range(n):
+      if j < len(images):
+        axes[i, j].imshow(np.clip(images[j], 0, 1))
+      axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+    axes[i, 0].set_ylabel(label, fontsize=5, rotation=0, ha="right", va="center")
+  fig.suptitle("victims and their reconstructions by adaptive attackers", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "grid.png"), dpi=110)
+  plt.close(fig)

@@ -1,0 +1,272 @@
+"""Defenses of the IR: the registry's generic checks, each defense's arithmetic against an
+independent computation, its energy, and its effect on an attacker who retrains for it."""
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import gratings, jittered
+from experiments.configs import defenses as defense_configs
+from maxpart_jax import data
+from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, link_cost
+from maxpart_jax.genome import Genome, quantized_apply, uniform_genome
+from maxpart_jax.models import get_model
+from maxpart_jax.privacy import attacks, defended, defenses
+
+
+def _smooth_images(n: int, seed: int = 0) -> np.ndarray:
+  return gratings(n, seed, frequencies=(0.3, 1.5))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A one-block-per-stage ResNet18 x0.125 with random weights (stem: a 32x32x8 IR)."""
+  model = get_model("resnet18", width=0.125, stage_sizes=(1, 1, 1, 1))
+  return model, jittered(model)
+
+
+def test_every_registered_defense_passes_the_generic_checks():
+  for name, defense in defenses.DEFENSES.items():
+    defenses.check_defense(defense)
+    lo, hi = defense.strength_range
+    defenses.check_defense(defense, lo if defense.integer_strength else hi / 1e3)
+
+
+@pytest.mark.parametrize("broken, message", [
+    (dict(message_channels=lambda c, s: c + 1), "message_channels says"),
+    (dict(send=lambda p, ir, key, s: ir + jax.random.normal(jax.random.key(int(1e3 * np.random.rand())), ir.shape)),
+     "not a pure function"),
+    (dict(receive=lambda p, m, s: m[..., :1]), "not the IR's"),
+    (dict(penalty=lambda images, m, s: jnp.sqrt(jnp.min(m) - 1.0)), "penalty is not a finite"),
+    (dict(edge_layer=lambda shape, s: (-1, 0)), "non-negative"),
+    (dict(penalty=lambda images, m, s: jnp.mean(m)), "strength 0 changes"),
+])
+def test_generic_checks_catch_a_broken_defense(broken, message):
+  good = defenses.get_defense("noise")
+  with pytest.raises(defenses.DefenseCheckError, match=message):
+    defenses.check_defense(dataclasses.replace(good, name="broken", **broken))
+
+
+def _dcor_numpy(x, y):
+  """Distance correlation by its definition (Székely et al. 2007), in float64."""
+  def centred(z):
+    z = z.reshape(len(z), -1).astype(np.float64)
+    d = np.sqrt(((z[:, None] - z[None]) ** 2).sum(-1))
+    return d - d.mean(0) - d.mean(1)[:, None] + d.mean()
+  a, b = centred(x), centred(y)
+  return np.sqrt((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean()))
+
+
+def test_distance_correlation_matches_its_definition():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 5, 3))
+  y = np.tanh(x.reshape(16, -1)[:, :4]) + 0.5 * rng.normal(size=(16, 4))
+  got = float(defenses.distance_correlation(jnp.asarray(x), jnp.asarray(y)))
+  want = _dcor_numpy(x, y)
+  assert 0.3 < want < 0.95
+  assert got == pytest.approx(want, abs=1e-4)  # float32 distances; eps 1e-9 under the roots
+  # a similarity transform of the sample is perfectly dependent
+  assert float(defenses.distance_correlation(jnp.asarray(x), jnp.asarray(3 * x + 1))) == \
+      pytest.approx(1.0, abs=1e-4)
+
+
+def test_bottleneck_starts_as_the_best_rank_k_projection():
+  """Its initialization is PCA over the IR's pixels: receive(send(ir)) is the projection on
+  the k principal directions (numpy's SVD as the reference), and with k = c the identity."""
+  rng = np.random.default_rng(1)
+  mix = rng.normal(size=(6, 6))
+  irs = np.maximum(rng.normal(size=(4, 5, 5, 6)) @ mix, 0).astype(np.float32)
+  b = defenses.get_defense("bottleneck")
+  z = irs.reshape(-1, 6).astype(np.float64)
+  mean = z.mean(0)
+  _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
+  for k in (2, 6):
+    params = b.init(jax.random.key(0), jnp.asarray(irs), k)
+    msg = b.send(params, jnp.asarray(irs), jax.random.key(1), k)
+    assert msg.shape == (4, 5, 5, k)
+    back = np.asarray(b.receive(params, msg, k)).reshape(-1, 6)
+    want = (z - mean) @ vt[:k].T @ vt[:k] + mean
+    np.testing.assert_allclose(back, want, atol=2e-4)
+
+
+def test_noise_has_its_scale_and_each_image_its_own_draw(tiny):
+  model, variables = tiny
+  images = _smooth_images(12)
+  genome = uniform_genome(model.info, 1, 32, 32)  # float: the message is IR + noise exactly
+  clean = defended.defended_split(model, variables, genome, defenses.parse_stack("none"),
+                                  images, jax.random.key(0))
+  noisy = defended.defended_split(model, variables, genome, defenses.parse_stack("noise:0.5"),
+                                  images, jax.random.key(0))
+  with pytest.raises(ValueError, match="0 parameter sets for the 1 defenses"):
+    defended.messages(dataclasses.replace(clean, stack=noisy.stack), images, jax.random.key(0))
+  key = jax.random.key(3)
+  ir = np.asarray(defended.messages(clean, images, key))
+  msg = np.asarray(defended.messages(noisy, images, key))
+  rms = np.sqrt((ir ** 2).mean(axis=(1, 2, 3), keepdims=True))
+  z = (msg - ir) / rms
+  assert z.std() == pytest.approx(0.5, rel=0.03) and abs(z.mean()) < 0.02
+  # an image's message does not depend on the batch it was sent in
+  np.testing.assert_array_equal(np.asarray(defended.messages(noisy, images, key, batch_size=5)),
+                                msg)
+  assert not np.array_equal(np.asarray(defended.messages(noisy, images, jax.random.key(4))), msg)
+
+
+def test_an_undefended_split_is_the_quantized_model(tiny):
+  """With no defense, cloud(message) is the genome's fake-quantized model: the IR quantized
+  after block p instead of inside the chain gives the same logits."""
+  model, variables = tiny
+  images = _smooth_images(6)
+  genome = Genome(p=jnp.int32(4), w_bits=jnp.full((model.info.num_layers,), 4, jnp.int32),
+                  a_bits=jnp.full((model.info.num_layers,), 6, jnp.int32))
+  d = defended.defended_split(model, variables, genome, defenses.parse_stack("none"), images,
+                              jax.random.key(0))
+  got = defended.logits(d, jnp.asarray(images), defended.image_keys(jax.random.key(0), 0, 6))
+  info = data.dataset_info("cifar100")
+  normalized = (jnp.asarray(images) - jnp.asarray(info.mean)) / jnp.asarray(info.std)
+  want = quantized_apply(model, variables, normalized, genome)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_defended_energy_charges_the_defense_layers_and_the_message(tiny):
+  """Hand computation at split 4 (h x w x c IR, 6 bits): a bottleneck to k channels adds a
+  1x1 layer of h w c k MACs, c k + k parameters and h w c inputs at the IR's bits,
+  and sends h w k values; noise adds one operation per IR element and sends the whole IR."""
+  model, _ = tiny
+  info = model.info
+  genome = Genome(p=jnp.int32(4), w_bits=jnp.full((info.num_layers,), 4, jnp.int32),
+                  a_bits=jnp.full((info.num_layers,), 6, jnp.int32))
+  h, w, c = info.blocks[3].out_shape
+  device = DeviceConfig()
+  base = edge_energy(info, genome, device, transmission=False).compute_mj
+  bits = 6.0
+  mac = device.mac_pj_per_bit * bits + device.mac_pj_offset
+  for spec, macs, params, sent in (("bottleneck:3", h * w * c * 3, c * 3 + 3, h * w * 3),
+                                   ("noise:1", h * w * c, 0, h * w * c),
+                                   ("adversarial:10,dcor:1", 0, 0, h * w * c)):
+    stack = defenses.parse_stack(spec)
+    e = defenses.defended_energy(info, genome, stack, device)
+    extra_pj = (macs * mac + h * w * c * device.mem_pj_per_bit * bits
+                + params * device.mem_pj_per_bit * bits) if macs else 0.0
+    assert float(e.compute_mj) == pytest.approx(float(base) + extra_pj / PJ_PER_MJ, rel=1e-6)
+    assert float(defenses.message_bits(info, genome, stack)) == sent * bits
+    assert float(e.transmission_mj) == pytest.approx(float(link_cost(sent * bits, device)[0]),
+                                                     rel=1e-6)
+  assert float(defenses.defended_energy(info, genome, defenses.Stack(), device).total_mj) == \
+      pytest.approx(float(edge_energy(info, genome, device).total_mj), rel=1e-6)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("shuffle:1", "unknown defense 'shuffle'"),
+    ("noise", "has no strength"),
+    ("noise:abc", "not a number"),
+    ("noise:-1", r"noise strength must be a number in \[0, 100\]"),
+    ("bottleneck:2.5", "whole number"),
+    ("noise:1,noise:2", "appears twice"),
+])
+def test_bad_defense_specs_are_refused_by_name(spec, message):
+  with pytest.raises(ValueError, match=message):
+    defenses.parse_stack(spec)
+
+
+def test_a_bottleneck_wider_than_the_ir_is_refused(tiny):
+  model, _ = tiny
+  with pytest.raises(ValueError, match=r"bottleneck strength must be a whole number in \[1, 8\]"):
+    defenses.parse_stack("bottleneck:9").check(model.info.blocks[0].out_shape)
+
+
+def test_the_adaptive_attacker_is_not_the_inner_decoder(tiny):
+  """It must train from scratch with a key of its own, for at least 4x the inner decoder's
+  steps at no smaller width; the study draws its images from the hold-out, disjoint from the
+  fine-tuning images and the victims."""
+  model, variables = tiny
+  images = _smooth_images(8)
+  d = defended.defended_split(model, variables, uniform_genome(model.info, 1, 8, 8),
+                              defenses.parse_stack("adversarial:10"), images, jax.random.key(0))
+  inner = defended.FinetuneConfig(steps=50, decoder_warmup=10, decoder_width=16, seed=7)
+  for config, key, message in (
+      (attacks.DecoderConfig(steps=199, width=16), jax.random.key(1), "at least 4x"),
+      (attacks.DecoderConfig(steps=200, width=8), jax.random.key(1), "no smaller width"),
+      (attacks.DecoderConfig(steps=200, width=16), jax.random.key(7), "seed")):
+    with pytest.raises(ValueError, match=message):
+      defended.adaptive_decoder_attack(d, images, images, key, config, inner)
+  c = defense_configs.get_config("quick")
+  assert c.decoder.steps >= defended.ATTACKER_STEPS_FACTOR * c.finetune.steps
+  assert c.decoder.width >= c.finetune.decoder_width and c.aux_images >= 5000
+
+
+def test_the_adversarial_loss_is_cross_entropy_minus_the_capped_decoder_error(tiny):
+  """After the warm-up, the network minimises CE - alpha * min(inner decoder MSE, MSE of the
+  batch's mean image), and before it plain CE."""
+  model, variables = tiny
+  images = _smooth_images(64, seed=4)
+  split = data.Split(images=(images * 255).round().astype(np.uint8),
+                     labels=(np.arange(64) % 10).astype(np.int32), num_classes=100,
+                     dataset="cifar100")
+  config = defended.FinetuneConfig(steps=4, batch_size=16, decoder_warmup=2, decoder_width=8)
+  d = defended.defended_split(model, variables, uniform_genome(model.info, 2, 8, 8),
+                              defenses.parse_stack("adversarial:30"), images[:16],
+                              jax.random.key(0))
+  _, h = defended.finetune(d, split, config, log_every=0)
+  ce, mse, cap = (np.asarray(h[k]) for k in ("ce", "decoder_mse", "no_information_mse"))
+  weight = np.where(np.arange(4) >= 2, 30.0, 0.0)
+  np.testing.assert_allclose(h["loss"], ce - weight * np.minimum(mse, cap), rtol=1e-5)
+  assert np.all(mse > 0) and np.all(cap > 0)
+  # the cap is exercised: the young inner decoder is worse than the batch's mean image
+  assert np.any(mse[2:] > cap[2:]), (mse, cap)
+
+
+@pytest.mark.slow
+def test_each_defense_lowers_what_an_adaptive_decoder_recovers():
+  """Split after the stem of a small random network, whose IR a decoder reads well (SSIM
+  about 0.85). A decoder trained from scratch on the defended messages of other images must
+  reconstruct worse than one trained on the undefended split under the same treatment: the
+  bottleneck and the noise as they are (measured 0.69 and 0.59 against 0.84), distance
+  correlation after fine-tuning against the equally fine-tuned split (0.74 against 0.86).
+  The adversarial defense is measured on the real model (results/defenses/): on this random
+  stem, 30 steps of it move neither its inner decoder nor the adaptive one by much. (A
+  ResNet18 x0.125 with its full depth: on the one-block-per-stage net, fine-tuning on random
+  labels alone moves the undefended SSIM by 0.12.)"""
+  model = get_model("resnet18", width=0.125)
+  variables = jittered(model)
+  train_images = _smooth_images(256, seed=1)
+  split = data.Split(images=(train_images * 255).round().astype(np.uint8),
+                     labels=(np.arange(256) % 10).astype(np.int32), num_classes=100,
+                     dataset="cifar100")
+  aux, victims = _smooth_images(256, seed=2), _smooth_images(32, seed=3)
+  genome = uniform_genome(model.info, 1, 8, 8)
+  config = defended.FinetuneConfig(steps=30, batch_size=32, learning_rate=3e-3,
+                                   decoder_warmup=10, decoder_width=8)
+  attacker = attacks.DecoderConfig(steps=120, batch_size=32, width=8)
+
+  def attack(spec, finetune):
+    d = defended.defended_split(model, variables, genome, defenses.parse_stack(spec),
+                                train_images[:128], jax.random.key(0))
+    if finetune:
+      d, _ = defended.finetune(d, split, config, log_every=0)
+    return defended.adaptive_decoder_attack(d, aux, victims, jax.random.key(1), attacker,
+                                            config)["ssim"]
+
+  plain, tuned = attack("none", False), attack("none", True)
+  assert plain > 0.7 and tuned > 0.7, (plain, tuned)
+  for spec in ("bottleneck:1", "noise:2"):
+    assert attack(spec, False) < plain - 0.1, spec
+  assert attack("dcor:30", True) < tuned - 0.06
+
+
+@pytest.mark.parametrize("rows, genomes, message", [
+    (("quick",), {"quick": "uniform:4:8:8"}, "write <genome>/<defenses>"),
+    (("deep/none",), {"quick": "uniform:4:8:8"}, "with a genome of"),
+    (("quick/none",), {"quick": "uniform:4:8"}, "uniform:p:w_bits:a_bits"),
+    (("quick/none",), {"quick": "uniform:6:8:8"}, "partition point p=6 out of range"),
+    (("quick/bottleneck:33",), {"quick": "uniform:4:8:8"}, r"whole number in \[1, 32\]"),
+    (("quick/none", "quick/none"), {"quick": "uniform:4:8:8"}, "lists a row twice"),
+])
+def test_the_study_refuses_bad_rows_before_any_work(tiny, rows, genomes, message):
+  from maxpart_jax.studies import defense_study
+  model, _ = tiny
+  config = defense_configs.get_config("smoke")
+  config.rows, config.genomes = rows, genomes
+  with pytest.raises(ValueError, match=message):
+    defense_study.parse_rows(model, config)
