@@ -38,14 +38,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       "quick": "results/search_quick/best.json",
       # split 7 (layer3.1, the CPU reproduction's split) at 4-bit weights: 0.0225 mJ undefended
       "p7": "uniform:7:4:8",
-      # split 8 (layer4.0) at 4-bit weights: over the budget undefended, 0.0237 mJ with an
-      # 8-channel bottleneck (4x4x8 values sent instead of 4x4x128)
-      "p8": "uniform:8:4:8",
   })
   c.rows = ("quick/none", "quick/adversarial:30", "p7/none", "p7/adversarial:30",
             "quick/bottleneck:4,adversarial:30", "p7/bottleneck:16,adversarial:30",
-            "quick/noise:1", "quick/dcor:2", "quick/bottleneck:4", "p7/adversarial:100",
-            "p8/bottleneck:8,adversarial:30", "p8/bottleneck:8")
+            "quick/noise:1", "quick/dcor:2", "quick/bottleneck:4", "p7/adversarial:100")
   c.finetune = ml_collections.ConfigDict(dict(
       steps=600, batch_size=64, learning_rate=3e-4, grad_clip=1.0, decoder_learning_rate=2e-3,
       decoder_warmup=200, decoder_width=32))
