@@ -12,9 +12,10 @@ from conftest import gratings, jittered
 from experiments.configs import defenses as defense_configs
 from maxpart_jax import data
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, link_cost
-from maxpart_jax.genome import Genome, quantized_apply, uniform_genome
+from maxpart_jax.genome import Genome, quantized_apply, quantized_edge, uniform_genome
 from maxpart_jax.models import get_model
 from maxpart_jax.privacy import attacks, defended, defenses
+from maxpart_jax.quant import quantize_activations, quantize_weights
 
 
 def _smooth_images(n: int, seed: int = 0) -> np.ndarray:
@@ -126,6 +127,31 @@ def test_an_undefended_split_is_the_quantized_model(tiny):
   normalized = (jnp.asarray(images) - jnp.asarray(info.mean)) / jnp.asarray(info.std)
   want = quantized_apply(model, variables, normalized, genome)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_the_bottleneck_runs_on_the_device_at_the_ir_bits(tiny):
+  """What is charged is what runs: the bottleneck reads the IR the undefended edge sends (at
+  the IR's bits), its kernel is quantized at the IR's bits, and the message is quantized on
+  [-c, c]; a float kernel would give other messages at 4 bits."""
+  model, variables = tiny
+  images = _smooth_images(6)
+  genome = uniform_genome(model.info, 3, 4, 4)
+  d = defended.defended_split(model, variables, genome, defenses.parse_stack("bottleneck:3"),
+                              images, jax.random.key(0))
+  info = data.dataset_info("cifar100")
+  x = (jnp.asarray(images) - jnp.asarray(info.mean)) / jnp.asarray(info.std)
+  ir = quantized_edge(model, variables, x, genome)
+  enc = d.defense_params[0]["encode"]
+  bits = jnp.int32(4)
+
+  def code(kernel):
+    return quantize_activations(jnp.einsum("nhwc,ck->nhwk", ir, kernel) + enc["bias"], bits,
+                                signed=True)
+
+  got = np.asarray(defended.messages(d, images, jax.random.key(1)))
+  np.testing.assert_allclose(got, code(quantize_weights(enc["kernel"], bits)), atol=1e-5)
+  assert np.abs(got - np.asarray(code(enc["kernel"]))).max() > 1e-2
+  assert len(np.unique(got[0])) <= 2 ** 4 - 1  # 4-bit signed codes (paper levels)
 
 
 def test_defended_energy_charges_the_defense_layers_and_the_message(tiny):

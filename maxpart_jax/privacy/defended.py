@@ -1,9 +1,10 @@
 """Defended splits: fine-tuning a deployment with defenses, and attacking it adaptively.
 
-A defended deployment (:class:`DefendedSplit`) runs blocks ``1..p`` quantized by a genome,
-then the stack's ``send`` functions (:mod:`maxpart_jax.privacy.defenses`), then quantizes the
-message at the IR's bits (on ``[-c, c]`` if a defense makes it signed); the cloud runs the
-stack's ``receive`` functions and blocks ``p+1..``. :func:`finetune` trains the whole
+A defended deployment (:class:`DefendedSplit`) runs blocks ``1..p`` quantized by a genome
+(the IR at the IR's bits, as undefended), then the stack's ``send`` functions
+(:mod:`maxpart_jax.privacy.defenses`) with their kernels quantized at the IR's bits, then
+quantizes the message at the IR's bits (on ``[-c, c]`` if a defense makes it signed); the
+cloud runs the stack's ``receive`` functions in float and blocks ``p+1..``. :func:`finetune` trains the whole
 network and the defenses' parameters for cross-entropy plus the defenses' penalties; with an
 ``adversarial`` defense of strength α it also trains an inner decoder on the messages and
 subtracts α times its reconstruction MSE (simultaneous gradient steps, the decoder trained
@@ -35,7 +36,7 @@ from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.privacy import attacks
 from maxpart_jax.privacy.defenses import Stack
-from maxpart_jax.quant import QuantPolicy, quantize_activations
+from maxpart_jax.quant import QuantPolicy, quantize_activations, quantize_weights
 
 ATTACKER_STEPS_FACTOR = 4
 """The adaptive decoder trains at least this many times as long as the inner decoder."""
@@ -83,7 +84,7 @@ class FinetuneConfig:
 class DefendedSplit:
   """A defended deployment: the network's variables, the defenses' parameters, the policy.
 
-  ``policy`` quantizes the edge as the genome says but leaves the IR to :func:`message`.
+  ``policy`` quantizes the edge and the IR as the genome says; :func:`message` adds the rest.
   """
 
   variables: Variables
@@ -108,7 +109,6 @@ def defended_split(model: SplitModel, variables: Variables, genome: Genome, stac
   split = model.info.check_split(int(genome.p))
   stack.check(model.info.blocks[split - 1].out_shape)
   policy = to_policy(model.info, genome, per_channel, activation_levels)
-  policy = policy.replace(split=jnp.int32(0))  # the IR is quantized after the defenses
   irs = attacks.edge_irs(model, variables, split, policy, sample_images, dataset=dataset)
   return DefendedSplit(variables, stack.init(key, irs), policy, model, split, stack, dataset)
 
@@ -128,9 +128,21 @@ def image_keys(key: jax.Array, start: int, n: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + n))
 
 
+def device_params(d: DefendedSplit, params: list) -> list:
+  """The defenses' parameters as the device uses them: every ``kernel`` (a layer the device
+  runs, e.g. the bottleneck's) fake-quantized per tensor at the IR's bits, which is what
+  :func:`~maxpart_jax.privacy.defenses.defended_energy` charges it at."""
+  def quantize(path, leaf):
+    is_kernel = getattr(path[-1], "key", None) == "kernel"
+    return quantize_weights(leaf, d.policy.ir_bits) if is_kernel else leaf
+  return jax.tree_util.tree_map_with_path(quantize, params)
+
+
 def _send(d: DefendedSplit, params: list, ir: jax.Array, keys: jax.Array) -> jax.Array:
-  # per image: a message never depends on the other images of its batch
-  msg = jax.vmap(lambda x, k: d.stack.send(params, x[None], k)[0])(ir, keys)
+  """The quantized message of a batch of quantized IRs (the defenses' ``send`` per image: a
+  message never depends on the other images of its batch)."""
+  on_device = device_params(d, params)
+  msg = jax.vmap(lambda x, k: d.stack.send(on_device, x[None], k)[0])(ir, keys)
   return _quantize_message(d, msg)
 
 
