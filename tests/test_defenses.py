@@ -245,10 +245,10 @@ def test_the_adversarial_loss_is_cross_entropy_minus_the_capped_decoder_error(ti
 @pytest.mark.slow
 def test_each_defense_lowers_what_an_adaptive_decoder_recovers():
   """Split after the stem of a small random network, whose IR a decoder reads well (SSIM
-  about 0.85). A decoder trained from scratch on the defended messages of other images must
+  about 0.8). A decoder trained from scratch on the defended messages of other images must
   reconstruct worse than one trained on the undefended split under the same treatment: the
-  bottleneck and the noise as they are (measured 0.69 and 0.59 against 0.84), distance
-  correlation after fine-tuning against the equally fine-tuned split (0.74 against 0.86).
+  bottleneck and the noise as they are (measured 0.69 and 0.59 against 0.81), distance
+  correlation after fine-tuning against the equally fine-tuned split (0.67 against 0.83).
   The adversarial defense is measured on the real model (results/defenses/): on this random
   stem, 30 steps of it move neither its inner decoder nor the adaptive one by much. (A
   ResNet18 x0.125 with its full depth: on the one-block-per-stage net, fine-tuning on random
@@ -259,11 +259,11 @@ def test_each_defense_lowers_what_an_adaptive_decoder_recovers():
   split = data.Split(images=(train_images * 255).round().astype(np.uint8),
                      labels=(np.arange(256) % 10).astype(np.int32), num_classes=100,
                      dataset="cifar100")
-  aux, victims = _smooth_images(256, seed=2), _smooth_images(32, seed=3)
+  aux, victims = _smooth_images(192, seed=2), _smooth_images(32, seed=3)
   genome = uniform_genome(model.info, 1, 8, 8)
-  config = defended.FinetuneConfig(steps=30, batch_size=32, learning_rate=3e-3,
-                                   decoder_warmup=10, decoder_width=8)
-  attacker = attacks.DecoderConfig(steps=120, batch_size=32, width=8)
+  config = defended.FinetuneConfig(steps=25, batch_size=32, learning_rate=3e-3,
+                                   decoder_warmup=5, decoder_width=8)
+  attacker = attacks.DecoderConfig(steps=100, batch_size=32, width=8)
 
   def attack(spec, finetune):
     d = defended.defended_split(model, variables, genome, defenses.parse_stack(spec),
