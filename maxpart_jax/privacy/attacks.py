@@ -274,7 +274,9 @@ def reconstruction_scores(recon: jax.Array, images: jax.Array) -> dict[str, np.n
   return {"ssim": np.asarray(ssim), "psnr": np.asarray(psnr)}
 
 
-def _summary(recon: jax.Array, victim_images: np.ndarray, **extra: Any) -> dict[str, Any]:
+def summary(recon: jax.Array, victim_images: np.ndarray, **extra: Any) -> dict[str, Any]:
+  """An attack's result: the reconstructions, their mean and per-image SSIM and PSNR, and
+  ``extra`` (e.g. ``losses``)."""
   scores = reconstruction_scores(recon, victim_images)
   return {"reconstructions": np.asarray(recon), "ssim": float(scores["ssim"].mean()),
           "psnr": float(scores["psnr"].mean()), "ssim_per_image": scores["ssim"],
@@ -324,7 +326,7 @@ def decoder_attacks(model: SplitModel, variables: Variables, split: int,
     trained = [train_decoders(key, ir[None], aux_images, config, fused) for ir in aux]
     losses = [l[0] for _, l in trained]
     recon = [decode(d, ir[None])[0] for (d, _), ir in zip(trained, victims)]
-  return [_summary(recon[i], victim_images, losses=np.asarray(losses[i]))
+  return [summary(recon[i], victim_images, losses=np.asarray(losses[i]))
           for i in range(len(policies))]
 
 
@@ -354,7 +356,7 @@ def whitebox_attack(model: SplitModel, variables: Variables, split: int,
   targets = edge_irs(model, variables, split, policy, victim_images, dataset=dataset)
   split = model.info.check_split(split)
   recon, losses = _invert(model, split, dataset, config, variables, policy, targets, key, fused)
-  return _summary(recon, victim_images, losses=np.asarray(losses))
+  return summary(recon, victim_images, losses=np.asarray(losses))
 
 
 def _invert(model, split, dataset, config, variables, policy, targets, key, fused):

@@ -288,7 +288,8 @@ def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig =
     batch = (jnp.asarray(images), jnp.asarray(train_split.labels[idx]),
              jax.random.fold_in(noise_key, i))
     carry, metrics = _train_step(config, image_shape, carry, batch)
-    if not bool(metrics["finite"]):
+    metrics = jax.device_get(metrics)  # one transfer per step, not one per metric
+    if not metrics["finite"]:
       raise FinetuneDiverged(f"defended fine-tuning ({d.stack.spec()}) diverged at step {i}: "
                              f"loss {float(metrics['loss'])}; lower the learning rate or the "
                              "defense's strength")
@@ -330,9 +331,7 @@ def adaptive_decoder_attack(d: DefendedSplit, aux_images: np.ndarray, victim_ima
   victims = messages(d, victim_images, victim_key)
   decoders, losses = attacks.train_decoders(train_key, aux[None], jnp.asarray(aux_images), config)
   recon = attacks.decode(decoders, victims[None])[0]
-  scores = attacks.reconstruction_scores(recon, victim_images)
-  return {"reconstructions": np.asarray(recon), "ssim": float(scores["ssim"].mean()),
-          "psnr": float(scores["psnr"].mean()), "losses": np.asarray(losses[0])}
+  return attacks.summary(recon, victim_images, losses=np.asarray(losses[0]))
 
 
 def whitebox_attack(d: DefendedSplit, victim_images: np.ndarray, key: jax.Array,
@@ -349,9 +348,7 @@ def whitebox_attack(d: DefendedSplit, victim_images: np.ndarray, key: jax.Array,
   carry = (x0, optax.adam(config.learning_rate).init(x0))
   (x, _), losses = attacks.iterate(_whitebox_step, (config,), carry,
                                    jax.random.split(step_key, config.steps), (d, targets, scale))
-  scores = attacks.reconstruction_scores(x, victim_images)
-  return {"reconstructions": np.asarray(x), "ssim": float(scores["ssim"].mean()),
-          "psnr": float(scores["psnr"].mean()), "losses": np.asarray(losses)}
+  return attacks.summary(x, victim_images, losses=np.asarray(losses))
 
 
 def _whitebox_step(config, carry, key, d, targets, scale):

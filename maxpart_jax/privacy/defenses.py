@@ -280,10 +280,14 @@ class Stack:
   def init(self, key: jax.Array, irs: jax.Array) -> list[Params]:
     """Parameters of every defense, each from the sample its predecessors send."""
     params, x = [], irs
-    for (d, s), k in zip(self.defenses, jax.random.split(key, max(len(self.items), 1))):
+    for (d, s), k in zip(self.defenses, self._keys(key)):
       params.append(d.init(k, x, s))
       x = d.send(params[-1], x, k, s)
     return params
+
+  def _keys(self, key: jax.Array) -> jax.Array:
+    """One key per defense (``init`` and ``send`` draw the same way)."""
+    return jax.random.split(key, max(len(self.items), 1))
 
   def _check_params(self, params: list[Params]) -> None:
     if len(params) != len(self.items):
@@ -293,8 +297,7 @@ class Stack:
   def send(self, params: list[Params], ir: jax.Array, key: jax.Array) -> jax.Array:
     """The message the device sends for an IR (before it is quantized)."""
     self._check_params(params)
-    for (d, s), p, k in zip(self.defenses, params,
-                            jax.random.split(key, max(len(self.items), 1))):
+    for (d, s), p, k in zip(self.defenses, params, self._keys(key)):
       ir = d.send(p, ir, k, s)
     return ir
 
