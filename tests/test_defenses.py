@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import gratings, jittered
+from conftest import gratings, jittered, relative_distance
 from experiments.configs import defenses as defense_configs
 from maxpart_jax import data
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, link_cost
@@ -242,6 +242,52 @@ def test_the_adversarial_loss_is_cross_entropy_minus_the_capped_decoder_error(ti
   assert np.any(mse[2:] > cap[2:]), (mse, cap)
 
 
+def test_the_task_loss_is_cross_entropy_plus_the_distillation_kl():
+  rng = np.random.default_rng(0)
+  out, teacher = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  labels = np.array([0, 3, 6, 2, 1])
+  config = defended.FinetuneConfig(distill=0.7)
+  logp = out - np.log(np.exp(out).sum(-1, keepdims=True))
+  logq = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
+  ce = -np.mean(logp[np.arange(5), labels])
+  kl = np.mean(np.sum(np.exp(logq) * (logq - logp), axis=-1))
+  got = defended._task_loss(config, jnp.asarray(out), jnp.asarray(labels), jnp.asarray(teacher))
+  np.testing.assert_allclose(got, ce + 0.7 * kl, rtol=1e-5)
+
+
+def test_the_cloud_steps_leave_the_messages_as_they_were(tiny):
+  """After the joint steps, ``cloud_steps`` train the cloud alone: the messages (hence every
+  attack) are those of the joint steps' deployment bit for bit, the edge's weights and
+  statistics and the bottleneck's sending kernel are untouched, and the cloud learned."""
+  model, variables = tiny
+  images = _smooth_images(64, seed=4)
+  split = data.Split(images=(images * 255).round().astype(np.uint8),
+                     labels=(np.arange(64) % 10).astype(np.int32), num_classes=100,
+                     dataset="cifar100")
+  d = defended.defended_split(model, variables, uniform_genome(model.info, 2, 8, 8),
+                              defenses.parse_stack("bottleneck:4,adversarial:10"), images[:16],
+                              jax.random.key(0))
+  base = dict(steps=2, batch_size=16, decoder_warmup=1, decoder_width=8, schedule="cosine",
+              distill=0.5, learning_rate=1e-3)
+  joint, h_joint = defended.finetune(d, split, defended.FinetuneConfig(**base), log_every=0)
+  both, h = defended.finetune(d, split, defended.FinetuneConfig(cloud_steps=3, **base),
+                              log_every=0)
+  assert len(h["ce"]) == 2 and len(h["cloud_ce"]) == 3 and h["ce"] == h_joint["ce"]
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(defended.messages(both, images, key),
+                                defended.messages(joint, images, key))
+  edge, cloud = ("blocks_0", "blocks_1"), ("blocks_2", "blocks_5")  # split 2: stem, layer1.0
+  for collection in ("params", "batch_stats"):
+    for k in edge:
+      same = jax.tree.map(np.array_equal, joint.variables[collection][k],
+                          both.variables[collection][k])
+      assert all(jax.tree.leaves(same)), (collection, k)
+  for k in cloud:
+    assert relative_distance(both.variables["params"][k], joint.variables["params"][k]) > 1e-4
+  np.testing.assert_array_equal(joint.defense_params[0]["encode"]["kernel"],
+                                both.defense_params[0]["encode"]["kernel"])
+
+
 @pytest.mark.slow
 def test_each_defense_lowers_what_an_adaptive_decoder_recovers():
   """Split after the stem of a small random network, whose IR a decoder reads well (SSIM
@@ -288,12 +334,16 @@ def test_each_defense_lowers_what_an_adaptive_decoder_recovers():
     (("quick/none",), {"quick": "uniform:6:8:8"}, "partition point p=6 out of range"),
     (("quick/bottleneck:33",), {"quick": "uniform:4:8:8"}, r"whole number in \[1, 32\]"),
     (("quick/none", "quick/none"), {"quick": "uniform:4:8:8"}, "lists a row twice"),
+    (("quick/none@slow",), {"quick": "uniform:4:8:8"}, "unknown recipe 'slow'"),
+    # the recipe's 5 inner steps need 20 attacker steps; the smoke config's decoder has 16
+    (("quick/adversarial:1@long",), {"quick": "uniform:4:8:8"}, "at least 4x"),
 ])
 def test_the_study_refuses_bad_rows_before_any_work(tiny, rows, genomes, message):
   from maxpart_jax.studies import defense_study
   model, _ = tiny
   config = defense_configs.get_config("smoke")
   config.rows, config.genomes = rows, genomes
+  config.recipes = {"long": {"steps": 5}}
   with pytest.raises(ValueError, match=message):
     defense_study.parse_rows(model, config)
 
@@ -306,10 +356,11 @@ def test_the_study_resumes_row_by_row_and_refuses_a_changed_genome(fake_data_dir
   from maxpart_jax.studies import defense_study
   calls = []
 
-  def stub(model, variables, genome, stack, sets, config, key, float_accuracy):
-    calls.append(stack.spec())
+  def stub(model, variables, genome, stack, sets, config, key, float_accuracy, finetune):
+    calls.append(stack.spec() + ("@" if finetune != config.finetune.to_dict() else ""))
     n = config.grid_images
     row = {"p": int(genome.p), "defenses": stack.spec(), "genome": genome.to_json(),
+           "finetune": finetune,
            "test_accuracy": 0.5, "energy_mj": 0.01, "privacy_mse": float(len(calls)),
            "inner_decoder_mse": 0.1 * len(calls), "decoder": {"ssim": 1.0 / len(calls)},
            "whitebox": {"ssim": 0.5}}
@@ -331,6 +382,14 @@ def test_the_study_resumes_row_by_row_and_refuses_a_changed_genome(fake_data_dir
   assert result["proxies"]["privacy_mse"]["rho"] == pytest.approx(-1.0)
   with open(tmp_path / "out" / "study.json") as f:
     assert json.load(f)["rows"] == result["rows"]
+  # a recipe's row joins the study; a stored recipe changed is refused like a changed genome
+  config.recipes = {"cloud": {"cloud_steps": 3}}
+  config.rows = ("quick/none", "quick/none@cloud")
+  result = defense_study.run(config, workdir, out)
+  assert calls[3:] == ["none@"] and result["rows"][1]["finetune"]["cloud_steps"] == 3
+  config.recipes = {"cloud": {"cloud_steps": 4}}
+  with pytest.raises(ValueError, match="row 'quick/none@cloud' in .* was fine-tuned with other"):
+    defense_study.run(config, workdir, out)
   config.genomes = {"quick": "uniform:4:4:8"}
-  with pytest.raises(ValueError, match="row 'quick/dcor:2' in .* was made with another genome"):
+  with pytest.raises(ValueError, match="row 'quick/none' in .* was made with another genome"):
     defense_study.run(config, workdir, out)

@@ -6,9 +6,11 @@ Variants:
           deeper uniform genomes, each defense alone and combined.
   smoke   two rows, a few steps: for tests.
 
-Rows are ``"<genome>/<defense stack>"``: a genome named in ``genomes`` (a best.json path, or
-``uniform:p:w_bits:a_bits``) and a stack (``maxpart_jax.privacy.defenses.parse_stack``,
-``none`` for no defense). Every row is fine-tuned with the same settings, defended or not.
+Rows are ``"<genome>/<defense stack>[@<recipe>]"``: a genome named in ``genomes`` (a
+best.json path, or ``uniform:p:w_bits:a_bits``), a stack
+(``maxpart_jax.privacy.defenses.parse_stack``, ``none`` for no defense) and optionally a recipe
+named in ``recipes`` (overrides of ``finetune``). Rows without a recipe are fine-tuned with the
+same settings, defended or not.
 
 Image sets: fine-tuning on the ``train`` split; the adaptive attacker's ``aux_images`` from the
 ``val`` hold-out (disjoint from the fine-tuning images and the victims); the victims a seeded
@@ -45,6 +47,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict(dict(
       steps=600, batch_size=64, learning_rate=3e-4, grad_clip=1.0, decoder_learning_rate=2e-3,
       decoder_warmup=200, decoder_width=32))
+  # recover: the learning rate decayed to 0, distillation from the float model, then the
+  # cloud alone for 600 steps on the frozen edge's messages (they, and the attacks, stay).
+  c.recipes = ml_collections.ConfigDict({
+      "recover": dict(schedule="cosine", distill=1.0, cloud_steps=600),
+  })
   # the adaptive attacker: from scratch, >= 4x the inner decoder's steps, >= its width
   c.decoder = ml_collections.ConfigDict(dict(steps=2400, batch_size=64, learning_rate=3e-3,
                                              width=32, ssim_weight=0.0))

@@ -41,6 +41,7 @@ from maxpart_jax.quant import QuantPolicy, quantize_activations, quantize_weight
 ATTACKER_STEPS_FACTOR = 4
 """The adaptive decoder trains at least this many times as long as the inner decoder."""
 STANDARDIZE_EPS = 1e-6
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,13 @@ class FinetuneConfig:
     decoder_width: the inner decoder's width (:class:`maxpart_jax.privacy.attacks.Decoder`).
     decoder_steps: the inner decoder's Adam steps per step of the network (a stronger inner
       adversary; the adaptive attacker's rule counts ``steps * decoder_steps``).
+    schedule: the network's learning rate over the steps: ``constant`` or ``cosine`` (decayed
+      to 0).
+    distill: weight of the KL divergence from the float model the fine-tuning starts from
+      (undefended, unquantized, its predictions as soft targets) added to the loss.
+    cloud_steps: steps after the joint fine-tuning that train only the cloud (the blocks
+      after the split and the defenses' ``receive``) on the frozen edge's messages, with the
+      same loss but no adversary: the messages, hence every attack, stay as they were.
     seed: batches, noise draws and the decoder's initialization.
   """
 
@@ -68,12 +76,20 @@ class FinetuneConfig:
   decoder_warmup: int = 200
   decoder_width: int = 32
   decoder_steps: int = 1
+  schedule: str = "constant"
+  distill: float = 0.0
+  cloud_steps: int = 0
   seed: int = 0
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "decoder_width", "decoder_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"fine-tuning {name} must be >= 1, got {getattr(self, name)}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"unknown fine-tuning schedule {self.schedule!r}; choose from {SCHEDULES}")
+    if self.distill < 0 or self.cloud_steps < 0:
+      raise ValueError("distill and cloud_steps must be >= 0, got "
+                       f"{self.distill} and {self.cloud_steps}")
     if not 0 <= self.decoder_warmup < self.steps:
       raise ValueError(f"decoder_warmup must be in [0, steps), got {self.decoder_warmup}")
     if not (self.learning_rate > 0 and self.decoder_learning_rate > 0 and self.grad_clip > 0):
@@ -200,8 +216,15 @@ def _standardize(x: jax.Array) -> jax.Array:
 
 
 def _optimizers(config: FinetuneConfig):
-  net = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate))
-  return net, optax.adam(config.decoder_learning_rate)
+  """The optimizers of the network (joint steps), the inner decoder and the cloud (cloud
+  steps, on a schedule of their own)."""
+  lr = (optax.cosine_decay_schedule(config.learning_rate, config.steps)
+        if config.schedule == "cosine" else config.learning_rate)
+  cloud_lr = optax.cosine_decay_schedule(config.learning_rate, max(config.cloud_steps, 1)) \
+      if config.schedule == "cosine" else config.learning_rate
+  clip = optax.clip_by_global_norm(config.grad_clip)
+  return (optax.chain(clip, optax.adam(lr)), optax.adam(config.decoder_learning_rate),
+          optax.chain(clip, optax.adam(cloud_lr)))
 
 
 def _edge_message(d: DefendedSplit, params: Any, dparams: list, images: jax.Array,
@@ -217,13 +240,30 @@ def _decoder_mse(module, decoder, msg, images):
   return jnp.mean((module.apply(decoder, _standardize(msg)) - images) ** 2)
 
 
+def _task_loss(config: FinetuneConfig, out: jax.Array, labels: jax.Array,
+               teacher: jax.Array) -> jax.Array:
+  """Cross-entropy plus ``distill`` times KL(teacher || network) of the predictions."""
+  loss = train.cross_entropy(out, labels)
+  if config.distill:
+    log_t = jax.nn.log_softmax(teacher)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - jax.nn.log_softmax(out)), axis=-1)
+    loss = loss + config.distill * jnp.mean(kl)
+  return loss
+
+
+def _teacher_logits(d: DefendedSplit, teacher: Variables | None, images: jax.Array):
+  if teacher is None:
+    return None
+  return jax.lax.stop_gradient(d.model.apply(teacher, _normalized(images, d.dataset)))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_step(config: FinetuneConfig, image_shape, carry, batch):
+def _train_step(config: FinetuneConfig, image_shape, carry, batch, teacher):
   """The inner decoder's ``decoder_steps`` on the current messages, then one step of the
   network and the defenses against the updated decoder."""
   d, opt_state, decoder, decoder_opt, step = carry
   images, labels, key = batch
-  net_tx, dec_tx = _optimizers(config)
+  net_tx, dec_tx, _ = _optimizers(config)
   module = attacks.Decoder(image_shape, config.decoder_width)
   alpha = jnp.where(step >= config.decoder_warmup, d.stack.adversarial_weight, 0.0)
   # A reconstruction worse than the batch's mean image says nothing about the image: the
@@ -233,6 +273,7 @@ def _train_step(config: FinetuneConfig, image_shape, carry, batch):
 
   current = jax.lax.stop_gradient(
       _edge_message(d, d.variables["params"], d.defense_params, images, key)[0])
+  soft = _teacher_logits(d, teacher, images)
 
   # unrolled: XLA runs convolutions inside loops far slower on CPUs (attacks.iterate)
   for _ in range(config.decoder_steps):
@@ -247,7 +288,8 @@ def _train_step(config: FinetuneConfig, image_shape, carry, batch):
                              d.stack.receive(dparams, msg), start=d.split, train=True)
     ce = train.cross_entropy(out, labels)
     mse = _decoder_mse(module, decoder, msg, images)
-    loss = ce + d.stack.penalty(images, msg) - alpha * jnp.minimum(mse, no_information)
+    loss = (_task_loss(config, out, labels, soft) + d.stack.penalty(images, msg)
+            - alpha * jnp.minimum(mse, no_information))
     return loss, (ce, mse, upd["batch_stats"], jnp.mean(jnp.argmax(out, -1) == labels))
 
   trainable = (d.variables["params"], d.defense_params)
@@ -262,32 +304,62 @@ def _train_step(config: FinetuneConfig, image_shape, carry, batch):
   return (d, opt_state, decoder, decoder_opt, step + 1), metrics
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _cloud_step(config: FinetuneConfig, carry, batch, teacher):
+  """One step of the cloud alone on the frozen edge's messages (inference mode): the edge's
+  parameters and statistics get no gradient and no update, nor do the defenses' parameters
+  that only ``send`` uses."""
+  d, opt_state = carry
+  images, labels, key = batch
+  msg = jax.lax.stop_gradient(message(d, images, jax.random.split(key, images.shape[0])))
+  soft = _teacher_logits(d, teacher, images)
+
+  def cloud_loss(trainable):
+    params, dparams = trainable
+    out, upd = d.model.apply({"params": params, "batch_stats": d.variables["batch_stats"]},
+                             d.stack.receive(dparams, msg), start=d.split, train=True)
+    ce = train.cross_entropy(out, labels)
+    return _task_loss(config, out, labels, soft), (ce, upd["batch_stats"],
+                                                    jnp.mean(jnp.argmax(out, -1) == labels))
+
+  trainable = (d.variables["params"], d.defense_params)
+  (loss, (ce, stats, acc)), grads = jax.value_and_grad(cloud_loss, has_aux=True)(trainable)
+  updates, opt_state = _optimizers(config)[2].update(grads, opt_state, trainable)
+  params, dparams = optax.apply_updates(trainable, updates)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, dparams))]))
+  d = d.replace(variables={"params": params, "batch_stats": stats}, defense_params=dparams)
+  return (d, opt_state), {"loss": loss, "ce": ce, "accuracy": acc, "finite": finite}
+
+
 class FinetuneDiverged(ValueError):
   """The defended fine-tuning produced a non-finite loss or weights."""
 
 
 def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig = FinetuneConfig(),
              log_every: int = 100) -> tuple[DefendedSplit, dict[str, Any]]:
-  """Fine-tunes a defended deployment; returns it and the per-step history (and the inner
-  decoder's final parameters under ``"decoder"``, for the tests that tell it apart from the
-  adaptive attacker's). Raises :class:`FinetuneDiverged` on a non-finite step."""
+  """Fine-tunes a defended deployment: ``steps`` joint steps, then ``cloud_steps`` of the
+  cloud alone. Returns it and the per-step history (``cloud_*`` for the cloud steps; the
+  inner decoder's final parameters under ``"decoder"``, for the tests that tell it apart from
+  the adaptive attacker's). Raises :class:`FinetuneDiverged` on a non-finite step."""
   image_shape = tuple(d.model.input_shape)
-  net_tx, dec_tx = _optimizers(config)
-  key = jax.random.key(config.seed)
-  init_key, noise_key = jax.random.split(key)
-  msg_shape = (1, *d.message_shape)
-  decoder = attacks.Decoder(image_shape, config.decoder_width).init(init_key, jnp.zeros(msg_shape))
-  trainable = (d.variables["params"], d.defense_params)
-  carry = (d, net_tx.init(trainable), decoder, dec_tx.init(decoder), jnp.int32(0))
+  net_tx, dec_tx, cloud_tx = _optimizers(config)
+  teacher = d.variables if config.distill else None  # the float model it starts from
+  init_key, noise_key = jax.random.split(jax.random.key(config.seed))
+  decoder = attacks.Decoder(image_shape, config.decoder_width).init(
+      init_key, jnp.zeros((1, *d.message_shape)))
   rng = np.random.default_rng(config.seed)
   history: dict[str, list[float]] = {}
+  total = config.steps + config.cloud_steps
   start = time.time()
-  for i in range(config.steps):
+
+  def batch(i):
     idx = rng.integers(0, len(train_split.images), config.batch_size)
     images = data.augment(train_split.images[idx], rng).astype(np.float32) / 255.0
-    batch = (jnp.asarray(images), jnp.asarray(train_split.labels[idx]),
-             jax.random.fold_in(noise_key, i))
-    carry, metrics = _train_step(config, image_shape, carry, batch)
+    return (jnp.asarray(images), jnp.asarray(train_split.labels[idx]),
+            jax.random.fold_in(noise_key, i))
+
+  def record(i, metrics, prefix):
     metrics = jax.device_get(metrics)  # one transfer per step, not one per metric
     if not metrics["finite"]:
       raise FinetuneDiverged(f"defended fine-tuning ({d.stack.spec()}) diverged at step {i}: "
@@ -295,18 +367,38 @@ def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig =
                              "defense's strength")
     for name, value in metrics.items():
       if name != "finite":
-        history.setdefault(name, []).append(float(value))
-    if log_every and ((i + 1) % log_every == 0 or i + 1 == config.steps):
+        history.setdefault(prefix + name, []).append(float(value))
+    if log_every and ((i + 1) % log_every == 0 or i + 1 == total):
       elapsed = time.time() - start
-      logging.info("defended fine-tuning %s: step %d/%d, ce %.3f, decoder mse %.4f, "
-                   "%.1f s, ETA %.0f s", d.stack.spec(), i + 1, config.steps,
-                   np.mean(history["ce"][-log_every:]), np.mean(history["decoder_mse"][-log_every:]),
-                   elapsed, elapsed / (i + 1) * (config.steps - i - 1))
-  history["decoder"] = carry[2]
-  return carry[0], history
+      logging.info("defended fine-tuning %s: step %d/%d%s, ce %.3f, %.1f s, ETA %.0f s",
+                   d.stack.spec(), i + 1, total, " (cloud)" if prefix else "",
+                   np.mean(history[prefix + "ce"][-log_every:]), elapsed,
+                   elapsed / (i + 1) * (total - i - 1))
+
+  trainable = (d.variables["params"], d.defense_params)
+  carry = (d, net_tx.init(trainable), decoder, dec_tx.init(decoder), jnp.int32(0))
+  for i in range(config.steps):
+    carry, metrics = _train_step(config, image_shape, carry, batch(i), teacher)
+    record(i, metrics, "")
+  d, decoder = carry[0], carry[2]
+  carry = (d, cloud_tx.init((d.variables["params"], d.defense_params)))
+  for i in range(config.steps, total):
+    carry, metrics = _cloud_step(config, carry, batch(i), teacher)
+    record(i, metrics, "cloud_")
+  return carry[0], {**history, "decoder": decoder}
 
 
 # ------------------------------------------------------------------------------ attacks
+
+def check_attacker(config: attacks.DecoderConfig, inner: FinetuneConfig) -> None:
+  """Refuses an adaptive decoder that trains less than ``ATTACKER_STEPS_FACTOR`` times the
+  inner decoder's steps, or is narrower than it."""
+  inner_steps = inner.steps * inner.decoder_steps
+  if config.steps < ATTACKER_STEPS_FACTOR * inner_steps or config.width < inner.decoder_width:
+    raise ValueError(f"the adaptive decoder ({config.steps} steps, width {config.width}) must "
+                     f"train at least {ATTACKER_STEPS_FACTOR}x the inner decoder's "
+                     f"{inner_steps} steps at no smaller width ({inner.decoder_width})")
+
 
 def adaptive_decoder_attack(d: DefendedSplit, aux_images: np.ndarray, victim_images: np.ndarray,
                             key: jax.Array, config: attacks.DecoderConfig,
@@ -318,11 +410,7 @@ def adaptive_decoder_attack(d: DefendedSplit, aux_images: np.ndarray, victim_ima
   steps, a narrower decoder, or the inner decoder's own seed.
   """
   if inner is not None and d.stack.adversarial_weight:
-    inner_steps = inner.steps * inner.decoder_steps
-    if config.steps < ATTACKER_STEPS_FACTOR * inner_steps or config.width < inner.decoder_width:
-      raise ValueError(f"the adaptive decoder ({config.steps} steps, width {config.width}) must "
-                       f"train at least {ATTACKER_STEPS_FACTOR}x the inner decoder's "
-                       f"{inner_steps} steps at no smaller width ({inner.decoder_width})")
+    check_attacker(config, inner)
   if inner is not None and np.array_equal(jax.random.key_data(key),
                                           jax.random.key_data(jax.random.key(inner.seed))):
     raise ValueError("the adaptive attacker must not reuse the fine-tuning's seed")

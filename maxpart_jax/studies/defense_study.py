@@ -50,18 +50,29 @@ def parse_genome(model, source: str) -> Genome:
 
 
 def parse_rows(model, config: ml_collections.ConfigDict
-               ) -> list[tuple[str, str, Genome, defenses.Stack]]:
-  """``(row name, genome name, genome, stack)`` per config row, all checked before any work."""
+               ) -> list[tuple[str, str, Genome, defenses.Stack, dict[str, Any]]]:
+  """``(row name, genome name, genome, stack, fine-tuning settings)`` per config row
+  (``<genome>/<defenses>[@<recipe>]``), all checked before any work."""
+  recipes = config.get("recipes", ml_collections.ConfigDict()).to_dict()
   rows = []
   for row in config.rows:
+    row, _, recipe = row.partition("@")
     name, sep, spec = row.partition("/")
     if not sep or name not in config.genomes:
       raise ValueError(f"row {row!r}: write <genome>/<defenses> with a genome of "
                        f"{sorted(config.genomes)}")
+    if recipe and recipe not in recipes:
+      raise ValueError(f"row {row!r}: unknown recipe {recipe!r}; the config has "
+                       f"{sorted(recipes)}")
     genome = parse_genome(model, config.genomes[name])
     stack = defenses.parse_stack(spec)
     stack.check(model.info.blocks[int(genome.p) - 1].out_shape)
-    rows.append((f"{name}/{stack.spec()}", name, genome, stack))
+    finetune = {**config.finetune.to_dict(), **recipes.get(recipe, {})}
+    if stack.adversarial_weight:
+      defended.check_attacker(attacks.DecoderConfig(**config.decoder),
+                              defended.FinetuneConfig(seed=config.seed, **finetune))
+    rows.append((f"{name}/{stack.spec()}" + (f"@{recipe}" if recipe else ""), name, genome,
+                 stack, finetune))
   if len({r[0] for r in rows}) != len(rows):
     raise ValueError("the config lists a row twice")
   return rows
@@ -83,10 +94,10 @@ def image_sets(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> dict[str, Any]:
   """What the rows depend on: every setting but the rows and their genomes, the model, the
-  data and the images drawn. A new row or genome joins the study; a changed setting makes a
-  new one; a stored row whose genome changed is refused by :func:`run`."""
+  data and the images drawn. A new row, genome or recipe joins the study; a changed setting
+  makes a new one; a stored row whose genome or recipe changed is refused by :func:`run`."""
   identity = runs.flatten({k: v for k, v in config.to_dict().items()
-                           if k not in ("rows", "genomes", "grid_images")})
+                           if k not in ("rows", "genomes", "recipes", "grid_images")})
   with open(os.path.join(config.model_dir, "model.json"), "rb") as f:
     identity["model_sha256"] = hashlib.sha256(f.read()).hexdigest()
   identity["data"] = data.content_hash(config.dataset, config.data_dir or None)
@@ -96,10 +107,11 @@ def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> d
 
 
 def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: dict[str, Any],
-                config: ml_collections.ConfigDict, key: jax.Array,
-                float_accuracy: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Fine-tunes one defended deployment and attacks it; the row and its reconstructions."""
-  ft = defended.FinetuneConfig(seed=config.seed, **config.finetune)
+                config: ml_collections.ConfigDict, key: jax.Array, float_accuracy: float,
+                finetune: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Fine-tunes one defended deployment (``finetune``: its settings) and attacks it; the row
+  and its reconstructions."""
+  ft = defended.FinetuneConfig(seed=config.seed, **finetune)
   init_key, eval_key, attack_key, wb_key = jax.random.split(key, 4)
   start = time.time()
   d = defended.defended_split(model, variables, genome, stack, sets["init"], init_key,
@@ -123,7 +135,7 @@ def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: d
   eps = float_accuracy - accuracy
   row = {
       "p": int(genome.p), "block": model.info.blocks[int(genome.p) - 1].label,
-      "defenses": stack.spec(), "genome": genome.to_json(),
+      "defenses": stack.spec(), "genome": genome.to_json(), "finetune": finetune,
       "test_accuracy": accuracy, "test_eps": eps,
       "energy_mj": float(energy.total_mj), "compute_mj": float(energy.compute_mj),
       "transmission_mj": float(energy.transmission_mj),
@@ -155,16 +167,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
   with runs.workdir_lock(workdir):
     state = load_rows(workdir, identity, "defense study")
     stored = {row["row"]: row for row in state["rows"]}
-    for name, _, genome, _ in rows_plan:
+    for name, _, genome, _, finetune in rows_plan:
       if name in stored and stored[name]["genome"] != genome.to_json():
         raise ValueError(f"row {name!r} in {workdir} was made with another genome "
                          f"({stored[name]['genome']}); use another workdir")
+      if name in stored and stored[name].get("finetune", config.finetune.to_dict()) != finetune:
+        raise ValueError(f"row {name!r} in {workdir} was fine-tuned with other settings "
+                         f"({stored[name].get('finetune')}); use another workdir or recipe")
     todo = [r for r in rows_plan if r[0] not in stored]
     logging.info("defense study: %d rows to run, %d done", len(todo), len(state["rows"]))
     progress = train.Progress(len(todo), every=1, name="defended rows", unit="row")
-    for i, (name, genome_name, genome, stack) in enumerate(todo):
+    for i, (name, genome_name, genome, stack, finetune) in enumerate(todo):
       key = jax.random.fold_in(jax.random.key(config.seed + 1), len(state["rows"]))
-      row, recon = measure_row(model, variables, genome, stack, sets, config, key, float_accuracy)
+      row, recon = measure_row(model, variables, genome, stack, sets, config, key, float_accuracy,
+                               finetune)
       state["rows"].append({"row": name, "genome_name": genome_name, **row})
       state["recon"].update({f"{k}|{name}": v for k, v in recon.items()})
       save_rows(workdir, state)
