@@ -377,8 +377,9 @@ def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig =
 
   trainable = (d.variables["params"], d.defense_params)
   carry = (d, net_tx.init(trainable), decoder, dec_tx.init(decoder), jnp.int32(0))
+  joint = dataclasses.replace(config, cloud_steps=0)  # one compilation, whatever follows
   for i in range(config.steps):
-    carry, metrics = _train_step(config, image_shape, carry, batch(i), teacher)
+    carry, metrics = _train_step(joint, image_shape, carry, batch(i), teacher)
     record(i, metrics, "")
   d, decoder = carry[0], carry[2]
   carry = (d, cloud_tx.init((d.variables["params"], d.defense_params)))
