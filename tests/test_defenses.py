@@ -122,7 +122,7 @@ def test_an_undefended_split_is_the_quantized_model(tiny):
                   a_bits=jnp.full((model.info.num_layers,), 6, jnp.int32))
   d = defended.defended_split(model, variables, genome, defenses.parse_stack("none"), images,
                               jax.random.key(0))
-  got = defended.logits(d, jnp.asarray(images), defended.image_keys(jax.random.key(0), 0, 6))
+  got = defended.logits(d, jnp.asarray(images), defenses.image_keys(jax.random.key(0), 0, 6))
   info = data.dataset_info("cifar100")
   normalized = (jnp.asarray(images) - jnp.asarray(info.mean)) / jnp.asarray(info.std)
   want = quantized_apply(model, variables, normalized, genome)
@@ -286,6 +286,52 @@ def test_the_cloud_steps_leave_the_messages_as_they_were(tiny):
     assert relative_distance(both.variables["params"][k], joint.variables["params"][k]) > 1e-4
   np.testing.assert_array_equal(joint.defense_params[0]["encode"]["kernel"],
                                 both.defense_params[0]["encode"]["kernel"])
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("spec", ["bottleneck:4,noise:0.5", "adversarial:10"])
+def test_a_defended_split_exports_to_the_integer_edge_with_parity(tiny, spec, tmp_path):
+  """The exported edge (a bottleneck as an integer layer, noise from each image's key, signed
+  message codes) and cloud against the fake-quantized defended deployment: codes agree but
+  for ties, every message crosses the wire, and the payload is what the energy model
+  charges. A wrong key (or a float bottleneck, or unsigned codes) breaks the parity."""
+  from maxpart_jax.deploy import wire
+  model, variables = tiny
+  genome = uniform_genome(model.info, 3, 4, 8)  # layer2.0: a 16x16x16 IR
+  stack = defenses.parse_stack(spec)
+  sample = _smooth_images(32, seed=5)
+  d = defended.defended_split(model, variables, genome, stack, sample, jax.random.key(1))
+  edge, cloud = defended.export(d, genome, {"name": "resnet18", "width": 0.125,
+                                            "stage_sizes": [1, 1, 1, 1]}, str(tmp_path))
+  images = (_smooth_images(16, seed=6) * 255).round().astype(np.uint8)
+  key = jax.random.key(9)
+  result = defended.export_parity(d, edge, cloud, images, key)
+  assert result["ir_share_of_values_that_differ"] < 0.01, result
+  assert result["ir_max_difference"] <= 1 and result["top1_agreement"] >= 15 / 16, result
+  assert edge.spec.ir.signed == stack.signed and edge.spec.ir.shape == d.message_shape
+  assert edge.spec.ir.payload_bytes * 8 == defenses.message_bits(model.info, genome, stack)
+  if "bottleneck" in spec:
+    assert edge.spec.layers[-1].name == "defense0/bottleneck" and edge.spec.layers[-1].integer
+    payload, _ = edge.ir(images, key)
+    assert payload.min() < 0  # signed codes
+    # the noise follows the key (and above, with the same key, the reference's draws)
+    assert np.mean(edge.ir(images, jax.random.key(10))[0] != payload) > 0.3
+  payload, scales = edge.ir(images, key)
+  body = b"".join(edge.messages(images, key))
+  assert len(body) == len(images) * edge.spec.ir.message_bytes
+  np.testing.assert_array_equal(wire.decode_all(body, cloud.ir)[0], payload)
+  np.testing.assert_allclose(cloud.predict_messages(body), cloud.logits(payload, scales))
+
+
+def test_an_export_refuses_what_the_edge_program_cannot_run(tiny, tmp_path):
+  model, variables = tiny
+  genome = uniform_genome(model.info, 3, 4, 8)
+  d = defended.defended_split(model, variables, genome, defenses.parse_stack("noise:1,bottleneck:4"),
+                              _smooth_images(8), jax.random.key(1))
+  with pytest.raises(ValueError, match="runs a bottleneck only on the IR itself"):
+    defended.export(d, genome, {"name": "resnet18"}, str(tmp_path))
+  with pytest.raises(ValueError, match="is not the one this defended split"):
+    defended.export(d, uniform_genome(model.info, 3, 8, 8), {"name": "resnet18"}, str(tmp_path))
 
 
 @pytest.mark.slow

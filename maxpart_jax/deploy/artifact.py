@@ -10,7 +10,11 @@ Edge artifact (a folder; docs/deploy.md):
   (offset binary), the fixed-point multipliers and the wide biases; per float layer its
   float32 kernel and folded batch norm.
 * ``edge.jax``: the edge program, serialized with ``jax.export`` (StableHLO; batch size
-  symbolic): ``(uint8 images (N, H, W, 3), weights) -> (IR codes or float IR, scales (N,))``.
+  symbolic): ``(uint8 images (N, H, W, 3), weights, noise keys (N, 2) uint32) -> (IR codes
+  or float IR, scales (N,))``. A defended split (:func:`export_split` with a defense
+  stack) runs its defenses' device layers after the IR: a bottleneck as one more integer
+  layer (1x1, weights and input at the IR's bits), noise drawn from each image's key, which
+  the device draws and keeps (it never travels: whoever knew it could subtract the noise).
   It is lowered for CPUs whatever machine exports it, and runs on the host CPU: an edge
   device is a CPU-class processor, and XLA's GPU backend has no integer convolutions
   beyond cuDNN's int8 forms (int64 accumulators are out of reach on GPUs and TPUs).
@@ -27,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 from typing import Any, Iterator
 
 import jax
@@ -40,9 +45,10 @@ from maxpart_jax.deploy import integer, wire
 from maxpart_jax.genome import Genome, effective_bits, validate_genome
 from maxpart_jax.models import SplitModel, Variables, model_from_spec
 from maxpart_jax.models.layers import batch_norm
+from maxpart_jax.privacy import defenses as defenses_lib
 from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
 
-EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 2
+EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 3
 UNEXPORTED_ID = "0" * 16
 """The artifact id of an edge built in memory (:func:`build_edge`): no cloud accepts it."""
 EDGE_PLATFORMS, CLOUD_PLATFORMS = ("cpu",), ("cpu", "cuda", "tpu")
@@ -69,6 +75,12 @@ class EdgeSpec:
   layers: tuple[integer.LayerSpec, ...]
   ir: wire.IRSpec
   per_channel: bool
+  defenses: str = "none"
+
+  @property
+  def stack(self) -> defenses_lib.Stack:
+    """The defenses between the IR and the message (:func:`defenses_lib.parse_stack`)."""
+    return defenses_lib.parse_stack(self.defenses)
 
   def quantizer_settings(self) -> dict[str, Any]:
     """``{"per_channel", "activation_levels"}`` the program was exported with (keyword
@@ -80,6 +92,7 @@ class EdgeSpec:
             "dataset": self.dataset, "genome": self.genome, "split": self.split,
             "block": self.block_label, "fraction_bits": integer.FRACTION_BITS,
             "per_channel": self.per_channel, "ir": self.ir.to_json(),
+            "defenses": self.defenses,
             "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
   @classmethod
@@ -90,7 +103,8 @@ class EdgeSpec:
     return cls(model=manifest["model"], dataset=manifest["dataset"], genome=manifest["genome"],
                split=manifest["split"], block_label=manifest["block"],
                layers=tuple(integer.LayerSpec(**layer) for layer in manifest["layers"]),
-               ir=wire.IRSpec.from_json(manifest["ir"]), per_channel=manifest["per_channel"])
+               ir=wire.IRSpec.from_json(manifest["ir"]), per_channel=manifest["per_channel"],
+               defenses=manifest["defenses"])
 
 
 def _body_digest(manifest: dict[str, Any]) -> str:
@@ -164,10 +178,80 @@ def _edge_layers(model: SplitModel, variables: Variables, genome: Genome, per_ch
   return specs, arrays
 
 
+def _defense_layers(model: SplitModel, genome: Genome, stack: defenses_lib.Stack,
+                    defense_params: list, activation_levels: str
+                    ) -> tuple[list[integer.LayerSpec], list[dict[str, Any]]]:
+  """Specs and arrays of the defenses' integer layers (a bottleneck: 1x1, weights per tensor
+  and input at the IR's bits, its bias exact in the wide format). ``ValueError`` for a
+  defense that has device work but no integer form here, or a bottleneck whose input is not
+  the IR."""
+  p = int(genome.p)
+  ir_bits = int(effective_bits(model.info, genome)[2])
+  specs, arrays, on_ir = [], [], True
+  for i, ((defense, _), params) in enumerate(zip(stack.defenses, defense_params)):
+    if defense.name == "bottleneck":
+      if not on_ir:
+        raise ValueError(f"{stack.spec()!r}: the edge program runs a bottleneck only on the IR "
+                         "itself (put it first among the defenses that act on the device)")
+      kernel = np.asarray(params["encode"]["kernel"], np.float32)
+      channels = kernel.shape[-1]
+      spec = integer.LayerSpec(
+          name=f"defense{i}/bottleneck", layer_id=-1 - i, block=p, kernel=1, stride=1, groups=1,
+          w_bits=ir_bits, a_bits=ir_bits, signed_input=False, activation_levels=activation_levels,
+          per_channel=False)
+      # no batch norm: the folding's scale is exactly 1 (var 1, epsilon 0) and its shift the bias
+      spec, arr = integer.layer_arrays(
+          spec, kernel[None, None], {"scale": np.ones(channels), "bias": params["encode"]["bias"]},
+          {"mean": np.zeros(channels), "var": np.ones(channels)}, 0.0)
+      specs.append(spec)
+      arrays.append(arr)
+      on_ir = False
+    elif defense.name == "noise":
+      on_ir = False
+    elif defense.edge_layer(model.info.blocks[p - 1].out_shape, 1.0) != (0, 0):
+      raise ValueError(f"defense {defense.name!r} works on the device but has no integer form "
+                       "in the edge program")
+  return specs, arrays
+
+
+def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array,
+                     layers: dict[str, tuple[integer.LayerSpec, dict[str, jax.Array]]],
+                     clipped_where: Any) -> jax.Array:
+  """The defenses' device work on the wide IR ``x``, as :mod:`maxpart_jax.privacy.defended`
+  does it in float: a bottleneck quantizes its input (the IR) at the IR's bits; noise adds
+  ``strength · rms · N(0, 1)`` per image, drawn from the image's key split once per defense
+  (as ``Stack.send`` splits it), to the quantized IR or to the bottleneck's output."""
+  stack, ir = spec.stack, spec.ir
+  per_defense = jax.vmap(lambda k: jax.random.split(k, max(len(stack.items), 1)))(keys)
+  on_ir = True
+  for i, (defense, strength) in enumerate(stack.defenses):
+    if defense.name == "bottleneck":
+      layer, arr = layers["bottleneck"]
+      x, clipped = (integer.integer_layer if layer.integer else integer.float_layer)(x, arr, layer)
+      clipped_where(clipped)
+      on_ir = False
+    elif defense.name == "noise":
+      if on_ir and ir.bits < FLOAT_BITS:  # the quantized IR, as the fake quantizer hands it on
+        codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
+        step = integer.to_float(m) / jnp.float32(integer.levels(ir.bits, False,
+                                                                ir.activation_levels))
+        value = codes.astype(jnp.float32) * step[:, None, None, None]
+      else:
+        value = integer.to_float(x)
+      noisy = jax.vmap(lambda v, k: defenses_lib.get_defense("noise").send(
+          {}, v[None], k, strength)[0])(value, per_defense[:, i])
+      x, clipped = integer.saturate(integer.to_wide(noisy))
+      clipped_where(clipped)
+      on_ir = False
+  return x
+
+
 def edge_forward(model: SplitModel, spec: EdgeSpec, images: jax.Array,
-                 arrays: list[dict[str, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 arrays: list[dict[str, jax.Array]], keys: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The integer edge program: uint8 images to ``(IR codes, scales, overflowed (N,))``
-  (a float IR and ones at 32 bits). Run it inside :func:`edge_device`."""
+  (a float IR and ones at 32 bits); a defended split's message codes, its noise drawn from
+  ``keys`` (one per image; none needed without noise). Run it inside :func:`edge_device`."""
   x = data.normalize_on_device(images, spec.dataset)
   by_block: dict[int, dict[str, tuple[integer.LayerSpec, dict[str, jax.Array]]]] = {}
   for layer, arr in zip(spec.layers, arrays):
@@ -190,9 +274,11 @@ def edge_forward(model: SplitModel, spec: EdgeSpec, images: jax.Array,
     x, clipped = integer.saturate(integer.block_forward(block)(run, x, block))
     clipped_where(clipped)
   ir = spec.ir
+  if spec.stack.items:  # its layers are filed under the block after the split
+    x = _device_defenses(spec, x, keys, by_block.get(spec.split, {}), clipped_where)
   if ir.bits >= FLOAT_BITS:
     return integer.to_float(x), jnp.ones((x.shape[0],), jnp.float32), overflow
-  codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
+  codes, m = integer.activation_codes(x, ir.bits, ir.signed, ir.activation_levels)
   return codes, integer.to_float(m), overflow
 
 
@@ -273,24 +359,33 @@ class EdgeProgram:
                  spec.ir, "its manifest's IR")
     return cls(spec, arrays, exported)
 
-  def ir(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes or float IR (N, H, W, C), scales (N,))`` of a batch of uint8 images."""
+  def ir(self, images: np.ndarray, key: jax.Array | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes or float IR (N, H, W, C), scales (N,))`` of a batch of uint8 images.
+
+    ``key``: where a defended edge draws its noise (image ``i`` from
+    ``defenses.image_keys(key, i, 1)``); by default a fresh key from the operating system's
+    entropy at every call, which stays on the device.
+    """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.input_shape:
       raise ValueError(f"the edge program takes uint8 images of shape (N, "
                        f"{', '.join(map(str, self.input_shape))}), got {images.dtype} "
                        f"{images.shape}")
     with edge_device():
-      payload, scales, overflow = (np.asarray(a)
-                                   for a in self.exported.call(images, self._device_arrays))
+      if key is None:
+        key = jax.random.key(int.from_bytes(secrets.token_bytes(4), "little"))
+      keys = jax.random.key_data(defenses_lib.image_keys(key, 0, len(images)))
+      payload, scales, overflow = (np.asarray(a) for a in self.exported.call(
+          images, self._device_arrays, keys))
     if overflow.any():
       raise ValueError(f"activations of images {np.flatnonzero(overflow).tolist()} left the "
                        f"edge's fixed-point range ±{wire.MAX_VALUE:g}: their IR would be wrong")
     return payload, scales
 
-  def messages(self, images: np.ndarray) -> list[bytes]:
-    """One IR message per image."""
-    payload, scales = self.ir(images)
+  def messages(self, images: np.ndarray, key: jax.Array | None = None) -> list[bytes]:
+    """One IR message per image (``key``: see :meth:`ir`)."""
+    payload, scales = self.ir(images, key)
     return [wire.encode(p, float(s), self.spec.ir) for p, s in zip(payload, scales)]
 
 
@@ -322,26 +417,37 @@ class CloudProgram:
 
 def build_edge(model: SplitModel, variables: Variables, genome: Genome,
                model_spec: dict[str, Any], *, dataset: str = "cifar100", per_channel: bool = False,
-               activation_levels: str = "paper") -> tuple[EdgeSpec, list[dict[str, np.ndarray]]]:
+               activation_levels: str = "paper",
+               stack: defenses_lib.Stack = defenses_lib.Stack(), defense_params: list = ()
+               ) -> tuple[EdgeSpec, list[dict[str, np.ndarray]]]:
   """The edge program's spec and arrays for ``genome`` (see :func:`export_split`); run them
   with :func:`edge_forward`."""
   validate_genome(model.info, genome)
   check_activation_levels(activation_levels)
   info, p = model.info, int(genome.p)
+  stack.check(info.blocks[p - 1].out_shape)
+  if len(defense_params) != len(stack.items):
+    raise ValueError(f"{len(defense_params)} parameter sets for the {len(stack.items)} "
+                     f"defenses of {stack.spec()!r}")
   w_bits, a_bits, ir_bits = effective_bits(info, genome)
   specs, arrays = _edge_layers(model, variables, genome, per_channel, activation_levels)
+  extra_specs, extra_arrays = _defense_layers(model, genome, stack, list(defense_params),
+                                              activation_levels)
   genome_json = Genome(p=genome.p, w_bits=w_bits, a_bits=a_bits).to_json()
-  ir = wire.IRSpec(shape=tuple(info.blocks[p - 1].out_shape), bits=int(ir_bits),
-                   activation_levels=activation_levels, artifact_id=UNEXPORTED_ID)
+  ir = wire.IRSpec(shape=stack.message_shape(info.blocks[p - 1].out_shape), bits=int(ir_bits),
+                   activation_levels=activation_levels, artifact_id=UNEXPORTED_ID,
+                   signed=stack.signed and int(ir_bits) < FLOAT_BITS)
   spec = EdgeSpec(model=model_spec, dataset=dataset, genome=genome_json, split=p,
-                  block_label=info.blocks[p - 1].label, layers=tuple(specs), ir=ir,
-                  per_channel=per_channel)
-  return spec, arrays
+                  block_label=info.blocks[p - 1].label, layers=tuple(specs + extra_specs), ir=ir,
+                  per_channel=per_channel, defenses=stack.spec())
+  return spec, arrays + extra_arrays
 
 
 def export_split(model: SplitModel, variables: Variables, genome: Genome, model_spec: dict[str, Any],
                  directory: str, *, dataset: str = "cifar100", per_channel: bool = False,
-                 activation_levels: str = "paper") -> tuple[EdgeProgram, CloudProgram]:
+                 activation_levels: str = "paper",
+                 stack: defenses_lib.Stack = defenses_lib.Stack(), defense_params: list = ()
+                 ) -> tuple[EdgeProgram, CloudProgram]:
   """Writes ``directory/edge`` and ``directory/cloud`` for ``genome`` and returns both programs.
 
   Args:
@@ -350,20 +456,26 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
     model_spec: ``{"name": ..., **builder kwargs}`` (as in a pre-trained model's model.json).
     dataset: whose normalization the edge applies to its uint8 images.
     per_channel, activation_levels: the quantizer settings the search used.
+    stack, defense_params: a defended split's defenses and their parameters
+      (:class:`maxpart_jax.privacy.defended.DefendedSplit`; its ``export`` passes them).
   """
   spec, arrays = build_edge(model, variables, genome, model_spec, dataset=dataset,
-                            per_channel=per_channel, activation_levels=activation_levels)
+                            per_channel=per_channel, activation_levels=activation_levels,
+                            stack=stack, defense_params=defense_params)
   ir, p = spec.ir, spec.split
   batch = jax_export.symbolic_shape("n")[0]
   images = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.uint8)
+  keys = jax.ShapeDtypeStruct((batch, 2), jnp.uint32)
   with edge_device():
-    run = jax.jit(lambda x, arr: edge_forward(model, spec, x, arr))
+    run = jax.jit(lambda x, arr, k: edge_forward(model, spec, x, arr,
+                                                 jax.random.wrap_key_data(k)))
     edge = jax_export.export(run, platforms=EDGE_PLATFORMS)(
-        images, jax.tree.map(jnp.asarray, arrays))
+        images, jax.tree.map(jnp.asarray, arrays), keys)
   payload_type = jnp.float32 if ir.bits >= FLOAT_BITS else jnp.int32
-  cloud_vars = jax.device_get(variables)
+  cloud_vars, cloud_defenses = jax.device_get((variables, list(defense_params)))
   cloud = jax_export.export(jax.jit(
-      lambda payload, scales: model.cloud(cloud_vars, dequantize(payload, scales, ir), p)),
+      lambda payload, scales: model.cloud(
+          cloud_vars, stack.receive(cloud_defenses, dequantize(payload, scales, ir)), p)),
       platforms=CLOUD_PLATFORMS)(
           jax.ShapeDtypeStruct((batch, *ir.shape), payload_type),
           jax.ShapeDtypeStruct((batch,), jnp.float32))
@@ -382,7 +494,7 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
       "edge": {**spec.to_json(), "files": {name: file_digest(os.path.join(edge_dir, name))
                                            for name in ("weights.npz", "edge.jax")}},
       "cloud": {"format": CLOUD_FORMAT, "version": FORMAT_VERSION, "model": model_spec,
-                "split": p, "ir": ir.to_json(),
+                "split": p, "ir": ir.to_json(), "defenses": stack.spec(),
                 "num_classes": int(model.info.layers[-1].out_shape[-1]),
                 "files": {"cloud.jax": file_digest(os.path.join(cloud_dir, "cloud.jax"))}}}
   pair = {side: _body_digest(manifest) for side, manifest in manifests.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -75,10 +75,12 @@ def export_searched(config: ml_collections.ConfigDict, workdir: str, out: str
                        "variables": variables, "test": build.load_test_split(config, evaluator)}
 
 
-def reference_codes(ir: np.ndarray, largest: int) -> tuple[np.ndarray, np.ndarray]:
-  """The codes and per-image scales of a fake-quantized IR (N, ...): its maximum is the
-  clipping value ``c`` (the largest code sits at ``c``), and the codes are ``IR · L / c``."""
-  scale = ir.reshape(len(ir), -1).max(axis=1)
+def reference_codes(ir: np.ndarray, largest: int, signed: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """The codes and per-image scales of a fake-quantized IR (N, ...): its maximum (of the
+  magnitude, if ``signed``) is the clipping value ``c`` (the largest code sits at ``c``),
+  and the codes are ``IR · L / c``."""
+  scale = (np.abs(ir) if signed else ir).reshape(len(ir), -1).max(axis=1)
   codes = np.round(ir * largest / np.maximum(scale, 1e-30).reshape((-1,) + (1,) * (ir.ndim - 1)))
   return codes, scale
 
@@ -86,8 +88,27 @@ def reference_codes(ir: np.ndarray, largest: int) -> tuple[np.ndarray, np.ndarra
 def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifact.EdgeProgram,
            cloud: artifact.CloudProgram, images: np.ndarray, labels: np.ndarray | None = None,
            batch_size: int = 500) -> dict[str, Any]:
-  """Integer edge + float cloud against the fake-quantized model on uint8 ``images``.
+  """Integer edge + float cloud against the fake-quantized model on uint8 ``images``
+  (:func:`compare`)."""
+  settings = edge.spec.quantizer_settings()  # the reference quantizes as the export did
 
+  def reference(batch, key):
+    del key
+    x = jnp.asarray(data.normalize(batch, edge.spec.dataset))
+    return (np.asarray(quantized_edge(model, variables, x, genome, **settings)),
+            np.asarray(quantized_apply(model, variables, x, genome, **settings)))
+
+  return compare(edge, cloud, images, reference, labels, batch_size=batch_size)
+
+
+def compare(edge: artifact.EdgeProgram, cloud: artifact.CloudProgram, images: np.ndarray,
+            reference: Callable[[np.ndarray, jax.Array | None], tuple[np.ndarray, np.ndarray]],
+            labels: np.ndarray | None = None, key: jax.Array | None = None,
+            batch_size: int = 500) -> dict[str, Any]:
+  """An exported edge and cloud against a reference on uint8 ``images``.
+
+  ``reference(batch, batch_key) -> (float IR or message, logits)``; with ``key``, batch
+  ``i`` (starting at image ``i``) is drawn from ``fold_in(key, i)`` by both sides.
   Reports the share of images with the same top-1, the IR codes' largest difference in
   quantization steps and the shares of codes that differ (at all, and by more than a
   step), the scales' largest relative difference, both accuracies (with ``labels``), the edge program's images per second,
@@ -96,20 +117,18 @@ def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifa
   agree, code_diff, codes_differ, codes_far, codes_total, scale_rel = 0, 0, 0, 0, 0, 0.0
   correct_int = correct_ref = 0
   edge_seconds = 0.0
-  largest = edge.spec.ir.largest
-  quantized = edge.spec.ir.bits < FLOAT_BITS
-  settings = edge.spec.quantizer_settings()  # the reference quantizes as the export did
+  spec = edge.spec.ir
+  quantized = spec.bits < FLOAT_BITS
   for i in range(0, len(images), batch_size):
     batch = images[i:i + batch_size]
+    batch_key = None if key is None else jax.random.fold_in(key, i)
     t0 = time.perf_counter()
-    payload, scales = edge.ir(batch)
+    payload, scales = edge.ir(batch, batch_key)
     edge_seconds += time.perf_counter() - t0
     logits = cloud.logits(payload, scales)
-    x = jnp.asarray(data.normalize(batch, edge.spec.dataset))
-    ref_logits = np.asarray(quantized_apply(model, variables, x, genome, **settings))
-    ref_ir = np.asarray(quantized_edge(model, variables, x, genome, **settings))
+    ref_ir, ref_logits = reference(batch, batch_key)
     if quantized:
-      ref_codes, ref_scale = reference_codes(ref_ir, largest)
+      ref_codes, ref_scale = reference_codes(ref_ir, spec.largest, spec.signed)
       diff = np.abs(payload - ref_codes)
       scale_rel = max(scale_rel, float(np.max(np.abs(scales - ref_scale)
                                               / np.maximum(ref_scale, 1e-30))))
@@ -130,8 +149,8 @@ def parity(model: SplitModel, variables: Variables, genome: Genome, edge: artifa
          "ir_share_of_values_off_by_more_than_one": codes_far / codes_total,
          "scale_max_relative_difference": scale_rel,
          "edge_images_per_second": n / edge_seconds,
-         "ir_bits": edge.spec.ir.bits, "message_bytes": edge.spec.ir.message_bytes,
-         "payload_bytes": edge.spec.ir.payload_bytes,
+         "ir_bits": spec.bits, "message_bytes": spec.message_bytes,
+         "payload_bytes": spec.payload_bytes,
          "raw_image_bytes": int(np.prod(images.shape[1:]))}
   if labels is not None:
     out.update(accuracy_integer_split=correct_int / n, accuracy_fake_quant=correct_ref / n)

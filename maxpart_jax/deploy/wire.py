@@ -11,8 +11,10 @@ least-significant bit first, zero-padded to a whole byte: exactly the
 ``elements · bits`` payload the energy model charges (:func:`maxpart_jax.energy.ir_payload_bits`)
 rounded up to a byte. The IR is ``codes · scale / L``. ``bits == 32``: the payload is
 float32 values and ``scale`` is 1. ``levels``: 0 for the paper's step
-(``L = 2^(b-1) - 1``), 1 for all ``2^b - 1`` levels, 2 for float. The CRC-32 covers the
-header before it and the payload.
+(``L = 2^(b-1) - 1``), 1 for all ``2^b - 1`` levels, 2 for float, 3 for signed codes
+(``-L..L``, ``L = 2^(b-1) - 1``, sent as ``code + L``: the message of a defended split
+whose defenses make it negative, docs/method.md §13). The CRC-32 covers the header before
+it and the payload.
 
 :func:`decode` rejects, with a :class:`WireError` naming the problem, a message that is
 truncated, corrupt, larger than announced, from another deployment (artifact id), or
@@ -35,7 +37,7 @@ MAGIC = b"MPIR"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBBHHH8sfII")
 HEADER_BYTES = HEADER.size
-LEVELS = {"paper": 0, "unsigned": 1, "float": 2}
+LEVELS = {"paper": 0, "unsigned": 1, "float": 2, "signed": 3}
 MAX_VALUE = 2.0 ** (WIDE_BITS - FRACTION_BITS)
 """The largest IR value (and scale) an edge program produces: its fixed-point range."""
 
@@ -53,12 +55,14 @@ class IRSpec:
     bits: bits per element (``FLOAT_BITS``: float32).
     activation_levels: ``paper`` or ``unsigned`` (ignored for float).
     artifact_id: 16 hex digits naming the exported edge / cloud pair.
+    signed: codes in ``-L..L`` (a defended split's message that can be negative).
   """
 
   shape: tuple[int, int, int]
   bits: int
   activation_levels: str
   artifact_id: str
+  signed: bool = False
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -73,12 +77,19 @@ class IRSpec:
 
   @property
   def levels_code(self) -> int:
-    return LEVELS["float" if self.bits >= FLOAT_BITS else self.activation_levels]
+    if self.bits >= FLOAT_BITS:
+      return LEVELS["float"]
+    return LEVELS["signed" if self.signed else self.activation_levels]
 
   @property
   def largest(self) -> int:
     """Largest code ``L``."""
-    return largest_code(self.bits, False, self.activation_levels)
+    return largest_code(self.bits, self.signed, self.activation_levels)
+
+  @property
+  def smallest(self) -> int:
+    """Smallest code: ``-L`` if signed, else 0."""
+    return -self.largest if self.signed else 0
 
   @property
   def payload_bytes(self) -> int:
@@ -124,9 +135,9 @@ def encode(payload: np.ndarray, scale: float, spec: IRSpec) -> bytes:
     _check_float_values(payload)
     body, scale = payload.astype("<f4").tobytes(), 1.0
   else:
-    if payload.min() < 0 or payload.max() > spec.largest:
-      raise WireError(f"codes outside 0..{spec.largest} for a {spec.bits}-bit IR")
-    body = pack_bits(payload, spec.bits)
+    if payload.min() < spec.smallest or payload.max() > spec.largest:
+      raise WireError(f"codes outside {spec.smallest}..{spec.largest} for a {spec.bits}-bit IR")
+    body = pack_bits(payload.astype(np.int64) - spec.smallest, spec.bits)
   _check_scale(scale)
   head = HEADER.pack(MAGIC, VERSION, spec.bits, spec.levels_code, 0, *spec.shape,
                      bytes.fromhex(spec.artifact_id), scale, len(body), 0)[:-4]
@@ -170,7 +181,7 @@ def decode(data: bytes, spec: IRSpec) -> tuple[np.ndarray, float, int]:
     used_bits = spec.elements * bits % 8
     if used_bits and body[-1] >> used_bits:
       raise WireError("non-zero padding bits after the last code")
-    payload = unpack_bits(body, bits, spec.elements)
+    payload = unpack_bits(body, bits, spec.elements) + spec.smallest
     if payload.max(initial=0) > spec.largest:
       raise WireError(f"codes above {spec.largest}, the largest {bits}-bit code")
     payload = payload.astype(np.int32)

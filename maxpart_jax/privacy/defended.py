@@ -32,10 +32,11 @@ from absl import logging
 from flax import struct
 
 from maxpart_jax import data, train
+from maxpart_jax.deploy import artifact, parity
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.privacy import attacks
-from maxpart_jax.privacy.defenses import Stack
+from maxpart_jax.privacy.defenses import Stack, image_keys
 from maxpart_jax.quant import QuantPolicy, quantize_activations, quantize_weights
 
 ATTACKER_STEPS_FACTOR = 4
@@ -139,11 +140,6 @@ def _quantize_message(d: DefendedSplit, message: jax.Array) -> jax.Array:
                               levels=d.policy.activation_levels)
 
 
-def image_keys(key: jax.Array, start: int, n: int) -> jax.Array:
-  """The noise keys of images ``start..start+n-1``: ``fold_in(key, i)``, whatever the batching."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + n))
-
-
 def device_params(d: DefendedSplit, params: list) -> list:
   """The defenses' parameters as the device uses them: every ``kernel`` (a layer the device
   runs, e.g. the bottleneck's) fake-quantized per tensor at the IR's bits, which is what
@@ -202,6 +198,38 @@ def accuracy(d: DefendedSplit, split: data.Split, key: jax.Array, batch_size: in
     correct += int(_correct_batch(d, images, jnp.asarray(split.labels[i:i + batch_size]),
                                   image_keys(key, i, len(images))))
   return correct / len(split.images)
+
+
+def export(d: DefendedSplit, genome: Genome, model_spec: dict[str, Any], directory: str
+           ) -> tuple[artifact.EdgeProgram, artifact.CloudProgram]:
+  """Writes the defended deployment as an integer edge artifact and a cloud artifact
+  (:func:`maxpart_jax.deploy.artifact.export_split`): the edge runs the genome's layers,
+  then the defenses' device work (a bottleneck as one more integer layer at the IR's bits,
+  noise from each image's key) and sends the message's codes; the cloud opens it with the
+  defenses' ``receive``. ``genome`` is the one ``d`` was made from."""
+  policy = to_policy(d.model.info, genome, d.policy.per_channel, d.policy.activation_levels)
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), policy, d.policy)
+  if int(genome.p) != d.split or not all(jax.tree.leaves(same)):
+    raise ValueError(f"genome (split {int(genome.p)}) is not the one this defended split "
+                     f"(split {d.split}) was made from")
+  return artifact.export_split(
+      d.model, jax.device_get(d.variables), genome, model_spec, directory, dataset=d.dataset,
+      per_channel=d.policy.per_channel, activation_levels=d.policy.activation_levels,
+      stack=d.stack, defense_params=jax.device_get(d.defense_params))
+
+
+def export_parity(d: DefendedSplit, edge: artifact.EdgeProgram, cloud: artifact.CloudProgram,
+                  images: np.ndarray, key: jax.Array, labels: np.ndarray | None = None
+                  ) -> dict[str, Any]:
+  """The exported edge and cloud against the fake-quantized defended deployment on uint8
+  ``images``, both drawing noise from ``key``
+  (:func:`maxpart_jax.deploy.parity.compare`)."""
+  def reference(batch, batch_key):
+    floats = jnp.asarray(batch.astype(np.float32) / 255.0)
+    keys = image_keys(batch_key, 0, len(batch))  # as the edge program draws them
+    return np.asarray(message(d, floats, keys)), np.asarray(logits(d, floats, keys))
+
+  return parity.compare(edge, cloud, images, reference, labels, key=key)
 
 
 # ------------------------------------------------------------------------- fine-tuning

@@ -145,6 +145,12 @@ def _free(ir_shape: tuple[int, int, int], strength: float) -> tuple[int, int]:
   return 0, 0
 
 
+def image_keys(key: jax.Array, start: int, n: int) -> jax.Array:
+  """The noise keys of images ``start..start+n-1``: ``fold_in(key, i)``, whatever the
+  batching (the fine-tuning, the attacks and the exported edge program draw alike)."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + n))
+
+
 def distance_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
   """Sample distance correlation (Székely, Rizzo, Bakirov 2007) of two batches.
 

@@ -199,6 +199,39 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
     return result
 
 
+def export_row(config: ml_collections.ConfigDict, workdir: str, row: str, out: str
+               ) -> dict[str, Any]:
+  """Fine-tunes a finished row's deployment again (the fine-tuning is a function of its
+  settings and seed), exports it through the integer edge program to ``out/export`` and
+  measures parity on the whole test split (``out/export_parity.json``): the integer split's
+  top-1 against the fake-quantized deployment's and the row's stored one."""
+  model, variables, meta = checkpoint.load_model(config.model_dir)
+  plan = {r[0]: r for r in parse_rows(model, config)}
+  if row not in plan:
+    raise ValueError(f"row {row!r} is not in the config's rows {sorted(plan)}")
+  sets = image_sets(config)
+  with runs.workdir_lock(workdir):
+    state = load_rows(workdir, study_identity(config, sets), "defense study")
+  names = [r["row"] for r in state["rows"]]
+  if row not in names:
+    raise ValueError(f"row {row!r} has not been run in {workdir}: run the study first")
+  index = names.index(row)
+  stored = state["rows"][index]
+  _, _, genome, stack, finetune = plan[row]
+  ft = defended.FinetuneConfig(seed=config.seed, **finetune)
+  key = jax.random.fold_in(jax.random.key(config.seed + 1), index)  # the row's, as run() drew it
+  d = defended.defended_split(model, variables, genome, stack, sets["init"],
+                              jax.random.split(key, 4)[0], dataset=config.dataset)
+  d, _ = defended.finetune(d, sets["train"], ft)
+  edge, cloud = defended.export(d, genome, meta["model"], os.path.join(out, "export"))
+  test = sets["test"]
+  result = {"row": row, "stored_test_accuracy": stored["test_accuracy"],
+            **defended.export_parity(d, edge, cloud, test.images, jax.random.key(config.seed + 2),
+                                     test.labels)}
+  checkpoint.write_json(os.path.join(out, "export_parity.json"), result)
+  return result
+
+
 PROXIES = ("privacy_mse", "inner_decoder_mse")
 """Cheap privacy terms a defended search could use instead of an adaptive attack: the paper's
 P of the message, and the inner decoder's reconstruction MSE at the end of the fine-tuning."""
