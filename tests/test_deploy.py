@@ -1,6 +1,7 @@
 """The split deployment: integer arithmetic, the IR wire format, exported artifacts, parity
 with the fake-quantized model and the HTTP service."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -291,6 +292,24 @@ def test_messages_beyond_what_an_edge_produces_are_refused():
     forged = message[:wire.HEADER_BYTES] + ir.astype("<f4").tobytes()
     with pytest.raises(wire.WireError, match="float IR"):
       wire.decode(_with_crc(forged), floats)
+
+def test_signed_codes_cross_the_wire_in_offset_binary():
+  """A defended split's signed message: codes -L..L sent as code + L (by hand: 3-bit codes
+  -3, 0, 3 are 0, 3, 6, packed LSB first), refused beyond ±L and by an unsigned receiver."""
+  spec = wire.IRSpec((3, 1, 1), 3, "paper", "0123456789abcdef", signed=True)
+  codes = np.array([-3, 0, 3]).reshape(3, 1, 1)
+  message = wire.encode(codes, 0.5, spec)
+  assert message[wire.HEADER_BYTES:] == bytes([0b10011000, 0b1])  # offsets 0, 3, 6, LSB first
+  assert message[6] == 3  # the levels code of signed codes
+  np.testing.assert_array_equal(wire.decode(message, spec)[0], codes)
+  with pytest.raises(wire.WireError, match=r"codes outside -3\.\.3"):
+    wire.encode(codes - 1, 0.5, spec)
+  with pytest.raises(wire.WireError, match="message levels 3 does not match"):
+    wire.decode(message, dataclasses.replace(spec, signed=False))
+  # offset 7 would be code 4 > L: a forged payload is refused
+  with pytest.raises(wire.WireError, match="codes above 3"):
+    wire.decode(_with_crc(message[:wire.HEADER_BYTES] + bytes([0b11111111, 0b1])), spec)
+
 
 # --- artifacts ------------------------------------------------------------------------
 
