@@ -97,7 +97,8 @@ def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> d
   data and the images drawn. A new row, genome or recipe joins the study; a changed setting
   makes a new one; a stored row whose genome or recipe changed is refused by :func:`run`."""
   identity = runs.flatten({k: v for k, v in config.to_dict().items()
-                           if k not in ("rows", "genomes", "recipes", "grid_images")})
+                           if k not in ("rows", "genomes", "recipes", "grid_images",
+                                        "grid_rows")})
   with open(os.path.join(config.model_dir, "model.json"), "rb") as f:
     identity["model_sha256"] = hashlib.sha256(f.read()).hexdigest()
   identity["data"] = data.content_hash(config.dataset, config.data_dir or None)
@@ -270,7 +271,8 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
   fig.savefig(os.path.join(out, "privacy_accuracy.png"), dpi=110)
   plt.close(fig)
   lines = [("original", originals)]
-  for r in rows:
+  shown = list(config.get("grid_rows", ())) or [r["row"] for r in rows]
+  for r in sorted((r for r in rows if r["row"] in shown), key=lambda r: shown.index(r["row"])):
     for attack in ("decoder", "whitebox"):
       images = recon.get(f"{attack}|{r['row']}")
       if images is not None:
