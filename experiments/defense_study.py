@@ -21,7 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/defenses", "resumable state 
 _OUT = flags.DEFINE_string("out", "results/defenses", "where the JSON and the plots go")
 _EXPORT = flags.DEFINE_string(
     "export_row", "", "instead of the study: fine-tune this finished row again, export it "
-    "through the integer edge program to <out>/export and write <out>/export_parity.json")
+    "through the integer edge program to <workdir>/export and write <out>/export_parity.json")
 
 
 def main(argv: list[str]) -> None:

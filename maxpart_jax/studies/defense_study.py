@@ -203,9 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
 def export_row(config: ml_collections.ConfigDict, workdir: str, row: str, out: str
                ) -> dict[str, Any]:
   """Fine-tunes a finished row's deployment again (the fine-tuning is a function of its
-  settings and seed), exports it through the integer edge program to ``out/export`` and
-  measures parity on the whole test split (``out/export_parity.json``): the integer split's
-  top-1 against the fake-quantized deployment's and the row's stored one."""
+  settings and seed), exports it through the integer edge program to ``workdir/export``
+  (weights: not for ``out``) and measures parity on the whole test split
+  (``out/export_parity.json``): the integer split's top-1 against the fake-quantized
+  deployment's and the row's stored one."""
   model, variables, meta = checkpoint.load_model(config.model_dir)
   plan = {r[0]: r for r in parse_rows(model, config)}
   if row not in plan:
@@ -224,7 +225,7 @@ def export_row(config: ml_collections.ConfigDict, workdir: str, row: str, out: s
   d = defended.defended_split(model, variables, genome, stack, sets["init"],
                               jax.random.split(key, 4)[0], dataset=config.dataset)
   d, _ = defended.finetune(d, sets["train"], ft)
-  edge, cloud = defended.export(d, genome, meta["model"], os.path.join(out, "export"))
+  edge, cloud = defended.export(d, genome, meta["model"], os.path.join(workdir, "export"))
   test = sets["test"]
   result = {"row": row, "stored_test_accuracy": stored["test_accuracy"],
             **defended.export_parity(d, edge, cloud, test.images, jax.random.key(config.seed + 2),
