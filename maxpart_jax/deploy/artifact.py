@@ -188,7 +188,7 @@ def _defense_layers(model: SplitModel, genome: Genome, stack: defenses_lib.Stack
   p = int(genome.p)
   ir_bits = int(effective_bits(model.info, genome)[2])
   specs, arrays, on_ir = [], [], True
-  for i, ((defense, _), params) in enumerate(zip(stack.defenses, defense_params)):
+  for i, ((defense, strength), params) in enumerate(zip(stack.defenses, defense_params)):
     if defense.name == "bottleneck":
       if not on_ir:
         raise ValueError(f"{stack.spec()!r}: the edge program runs a bottleneck only on the IR "
@@ -208,7 +208,7 @@ def _defense_layers(model: SplitModel, genome: Genome, stack: defenses_lib.Stack
       on_ir = False
     elif defense.name == "noise":
       on_ir = False
-    elif defense.edge_layer(model.info.blocks[p - 1].out_shape, 1.0) != (0, 0):
+    elif defense.edge_layer(model.info.blocks[p - 1].out_shape, strength) != (0, 0):
       raise ValueError(f"defense {defense.name!r} works on the device but has no integer form "
                        "in the edge program")
   return specs, arrays
@@ -222,7 +222,6 @@ def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array,
   ``strength · rms · N(0, 1)`` per image, drawn from the image's key split once per defense
   (as ``Stack.send`` splits it), to the quantized IR or to the bottleneck's output."""
   stack, ir = spec.stack, spec.ir
-  per_defense = jax.vmap(lambda k: jax.random.split(k, max(len(stack.items), 1)))(keys)
   on_ir = True
   for i, (defense, strength) in enumerate(stack.defenses):
     if defense.name == "bottleneck":
@@ -231,6 +230,9 @@ def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array,
       clipped_where(clipped)
       on_ir = False
     elif defense.name == "noise":
+      if keys is None:
+        raise ValueError(f"{stack.spec()!r} draws noise on the device: pass one key per image")
+      per_defense = jax.vmap(lambda k: jax.random.split(k, len(stack.items)))(keys)
       if on_ir and ir.bits < FLOAT_BITS:  # the quantized IR, as the fake quantizer hands it on
         codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
         step = integer.to_float(m) / jnp.float32(integer.levels(ir.bits, False,
