@@ -251,8 +251,10 @@ def test_the_task_loss_is_cross_entropy_plus_the_distillation_kl():
   logq = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
   ce = -np.mean(logp[np.arange(5), labels])
   kl = np.mean(np.sum(np.exp(logq) * (logq - logp), axis=-1))
-  got = defended._task_loss(config, jnp.asarray(out), jnp.asarray(labels), jnp.asarray(teacher))
+  got, got_ce = defended._task_loss(config, jnp.asarray(out), jnp.asarray(labels),
+                                    jnp.asarray(teacher))
   np.testing.assert_allclose(got, ce + 0.7 * kl, rtol=1e-5)
+  np.testing.assert_allclose(got_ce, ce, rtol=1e-5)
 
 
 def test_the_cloud_steps_leave_the_messages_as_they_were(tiny):

@@ -178,15 +178,13 @@ def _edge_layers(model: SplitModel, variables: Variables, genome: Genome, per_ch
   return specs, arrays
 
 
-def _defense_layers(model: SplitModel, genome: Genome, stack: defenses_lib.Stack,
-                    defense_params: list, activation_levels: str
+def _defense_layers(ir_shape: tuple[int, int, int], split: int, ir_bits: int,
+                    stack: defenses_lib.Stack, defense_params: list, activation_levels: str
                     ) -> tuple[list[integer.LayerSpec], list[dict[str, Any]]]:
   """Specs and arrays of the defenses' integer layers (a bottleneck: 1x1, weights per tensor
   and input at the IR's bits, its bias exact in the wide format). ``ValueError`` for a
   defense that has device work but no integer form here, or a bottleneck whose input is not
   the IR."""
-  p = int(genome.p)
-  ir_bits = int(effective_bits(model.info, genome)[2])
   specs, arrays, on_ir = [], [], True
   for i, ((defense, strength), params) in enumerate(zip(stack.defenses, defense_params)):
     if defense.name == "bottleneck":
@@ -196,7 +194,7 @@ def _defense_layers(model: SplitModel, genome: Genome, stack: defenses_lib.Stack
       kernel = np.asarray(params["encode"]["kernel"], np.float32)
       channels = kernel.shape[-1]
       spec = integer.LayerSpec(
-          name=f"defense{i}/bottleneck", layer_id=-1 - i, block=p, kernel=1, stride=1, groups=1,
+          name=f"defense{i}/bottleneck", layer_id=-1 - i, block=split, kernel=1, stride=1, groups=1,
           w_bits=ir_bits, a_bits=ir_bits, signed_input=False, activation_levels=activation_levels,
           per_channel=False)
       # no batch norm: the folding's scale is exactly 1 (var 1, epsilon 0) and its shift the bias
@@ -208,7 +206,7 @@ def _defense_layers(model: SplitModel, genome: Genome, stack: defenses_lib.Stack
       on_ir = False
     elif defense.name == "noise":
       on_ir = False
-    elif defense.edge_layer(model.info.blocks[p - 1].out_shape, strength) != (0, 0):
+    elif defense.edge_layer(ir_shape, strength) != (0, 0):
       raise ValueError(f"defense {defense.name!r} works on the device but has no integer form "
                        "in the edge program")
   return specs, arrays
@@ -235,9 +233,7 @@ def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array,
       per_defense = jax.vmap(lambda k: jax.random.split(k, len(stack.items)))(keys)
       if on_ir and ir.bits < FLOAT_BITS:  # the quantized IR, as the fake quantizer hands it on
         codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
-        step = integer.to_float(m) / jnp.float32(integer.levels(ir.bits, False,
-                                                                ir.activation_levels))
-        value = codes.astype(jnp.float32) * step[:, None, None, None]
+        value = dequantize(codes, integer.to_float(m), dataclasses.replace(ir, signed=False))
       else:
         value = integer.to_float(x)
       noisy = jax.vmap(lambda v, k: defenses_lib.get_defense("noise").send(
@@ -346,6 +342,7 @@ class EdgeProgram:
                exported: jax_export.Exported):
     self.spec, self.arrays, self.exported = spec, arrays, exported
     self.input_shape = tuple(model_from_spec(spec.model).input_shape)
+    self._draws_noise = any(d.name == "noise" for d, _ in spec.stack.defenses)
     with edge_device():  # on the CPU once, not at every call; int64 stays int64
       self._device_arrays = jax.device_put(arrays)
 
@@ -375,9 +372,12 @@ class EdgeProgram:
                        f"{', '.join(map(str, self.input_shape))}), got {images.dtype} "
                        f"{images.shape}")
     with edge_device():
-      if key is None:
-        key = jax.random.key(int.from_bytes(secrets.token_bytes(4), "little"))
-      keys = jax.random.key_data(defenses_lib.image_keys(key, 0, len(images)))
+      if not self._draws_noise:  # the program takes keys, but only noise reads them
+        keys = np.zeros((len(images), 2), np.uint32)
+      else:
+        if key is None:
+          key = jax.random.key(int.from_bytes(secrets.token_bytes(4), "little"))
+        keys = jax.random.key_data(defenses_lib.image_keys(key, 0, len(images)))
       payload, scales, overflow = (np.asarray(a) for a in self.exported.call(
           images, self._device_arrays, keys))
     if overflow.any():
@@ -428,13 +428,11 @@ def build_edge(model: SplitModel, variables: Variables, genome: Genome,
   check_activation_levels(activation_levels)
   info, p = model.info, int(genome.p)
   stack.check(info.blocks[p - 1].out_shape)
-  if len(defense_params) != len(stack.items):
-    raise ValueError(f"{len(defense_params)} parameter sets for the {len(stack.items)} "
-                     f"defenses of {stack.spec()!r}")
+  stack.check_params(list(defense_params))
   w_bits, a_bits, ir_bits = effective_bits(info, genome)
   specs, arrays = _edge_layers(model, variables, genome, per_channel, activation_levels)
-  extra_specs, extra_arrays = _defense_layers(model, genome, stack, list(defense_params),
-                                              activation_levels)
+  extra_specs, extra_arrays = _defense_layers(info.blocks[p - 1].out_shape, p, int(ir_bits),
+                                              stack, list(defense_params), activation_levels)
   genome_json = Genome(p=genome.p, w_bits=w_bits, a_bits=a_bits).to_json()
   ir = wire.IRSpec(shape=stack.message_shape(info.blocks[p - 1].out_shape), bits=int(ir_bits),
                    activation_levels=activation_levels, artifact_id=UNEXPORTED_ID,

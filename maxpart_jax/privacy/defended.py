@@ -246,13 +246,13 @@ def _standardize(x: jax.Array) -> jax.Array:
 def _optimizers(config: FinetuneConfig):
   """The optimizers of the network (joint steps), the inner decoder and the cloud (cloud
   steps, on a schedule of their own)."""
-  lr = (optax.cosine_decay_schedule(config.learning_rate, config.steps)
-        if config.schedule == "cosine" else config.learning_rate)
-  cloud_lr = optax.cosine_decay_schedule(config.learning_rate, max(config.cloud_steps, 1)) \
-      if config.schedule == "cosine" else config.learning_rate
-  clip = optax.clip_by_global_norm(config.grad_clip)
-  return (optax.chain(clip, optax.adam(lr)), optax.adam(config.decoder_learning_rate),
-          optax.chain(clip, optax.adam(cloud_lr)))
+  def network(steps):
+    lr = (optax.cosine_decay_schedule(config.learning_rate, max(steps, 1))
+          if config.schedule == "cosine" else config.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lr))
+
+  return (network(config.steps), optax.adam(config.decoder_learning_rate),
+          network(config.cloud_steps))
 
 
 def _edge_message(d: DefendedSplit, params: Any, dparams: list, images: jax.Array,
@@ -269,14 +269,28 @@ def _decoder_mse(module, decoder, msg, images):
 
 
 def _task_loss(config: FinetuneConfig, out: jax.Array, labels: jax.Array,
-               teacher: jax.Array) -> jax.Array:
-  """Cross-entropy plus ``distill`` times KL(teacher || network) of the predictions."""
-  loss = train.cross_entropy(out, labels)
-  if config.distill:
-    log_t = jax.nn.log_softmax(teacher)
-    kl = jnp.sum(jnp.exp(log_t) * (log_t - jax.nn.log_softmax(out)), axis=-1)
-    loss = loss + config.distill * jnp.mean(kl)
-  return loss
+               teacher: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy plus ``distill`` times KL(teacher || network) of the predictions, and the
+  cross-entropy alone."""
+  ce = train.cross_entropy(out, labels)
+  if not config.distill:
+    return ce, ce
+  log_t = jax.nn.log_softmax(teacher)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - jax.nn.log_softmax(out)), axis=-1)
+  return ce + config.distill * jnp.mean(kl), ce
+
+
+def _apply_updates(d: DefendedSplit, tx: Any, opt_state: Any, grads: Any, loss: jax.Array,
+                   batch_stats: Any) -> tuple[DefendedSplit, Any, jax.Array]:
+  """One optimizer step of the network and the defenses' parameters, and whether the loss
+  and every updated parameter are finite."""
+  trainable = (d.variables["params"], d.defense_params)
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  params, dparams = optax.apply_updates(trainable, updates)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, dparams))]))
+  d = d.replace(variables={"params": params, "batch_stats": batch_stats}, defense_params=dparams)
+  return d, opt_state, finite
 
 
 def _teacher_logits(d: DefendedSplit, teacher: Variables | None, images: jax.Array):
@@ -314,19 +328,14 @@ def _train_step(config: FinetuneConfig, image_shape, carry, batch, teacher):
     msg, stats = _edge_message(d, params, dparams, images, key)
     out, upd = d.model.apply({"params": params, "batch_stats": stats},
                              d.stack.receive(dparams, msg), start=d.split, train=True)
-    ce = train.cross_entropy(out, labels)
+    task, ce = _task_loss(config, out, labels, soft)
     mse = _decoder_mse(module, decoder, msg, images)
-    loss = (_task_loss(config, out, labels, soft) + d.stack.penalty(images, msg)
-            - alpha * jnp.minimum(mse, no_information))
+    loss = task + d.stack.penalty(images, msg) - alpha * jnp.minimum(mse, no_information)
     return loss, (ce, mse, upd["batch_stats"], jnp.mean(jnp.argmax(out, -1) == labels))
 
   trainable = (d.variables["params"], d.defense_params)
   (loss, (ce, mse, stats, acc)), grads = jax.value_and_grad(net_loss, has_aux=True)(trainable)
-  updates, opt_state = net_tx.update(grads, opt_state, trainable)
-  params, dparams = optax.apply_updates(trainable, updates)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, dparams))]))
-  d = d.replace(variables={"params": params, "batch_stats": stats}, defense_params=dparams)
+  d, opt_state, finite = _apply_updates(d, net_tx, opt_state, grads, loss, stats)
   metrics = {"loss": loss, "ce": ce, "decoder_mse": mse, "no_information_mse": no_information,
              "accuracy": acc, "finite": finite}
   return (d, opt_state, decoder, decoder_opt, step + 1), metrics
@@ -346,17 +355,12 @@ def _cloud_step(config: FinetuneConfig, carry, batch, teacher):
     params, dparams = trainable
     out, upd = d.model.apply({"params": params, "batch_stats": d.variables["batch_stats"]},
                              d.stack.receive(dparams, msg), start=d.split, train=True)
-    ce = train.cross_entropy(out, labels)
-    return _task_loss(config, out, labels, soft), (ce, upd["batch_stats"],
-                                                    jnp.mean(jnp.argmax(out, -1) == labels))
+    loss, ce = _task_loss(config, out, labels, soft)
+    return loss, (ce, upd["batch_stats"], jnp.mean(jnp.argmax(out, -1) == labels))
 
   trainable = (d.variables["params"], d.defense_params)
   (loss, (ce, stats, acc)), grads = jax.value_and_grad(cloud_loss, has_aux=True)(trainable)
-  updates, opt_state = _optimizers(config)[2].update(grads, opt_state, trainable)
-  params, dparams = optax.apply_updates(trainable, updates)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, dparams))]))
-  d = d.replace(variables={"params": params, "batch_stats": stats}, defense_params=dparams)
+  d, opt_state, finite = _apply_updates(d, _optimizers(config)[2], opt_state, grads, loss, stats)
   return (d, opt_state), {"loss": loss, "ce": ce, "accuracy": acc, "finite": finite}
 
 

@@ -295,21 +295,22 @@ class Stack:
     """One key per defense (``init`` and ``send`` draw the same way)."""
     return jax.random.split(key, max(len(self.items), 1))
 
-  def _check_params(self, params: list[Params]) -> None:
+  def check_params(self, params: list[Params]) -> None:
+    """Raises ``ValueError`` unless there is one parameter set per defense."""
     if len(params) != len(self.items):
       raise ValueError(f"{len(params)} parameter sets for the {len(self.items)} defenses of "
                        f"{self.spec()!r}: initialize them with this stack's init")
 
   def send(self, params: list[Params], ir: jax.Array, key: jax.Array) -> jax.Array:
     """The message the device sends for an IR (before it is quantized)."""
-    self._check_params(params)
+    self.check_params(params)
     for (d, s), p, k in zip(self.defenses, params, self._keys(key)):
       ir = d.send(p, ir, k, s)
     return ir
 
   def receive(self, params: list[Params], message: jax.Array) -> jax.Array:
     """What the cloud part's first block gets from a message."""
-    self._check_params(params)
+    self.check_params(params)
     for (d, s), p in reversed(list(zip(self.defenses, params))):
       message = d.receive(p, message, s)
     return message

@@ -107,17 +107,30 @@ def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> d
   return json.loads(json.dumps(identity))
 
 
+def _row_key(config: ml_collections.ConfigDict, index: int) -> jax.Array:
+  """The key of the study's ``index``-th row (in the order the rows were run)."""
+  return jax.random.fold_in(jax.random.key(config.seed + 1), index)
+
+
+def _fine_tuned(model, variables, genome: Genome, stack: defenses.Stack, sets: dict[str, Any],
+                config: ml_collections.ConfigDict, init_key: jax.Array, finetune: dict[str, Any]
+                ) -> tuple[defended.DefendedSplit, dict[str, Any], defended.FinetuneConfig]:
+  """A row's deployment, fine-tuned with its settings: the same weights whenever it runs."""
+  ft = defended.FinetuneConfig(seed=config.seed, **finetune)
+  d = defended.defended_split(model, variables, genome, stack, sets["init"], init_key,
+                              dataset=config.dataset)
+  d, history = defended.finetune(d, sets["train"], ft)
+  return d, history, ft
+
+
 def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: dict[str, Any],
                 config: ml_collections.ConfigDict, key: jax.Array, float_accuracy: float,
                 finetune: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Fine-tunes one defended deployment (``finetune``: its settings) and attacks it; the row
   and its reconstructions."""
-  ft = defended.FinetuneConfig(seed=config.seed, **finetune)
   init_key, eval_key, attack_key, wb_key = jax.random.split(key, 4)
   start = time.time()
-  d = defended.defended_split(model, variables, genome, stack, sets["init"], init_key,
-                              dataset=config.dataset)
-  d, history = defended.finetune(d, sets["train"], ft)
+  d, history, ft = _fine_tuned(model, variables, genome, stack, sets, config, init_key, finetune)
   finetune_s = time.time() - start
   accuracy = defended.accuracy(d, sets["test"], eval_key)
   victims = sets["victims"]
@@ -179,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
     logging.info("defense study: %d rows to run, %d done", len(todo), len(state["rows"]))
     progress = train.Progress(len(todo), every=1, name="defended rows", unit="row")
     for i, (name, genome_name, genome, stack, finetune) in enumerate(todo):
-      key = jax.random.fold_in(jax.random.key(config.seed + 1), len(state["rows"]))
+      key = _row_key(config, len(state["rows"]))
       row, recon = measure_row(model, variables, genome, stack, sets, config, key, float_accuracy,
                                finetune)
       state["rows"].append({"row": name, "genome_name": genome_name, **row})
@@ -220,11 +233,8 @@ def export_row(config: ml_collections.ConfigDict, workdir: str, row: str, out: s
   index = names.index(row)
   stored = state["rows"][index]
   _, _, genome, stack, finetune = plan[row]
-  ft = defended.FinetuneConfig(seed=config.seed, **finetune)
-  key = jax.random.fold_in(jax.random.key(config.seed + 1), index)  # the row's, as run() drew it
-  d = defended.defended_split(model, variables, genome, stack, sets["init"],
-                              jax.random.split(key, 4)[0], dataset=config.dataset)
-  d, _ = defended.finetune(d, sets["train"], ft)
+  init_key = jax.random.split(_row_key(config, index), 4)[0]  # as measure_row splits it
+  d, _, _ = _fine_tuned(model, variables, genome, stack, sets, config, init_key, finetune)
   edge, cloud = defended.export(d, genome, meta["model"], os.path.join(workdir, "export"))
   test = sets["test"]
   result = {"row": row, "stored_test_accuracy": stored["test_accuracy"],
