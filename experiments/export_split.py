@@ -7,18 +7,24 @@ and checks them against the fake-quantized model on the test set (docs/deploy.md
 ``--workdir`` is a finished search made with ``--config``; its reported genome is
 fine-tuned as the search evaluated it and written to ``--out``/edge and ``--out``/cloud.
 ``--out``/parity.json holds the agreement with the fake-quantized model on
-``--parity_images`` test images.
+``--parity_images`` test images. For a defended search (``config.defense.stack``), the
+defended answer (stage 2's fine-tuning, its defenses: a bottleneck as one more integer
+layer) is exported, and parity is measured against the defended deployment.
 """
 
 import json
 import os
 
 from absl import app, flags
+import jax
 
 from experiments import common
 from maxpart_jax import runs
 from maxpart_jax.checkpoint import write_json
 from maxpart_jax.deploy import parity
+from maxpart_jax.privacy import defended
+from maxpart_jax.search import defense_stage
+from maxpart_jax.search.settings import stack_from_config
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick",
                                "the search config the workdir was made with")
@@ -27,9 +33,34 @@ _OUT = flags.DEFINE_string("out", None, "where edge/ and cloud/ go", required=Tr
 _PARITY = flags.DEFINE_integer("parity_images", 10000, "test images to check parity on (0: none)")
 
 
+def _export_defended() -> None:
+  """The answer of a defended search, with its defenses, and its parity on test images."""
+  d, genome, made = defense_stage.load_answer(_CONFIG.value, _WORKDIR.value)
+  edge, cloud = defended.export(d, genome, made["model_spec"], _OUT.value)
+  print(f"exported the defended answer p={edge.spec.split} ({edge.spec.block_label}) with "
+        f"{d.stack.spec()}: {edge.spec.ir.message_bytes} bytes per image; {_OUT.value}/edge, "
+        f"{_OUT.value}/cloud")
+  if _PARITY.value:
+    test = made["test"]
+    n = min(_PARITY.value, len(test))
+    _write_parity(defended.export_parity(d, edge, cloud, test.images[:n],
+                                         jax.random.key(_CONFIG.value.search.seed + 6),
+                                         test.labels[:n]),
+                  made["report"]["answer"]["test_accuracy"])
+
+
+def _write_parity(result: dict, search_test_accuracy: float) -> None:
+  result.update(search_test_accuracy=search_test_accuracy, environment=runs.environment())
+  write_json(os.path.join(_OUT.value, "parity.json"), result)
+  print(json.dumps(result, indent=1))
+
+
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
+  if stack_from_config(_CONFIG.value).items:
+    _export_defended()
+    return
   edge, cloud, made = parity.export_searched(_CONFIG.value, _WORKDIR.value, _OUT.value)
   print(f"exported p={edge.spec.split} ({edge.spec.block_label}), {edge.spec.ir.bits}-bit IR "
         f"{edge.spec.ir.shape}: {edge.spec.ir.message_bytes} bytes per image; "
@@ -37,12 +68,9 @@ def main(argv: list[str]) -> None:
   if _PARITY.value:
     test = made["test"]
     n = min(_PARITY.value, len(test))
-    result = parity.parity(made["model"], made["variables"], made["genome"], edge, cloud,
-                           test.images[:n], test.labels[:n])
-    result["search_test_accuracy"] = made["report"]["test_accuracy"]
-    result["environment"] = runs.environment()
-    write_json(os.path.join(_OUT.value, "parity.json"), result)
-    print(json.dumps(result, indent=1))
+    _write_parity(parity.parity(made["model"], made["variables"], made["genome"], edge, cloud,
+                                test.images[:n], test.labels[:n]),
+                  made["report"]["test_accuracy"])
 
 
 if __name__ == "__main__":

@@ -2,15 +2,22 @@
 # The main job on a fresh machine: install, then run the quick search (a few minutes on 2 CPU
 # cores) with the quarter-width ResNet18 shipped in pretrained/cpu_resnet18. Re-running resumes
 # where it stopped, or prints the finished result.
-#   bash experiments/run_quick.sh [--retrain] [extra flags for experiments.search]
+#   bash experiments/run_quick.sh [--defended] [--retrain] [extra flags for experiments.search]
+# --defended runs the defended quick search instead (search.py:quick_defended, about 20 min:
+# the search with a defense stack's costs, then its finalist fine-tuned with the defenses and
+# attacked by a retrained decoder) in workdirs/search_quick_defended.
 # --retrain pre-trains the model again first (~25-50 min on 2 CPU cores) into
 # workdirs/cpu_resnet18 and searches with that one (in workdirs/search_quick_retrained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=() workdir=workdirs/search_quick
+variant=quick model=() workdir=workdirs/search_quick
+if [ "${1:-}" = "--defended" ]; then
+  shift
+  variant=quick_defended workdir=workdirs/search_quick_defended
+fi
 if [ "${1:-}" = "--retrain" ]; then
   shift
-  model=(--config.model_dir=workdirs/cpu_resnet18/model) workdir=workdirs/search_quick_retrained
+  model=(--config.model_dir=workdirs/cpu_resnet18/model) workdir=${workdir}_retrained
 fi
 python3 -m venv .venv
 if [ -z "${MAXPART_DATA_DIR:-}" ] && [ -d ../shared/data/cifar100 ]; then
@@ -23,5 +30,5 @@ else
   # constraints.txt are not forced here.
   .venv/bin/pip install -q -e '.[tfds]'
 fi
-.venv/bin/python -m experiments.search --config=experiments/configs/search.py:quick \
+.venv/bin/python -m experiments.search --config=experiments/configs/search.py:$variant \
   --workdir="$workdir" "${model[@]}" "$@"

@@ -7,6 +7,11 @@ Pre-trains the model first if ``config.model_dir`` holds none. Resumes from
 genome that meets the constraints, with its test accuracy, privacy and energy; the best
 by fitness beside it when that one breaks them), ``history.json``/``.csv``,
 ``fitness.png`` (Fig. 10) and ``policy.png`` (Fig. 12).
+
+With ``config.defense.stack`` set (``search.py:quick_defended``), a defended search
+(:mod:`maxpart_jax.search.defense_stage`): the search with the stack's costs, then its
+finalists fine-tuned with the stack and attacked adaptively; also writes ``defended.json``
+and ``defended_grid.png``.
 """
 
 from absl import app, flags
@@ -14,7 +19,8 @@ from absl import app, flags
 from experiments import common
 
 from maxpart_jax.search.driver import run_search
-from maxpart_jax.search.settings import validate_config
+from maxpart_jax.search.defense_stage import defended_summary, run_defended_search
+from maxpart_jax.search.settings import stack_from_config, validate_config
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick",
                                "search config file and variant")
@@ -25,6 +31,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and resu
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
+  if stack_from_config(_CONFIG.value).items:
+    report = common.run_in_workdir(_CONFIG.value, _WORKDIR.value,
+                                   lambda: run_defended_search(_CONFIG.value, _WORKDIR.value),
+                                   validate=validate_config)
+    print(defended_summary(report))
+    return
   report = common.run_in_workdir(_CONFIG.value, _WORKDIR.value,
                                  lambda: run_search(_CONFIG.value, _WORKDIR.value),
                                  validate=validate_config)

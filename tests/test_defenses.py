@@ -409,7 +409,8 @@ def test_the_study_resumes_row_by_row_and_refuses_a_changed_genome(fake_data_dir
     n = config.grid_images
     row = {"p": int(genome.p), "defenses": stack.spec(), "genome": genome.to_json(),
            "finetune": finetune,
-           "test_accuracy": 0.5, "energy_mj": 0.01, "privacy_mse": float(len(calls)),
+           "test_accuracy": 0.5, "test_eps": 0.01, "energy_mj": 0.01,
+           "privacy_mse": float(len(calls)),
            "inner_decoder_mse": 0.1 * len(calls), "decoder": {"ssim": 1.0 / len(calls)},
            "whitebox": {"ssim": 0.5}}
     return row, {"decoder": sets["victims"][:n], "whitebox": sets["victims"][:n]}
@@ -430,6 +431,14 @@ def test_the_study_resumes_row_by_row_and_refuses_a_changed_genome(fake_data_dir
   assert result["proxies"]["privacy_mse"]["rho"] == pytest.approx(-1.0)
   with open(tmp_path / "out" / "study.json") as f:
     assert json.load(f)["rows"] == result["rows"]
+  # every row is also charged against the reproduction's budget: the paper-size model,
+  # computation only (the undefended row: Eq. 8 on that model)
+  full = get_model("resnet18", width=1.0).info
+  genome = uniform_genome(full, 4, 8, 8)
+  other = result["rows"][1]["other_budgets"]["reproduction"]
+  assert other["energy_mj"] == pytest.approx(
+      float(edge_energy(full, genome, DeviceConfig(), transmission=False).total_mj), rel=1e-6)
+  assert other["feasible"] == (other["energy_mj"] < 0.35)
   # a recipe's row joins the study; a stored recipe changed is refused like a changed genome
   config.recipes = {"cloud": {"cloud_steps": 3}}
   config.rows = ("quick/none", "quick/none@cloud")

@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, Energy, edge_energy, link_cost
+from maxpart_jax.energy import (PJ_PER_MJ, DeviceConfig, Energy, Latency, link_cost, mac_seconds,
+                                population_energy, population_latency)
 from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.models.metadata import ModelInfo
 
@@ -361,27 +362,72 @@ def parse_stack(spec: str) -> Stack:
 
 # ------------------------------------------------------------------------------ costs
 
-def defended_energy(info: ModelInfo, genome: Genome, stack: Stack,
-                    device: DeviceConfig = DeviceConfig(), transmission: bool = True) -> Energy:
-  """The edge energy of a defended genome (concrete ``genome.p``).
+@dataclasses.dataclass(frozen=True)
+class SplitCosts:
+  """What a stack adds at every split ``q`` (index ``q - 1``): whether it can run there
+  (its strengths are legal for that IR), the MACs, parameters and inputs of its device
+  layers, and the elements of the message."""
+
+  legal: np.ndarray
+  macs: np.ndarray
+  params: np.ndarray
+  in_elems: np.ndarray
+  message_elems: np.ndarray
+
+
+def split_costs(info: ModelInfo, stack: Stack) -> SplitCosts:
+  """:class:`SplitCosts` of ``stack`` on the IR of every split of ``info``."""
+  rows = []
+  for block in info.blocks[:info.max_split]:
+    try:
+      stack.check(block.out_shape)
+    except ValueError:
+      rows.append((False, 0, 0, 0, 0))
+      continue
+    layers = stack.edge_layers(block.out_shape)
+    rows.append((True, *(sum(l[k] for l in layers) for k in ("macs", "params", "in_elems")),
+                 int(np.prod(stack.message_shape(block.out_shape)))))
+  legal, macs, params, in_elems, sent = zip(*rows)
+  return SplitCosts(np.asarray(legal), *(np.asarray(v, np.float64)
+                                         for v in (macs, params, in_elems, sent)))
+
+
+def population_costs(info: ModelInfo, genomes: Genome, stack: Stack,
+                     device: DeviceConfig = DeviceConfig(), transmission: bool = True
+                     ) -> tuple[Energy, Latency]:
+  """Edge energy and latency of defended genomes (leading axis; traced ``p`` allowed).
 
   The undefended edge's layers (Eq. 8), plus every layer a defense adds, charged as a
   layer at the IR's bits (weights and inputs), plus sending the *message*: its elements
-  at the IR's bits (a bottleneck sends fewer channels).
+  at the IR's bits (a bottleneck sends fewer channels). A genome whose split the stack
+  cannot run at (:func:`split_costs`) costs infinite energy and time.
   """
+  t = split_costs(info, stack)
+  i = genomes.p - 1
+  bits = jax.vmap(lambda g: effective_bits(info, g)[2])(genomes).astype(jnp.float32)
+  base = population_energy(info, genomes, device, transmission=False)
+  base_time = population_latency(info, genomes, device)
+  macs, stored = jnp.asarray(t.macs)[i], jnp.asarray(t.params + t.in_elems)[i]
+  extra_pj = (macs * (device.mac_pj_per_bit * bits + device.mac_pj_offset)
+              + stored * device.mem_pj_per_bit * bits)
+  tx_mj, tx_ms = link_cost(jnp.asarray(t.message_elems, jnp.float32)[i] * bits, device)
+  legal = jnp.asarray(t.legal)[i]
+  energy = Energy(jnp.where(legal, base.compute_mj + extra_pj / PJ_PER_MJ, jnp.inf),
+                  tx_mj if transmission else jnp.zeros_like(tx_mj))
+  latency = Latency(jnp.where(legal, base_time.compute_ms + macs * mac_seconds(bits, device)
+                              * 1e3, jnp.inf), tx_ms)
+  return energy, latency
+
+
+def defended_energy(info: ModelInfo, genome: Genome, stack: Stack,
+                    device: DeviceConfig = DeviceConfig(), transmission: bool = True) -> Energy:
+  """:func:`population_costs`' energy of one genome (concrete ``genome.p``); a stack that
+  cannot run at its split is refused by name."""
   p = info.check_split(int(genome.p))
-  ir_shape = info.blocks[p - 1].out_shape
-  stack.check(ir_shape)
-  _, _, ir_bits = effective_bits(info, genome)
-  base = edge_energy(info, genome, device, transmission=False)
-  bits = jnp.asarray(ir_bits, jnp.float32)
-  mac = device.mac_pj_per_bit * bits + device.mac_pj_offset
-  extra = sum(l["macs"] * mac + l["in_elems"] * device.mem_pj_per_bit * bits
-              + l["params"] * device.mem_pj_per_bit * bits for l in stack.edge_layers(ir_shape))
-  tx_mj, _ = link_cost(message_bits(info, genome, stack), device)
-  if not transmission:
-    tx_mj = jnp.zeros_like(tx_mj)
-  return Energy(base.compute_mj + extra / PJ_PER_MJ, tx_mj)
+  stack.check(info.blocks[p - 1].out_shape)
+  energy, _ = population_costs(info, jax.tree.map(lambda x: x[None], genome), stack, device,
+                               transmission)
+  return jax.tree.map(lambda x: x[0], energy)
 
 
 def message_bits(info: ModelInfo, genome: Genome, stack: Stack) -> jax.Array:

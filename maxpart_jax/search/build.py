@@ -11,6 +11,7 @@ import ml_collections
 
 from maxpart_jax import checkpoint, data
 from maxpart_jax.search.settings import (check_data_sizes, energy_info_from_config,
+                                       stack_from_config,
                                        fitness_from_config, validate_config)
 from maxpart_jax.search.fitness import Evaluator
 from maxpart_jax.train import model_spec, split_spec
@@ -65,7 +66,8 @@ def build_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
       config.privacy_images, seed=config.search.seed + 1).float_images()
   evaluator = Evaluator(model, variables, train, val, privacy_images, fitness_from_config(config),
                         candidates_per_call=config.search.num_tournaments,
-                        energy_info=energy_info_from_config(config))
+                        energy_info=energy_info_from_config(config),
+                        stack=stack_from_config(config))
   # Pre-training reports accuracy on the whole hold-out; ε is measured on this subset.
   logging.info("float model: %.4f top-1 on the %d validation images ε is measured on (of %d "
                "held out); fine-tuning %d steps per candidate on %d device(s)",

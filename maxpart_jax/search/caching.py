@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxpart_jax.energy import population_latency
 from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig, violations
@@ -73,8 +72,7 @@ def add_latency(cache: dict[str, dict[str, Any]], evaluator: Evaluator) -> None:
   if missing:
     genomes = jax.tree.map(lambda *xs: jnp.stack(xs),
                            *[Genome.from_json(cache[key]["genome"]) for key in missing])
-    latency = np.asarray(population_latency(evaluator.energy_info, genomes,
-                                            evaluator.config.device).total_ms)
+    _, latency = evaluator.costs(genomes)
     for key, value in zip(missing, latency):
       cache[key]["latency_ms"] = float(value)
 

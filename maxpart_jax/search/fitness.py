@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxpart_jax import data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy, population_latency
+from maxpart_jax.privacy.defenses import Stack, population_costs, split_costs
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import resolve_numerics
@@ -308,7 +309,8 @@ class Evaluator:
   def __init__(self, model: SplitModel, variables: Variables, train: data.Split,
                val: data.Split, privacy_images: np.ndarray, config: FitnessConfig,
                mesh: Mesh | None = None, val_batch_size: int = 500,
-               candidates_per_call: int = 1, energy_info: ModelInfo | None = None):
+               candidates_per_call: int = 1, energy_info: ModelInfo | None = None,
+               stack: Stack = Stack()):
     self.mesh = mesh or candidate_mesh()
     self.num_devices = self.mesh.devices.size
     platform = self.mesh.devices.flat[0].platform
@@ -317,6 +319,12 @@ class Evaluator:
     self.model, self.variables, self.config = model.with_numerics(self.numerics), variables, config
     self.energy_info = energy_info or model.info
     check_same_layers(model.info, self.energy_info)
+    self.stack = stack
+    if stack.items:
+      illegal = [int(q) + 1 for q in np.flatnonzero(~split_costs(self.energy_info, stack).legal)]
+      if illegal:
+        logging.info("defenses %s cannot run at splits %s (their IR is too narrow): those "
+                     "candidates cost infinite energy", stack.spec(), illegal)
     self.train, self.val, self.val_batch_size = train, val, val_batch_size
     self.privacy_images = np.asarray(privacy_images, np.float32)
     # Fixed inputs go to the devices once, not once per evaluation.
@@ -402,6 +410,19 @@ class Evaluator:
         correct = correct + _count_correct_each(self.model, dataset, variables, policies,
                                                 images, labels)
     return np.asarray(correct) / len(split or self.val)
+
+  def costs(self, genomes: Genome) -> tuple[np.ndarray, np.ndarray]:
+    """(K,) edge energy (mJ) and latency (ms) of ``genomes`` on the energy model, with the
+    defenses' layers and message when the search has a defense stack
+    (:func:`maxpart_jax.privacy.defenses.population_costs`)."""
+    if self.stack.items:
+      energy, latency = population_costs(self.energy_info, genomes, self.stack,
+                                         self.config.device, self.config.transmission)
+    else:
+      energy = population_energy(self.energy_info, genomes, self.config.device,
+                                 self.config.transmission)
+      latency = population_latency(self.energy_info, genomes, self.config.device)
+    return np.asarray(energy.total_mj), np.asarray(latency.total_ms)
 
   def policies(self, genomes: Genome) -> Any:
     """Candidate-sharded quantization policies of K genomes."""
@@ -515,9 +536,7 @@ class Evaluator:
   def _evaluate_chunk(self, padded: Genome, test: data.Split | None, finetune: bool,
                       steps: int | None = None) -> dict[str, np.ndarray]:
     """:meth:`evaluate` of exactly ``chunk`` genomes (``steps``: see :meth:`finetune`)."""
-    energy = np.asarray(population_energy(self.energy_info, padded, self.config.device,
-                                          self.config.transmission).total_mj)
-    latency = np.asarray(population_latency(self.energy_info, padded, self.config.device).total_ms)
+    energy, latency = self.costs(padded)
     policies = self.policies(padded)
     t0 = time.time()
     if finetune:

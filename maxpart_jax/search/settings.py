@@ -17,6 +17,7 @@ from maxpart_jax import data
 from maxpart_jax.energy import DeviceConfig
 from maxpart_jax.models import available_models, get_model
 from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.privacy import attacks, defended, defenses
 from maxpart_jax.privacy.attacks import DecoderConfig
 from maxpart_jax.quant import check_bits
 from maxpart_jax.search import algorithms, evolution
@@ -64,6 +65,45 @@ def device_from_config(config: ml_collections.ConfigDict) -> DeviceConfig:
   return DeviceConfig(budget_mj=config.fitness.budget_mj, **config.device.to_dict())
 
 
+def stack_from_config(config: ml_collections.ConfigDict) -> defenses.Stack:
+  """The defense stack of ``config.defense.stack`` (empty, or a config from before defended
+  searches: an undefended search)."""
+  return defenses.parse_stack(config.defense.stack if "defense" in config else "")
+
+
+def finetune_from_config(config: ml_collections.ConfigDict) -> defended.FinetuneConfig:
+  """How stage 2 fine-tunes a finalist with the stack."""
+  return defended.FinetuneConfig(seed=config.search.seed, **config.defense.finetune.to_dict())
+
+
+def attacker_from_config(config: ml_collections.ConfigDict
+                         ) -> tuple[attacks.DecoderConfig, attacks.WhiteboxConfig]:
+  """The adaptive decoder's and the white-box attack's settings of ``config.defense``."""
+  decoder = {k: v for k, v in config.defense.attack.to_dict().items() if k != "images"}
+  return (attacks.DecoderConfig(**decoder),
+          attacks.WhiteboxConfig(**config.defense.whitebox.to_dict()))
+
+
+def validate_defense(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the problem in ``config.defense`` (no work done)."""
+  stack = stack_from_config(config)
+  if not stack.items:
+    return
+  ft = finetune_from_config(config)
+  decoder, _ = attacker_from_config(config)
+  if stack.adversarial_weight:
+    defended.check_attacker(decoder, ft)
+  for name in ("finalists", "victims", "whitebox_victims", "init_images", "grid_images"):
+    if config.defense[name] < 1:
+      raise ValueError(f"defense.{name} must be >= 1, got {config.defense[name]}")
+  if config.defense.order not in ("depth", "fitness"):
+    raise ValueError(f"defense.order must be 'depth' or 'fitness', got {config.defense.order!r}")
+  if config.defense.whitebox_victims > config.defense.victims:
+    raise ValueError("defense.whitebox_victims must be <= defense.victims")
+  if config.defense.attack.images < 1:
+    raise ValueError(f"defense.attack.images must be >= 1, got {config.defense.attack.images}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` with the problem for a config that cannot run (no work done).
 
@@ -104,6 +144,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   strategy_from_config(config)  # unknown operators
   algorithms.get_algorithm(s.algorithm)
   fitness_from_config(config)  # λ, ε_b, metric
+  validate_defense(config)
   energy_model = config.energy_model.get("name")
   if energy_model and energy_model not in available_models():
     raise ValueError(f"unknown model {energy_model!r} in energy_model; available: "

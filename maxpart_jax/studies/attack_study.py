@@ -36,6 +36,7 @@ from scipy import stats
 from maxpart_jax import checkpoint, data, privacy, runs, train
 from maxpart_jax.genome import Genome, to_policy, validate_genome
 from maxpart_jax.privacy import attacks, profile
+from maxpart_jax.privacy.plots import reconstruction_grid
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
 from maxpart_jax.studies.rows import load_rows, save_rows
 
@@ -330,17 +331,5 @@ def _grid(name: str, rows: list[dict[str, Any]], recon: dict[str, np.ndarray],
     for attack in ("decoder", "whitebox"):
       if f"{attack}_{tag}" in recon:
         lines.append((f"{attack}\nsplit {split}\n{what}", recon[f"{attack}_{tag}"]))
-  n = len(originals)
-  fig, axes = plt.subplots(len(lines), n, figsize=(1.1 * n + 1.4, 1.1 * len(lines)),
-                           squeeze=False)
-  for i, (label, images) in enumerate(lines):
-    for j in range(n):
-      ax = axes[i, j]
-      if j < len(images):
-        ax.imshow(np.clip(images[j], 0, 1))
-      ax.set_xticks([]), ax.set_yticks([])
-    axes[i, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
-  fig.suptitle(f"{name}: victim images and their reconstructions", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, f"grid_{name}.png"), dpi=110)
-  plt.close(fig)
+  reconstruction_grid(lines, os.path.join(out, f"grid_{name}.png"),
+                      f"{name}: victim images and their reconstructions", label_width=1.4)

@@ -30,6 +30,8 @@ from maxpart_jax import checkpoint, data, privacy, runs, train  # noqa: E402
 from maxpart_jax.energy import DeviceConfig  # noqa: E402
 from maxpart_jax.genome import Genome, uniform_genome, validate_genome  # noqa: E402
 from maxpart_jax.privacy import attacks, defended, defenses  # noqa: E402
+from maxpart_jax.privacy.plots import reconstruction_grid  # noqa: E402
+from maxpart_jax.search import settings  # noqa: E402
 from maxpart_jax.studies.rows import load_rows, save_rows  # noqa: E402
 
 
@@ -98,7 +100,7 @@ def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> d
   makes a new one; a stored row whose genome or recipe changed is refused by :func:`run`."""
   identity = runs.flatten({k: v for k, v in config.to_dict().items()
                            if k not in ("rows", "genomes", "recipes", "grid_images",
-                                        "grid_rows")})
+                                        "grid_rows", "other_budgets")})
   with open(os.path.join(config.model_dir, "model.json"), "rb") as f:
     identity["model_sha256"] = hashlib.sha256(f.read()).hexdigest()
   identity["data"] = data.content_hash(config.dataset, config.data_dir or None)
@@ -203,7 +205,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
                    row["whitebox"]["ssim"])
       progress(i + 1)
     wanted = [r[0] for r in rows_plan]
-    rows = [r for r in state["rows"] if r["row"] in wanted]
+    rows = [{**r, "other_budgets": other_budgets(r, config)}
+            for r in state["rows"] if r["row"] in wanted]
     rows.sort(key=lambda r: wanted.index(r["row"]))
     result = {"config": config.to_dict(), "float_test_accuracy": float_accuracy, "rows": rows,
               "proxies": proxy_correlations(rows), "environment": runs.environment()}
@@ -211,6 +214,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
     checkpoint.write_json(os.path.join(out, "study.json"), result)
     _plots(result, state["recon"], sets["victims"][:config.grid_images], config, out)
     return result
+
+
+def other_budgets(row: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The row's energy and feasibility under each of ``config.other_budgets``: its genome and
+  stack charged on that budget's energy model, the row's accuracy loss against the same
+  bound (the model is the same)."""
+  out = {}
+  for name, b in config.get("other_budgets", ml_collections.ConfigDict()).items():
+    info = settings.info_from_spec(b.energy_model.to_dict())
+    energy = defenses.defended_energy(info, Genome.from_json(row["genome"]),
+                                      defenses.parse_stack(row["defenses"]),
+                                      DeviceConfig(budget_mj=b.budget_mj), b.transmission)
+    out[name] = {"energy_mj": float(energy.total_mj), "budget_mj": b.budget_mj,
+                 "feasible": bool(float(energy.total_mj) < b.budget_mj
+                                  and row["test_eps"] <= config.eps_bound)}
+  return out
 
 
 def export_row(config: ml_collections.ConfigDict, workdir: str, row: str, out: str
@@ -288,15 +307,6 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
       images = recon.get(f"{attack}|{r['row']}")
       if images is not None:
         lines.append((f"{attack}\n{r['row']}\nSSIM {r[attack]['ssim']:.2f}", images))
-  n = len(originals)
-  fig, axes = plt.subplots(len(lines), n, figsize=(1.1 * n + 2.2, 1.1 * len(lines)), squeeze=False)
-  for i, (label, images) in enumerate(lines):
-    for j in range(n):
-      if j < len(images):
-        axes[i, j].imshow(np.clip(images[j], 0, 1))
-      axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-    axes[i, 0].set_ylabel(label, fontsize=5, rotation=0, ha="right", va="center")
-  fig.suptitle("victims and their reconstructions by adaptive attackers", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "grid.png"), dpi=110)
-  plt.close(fig)
+  reconstruction_grid(lines, os.path.join(out, "grid.png"),
+                      "victims and their reconstructions by adaptive attackers", label_size=5,
+                      label_width=2.2)

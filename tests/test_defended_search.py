@@ -1,0 +1,200 @@
+"""The defended search: the stack's costs in every candidate's energy and latency, the
+finalists it fine-tunes and attacks, the answer it picks, and its resume."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import search as search_configs
+from maxpart_jax import runs
+from maxpart_jax.energy import (DeviceConfig, edge_energy, edge_latency, link_cost,
+                                mac_seconds)
+from maxpart_jax.genome import Genome, effective_bits
+from maxpart_jax.models import get_model
+from maxpart_jax.privacy import defended, defenses
+from maxpart_jax.search import defense_stage, driver
+from maxpart_jax.search.fitness import FitnessConfig
+from maxpart_jax.search.settings import validate_config
+
+
+def _population(info, n: int, seed: int) -> Genome:
+  rng = np.random.default_rng(seed)
+  return Genome(p=jnp.asarray(rng.integers(1, info.max_split + 1, n), jnp.int32),
+                w_bits=jnp.asarray(rng.choice([2, 4, 8], (n, info.num_layers)), jnp.int32),
+                a_bits=jnp.asarray(rng.choice([4, 8], (n, info.num_layers)), jnp.int32))
+
+
+def test_population_costs_are_each_genomes_hand_computed_costs():
+  """Per genome, by hand from the undefended energy and latency: a 20-channel bottleneck
+  adds h w c 20 MACs (energy at the IR's bits, time at its MAC rate), c 20 + 20 weights
+  and h w c inputs, and sends h w 20 values; at a split whose IR has fewer than 20
+  channels the stack cannot run and the genome costs infinite energy and time."""
+  info = get_model("resnet18", width=0.25, stage_sizes=(1, 1, 1, 1)).info
+  stack = defenses.parse_stack("bottleneck:20,adversarial:5")
+  device = DeviceConfig(loss_rate=0.1, retry_timeout_ms=2.0)
+  genomes = _population(info, 24, seed=0)
+  energy, latency = defenses.population_costs(info, genomes, stack, device, transmission=True)
+  seen_illegal = seen_legal = False
+  for i in range(24):
+    g = jax.tree.map(lambda x: x[i], genomes)
+    p = int(g.p)
+    h, w, c = info.blocks[p - 1].out_shape
+    if c < 20:
+      seen_illegal = True
+      assert np.isinf(float(energy.total_mj[i])) and np.isinf(float(latency.total_ms[i]))
+      continue
+    seen_legal = True
+    ir_bits = float(effective_bits(info, g)[2])
+    macs = h * w * c * 20
+    extra_pj = (macs * (device.mac_pj_per_bit * ir_bits + device.mac_pj_offset)
+                + (c * 20 + 20 + h * w * c) * device.mem_pj_per_bit * ir_bits)
+    tx_mj, tx_ms = link_cost(h * w * 20 * ir_bits, device)
+    base = edge_energy(info, g, device, transmission=False).compute_mj
+    assert float(energy.compute_mj[i]) == pytest.approx(float(base) + extra_pj / 1e9, rel=1e-5)
+    assert float(energy.transmission_mj[i]) == pytest.approx(float(tx_mj), rel=1e-6)
+    base_ms = edge_latency(info, g, device).compute_ms
+    assert float(latency.compute_ms[i]) == pytest.approx(
+        float(base_ms) + macs * float(mac_seconds(ir_bits, device).squeeze()) * 1e3, rel=1e-5)
+    assert float(latency.transmission_ms[i]) == pytest.approx(float(tx_ms), rel=1e-6)
+    one = defenses.defended_energy(info, g, stack, device)
+    assert float(one.total_mj) == pytest.approx(float(energy.total_mj[i]), rel=1e-6)
+  assert seen_illegal and seen_legal
+  no_tx, _ = defenses.population_costs(info, genomes, stack, device, transmission=False)
+  assert np.all(np.asarray(no_tx.transmission_mj) == 0)
+
+
+def test_repair_lowers_the_weights_that_save_most_energy_until_the_genome_fits():
+  """By hand, on a split with two quantized layers and energy 1 * w_A + 3 * w_B: from 8/8
+  (32), lowering B saves 6 per step and A 2, so B goes 8 -> 6 -> 4 -> 2 (26, 20, 14), then
+  A 8 -> 6 (12); nothing fits below 8 (2/2); cloud layers are never touched."""
+  info = get_model("resnet18", width=0.125, stage_sizes=(1, 1, 1, 1)).info
+  a, b = [l.id for l in info.layers if l.quantizable and l.block < 2]
+  cost = np.zeros(info.num_layers)
+  cost[a], cost[b] = 1.0, 3.0
+  energy = lambda g: np.asarray(g.w_bits, np.float64) @ cost
+  genome = Genome(p=jnp.int32(2), w_bits=jnp.full((info.num_layers,), 8, jnp.int32),
+                  a_bits=jnp.full((info.num_layers,), 8, jnp.int32))
+  for budget, want in ((33, (8, 8)), (15, (8, 2)), (13, (6, 2)), (8.5, (2, 2))):
+    got = defense_stage.repair(info, genome, [2, 4, 6, 8], energy, budget)
+    assert (int(got.w_bits[a]), int(got.w_bits[b])) == want
+    others = np.delete(np.asarray(got.w_bits), [a, b])
+    assert np.all(others == 8) and int(got.p) == 2
+  assert defense_stage.repair(info, genome, [2, 4, 6, 8], energy, 8) is None
+
+
+def _entry(key, p, fitness, eps=0.01, energy=0.001):
+  return {"key": key, "genome": {"p": p}, "fitness": fitness, "privacy": fitness,
+          "energy_mj": energy, "eps": eps, "latency_ms": 1.0, "accuracy": 0.5,
+          "diverged": False, "failed": False, "collapsed": False}
+
+
+def test_finalists_are_the_best_feasible_genome_of_the_best_splits():
+  config = FitnessConfig(device=DeviceConfig(budget_mj=0.002), eps_bound=0.03)
+  evaluations = [_entry("a", 4, 0.5), _entry("b", 5, 0.9, eps=0.05),  # b breaks ε
+                 _entry("c", 5, 0.6), _entry("d", 4, 0.7), _entry("e", 6, 0.8, energy=0.003),
+                 _entry("f", 3, 0.7), _entry("g", 2, 0.2)]
+  # feasible: a(4, .5) c(5, .6) d(4, .7) f(3, .7) g(2, .2); best per split: d, f (tie: first
+  # evaluated wins the order), c, g
+  by_fitness = defense_stage.finalists(evaluations, config, 3, "fitness")
+  assert [e["key"] for e in by_fitness] == ["d", "f", "c"]
+  assert [e["key"] for e in defense_stage.finalists(evaluations, config, 3)] == ["c", "d", "f"]
+  assert [e["key"] for e in defense_stage.finalists(evaluations, config, 9)] == ["c", "d", "f", "g"]
+  with pytest.raises(ValueError, match="finalist order"):
+    defense_stage.finalists(evaluations, config, 3, "privacy")
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(stack="bottleneck:2,adversarial:5", attack=dict(steps=8)), "at least 4x"),
+    (dict(stack="bottleneck:2,adversarial:5", attack=dict(width=4)), "no smaller width"),
+    (dict(stack="bottle:2"), "unknown defense"),
+    (dict(stack="noise:1", finalists=0), "defense.finalists"),
+    (dict(stack="noise:1", whitebox_victims=99), "whitebox_victims"),
+])
+def test_a_bad_defense_config_is_refused_before_any_work(override, message):
+  config = search_configs.get_config("smoke")
+  for k, v in override.items():
+    if isinstance(v, dict):
+      config.defense[k].update(v)
+    else:
+      config.defense[k] = v
+  with pytest.raises(ValueError, match=message):
+    validate_config(config)
+
+
+def test_the_defended_search_charges_the_stack_picks_by_attack_and_resumes(smoke, tmp_path,
+                                                                             monkeypatch):
+  config = copy.deepcopy(smoke)
+  config.defense.stack = "bottleneck:2,adversarial:5"
+  config.defense.finalists = 2
+  config.fitness.eps_bound = 0.5  # fake data: let the finalists be feasible
+  workdir = str(tmp_path / "search")
+  report = defense_stage.run_defended_search(config, workdir)
+
+  # Stage 1 charged every candidate the stack's layers and message (or infinity where the
+  # stack cannot run), on the energy model.
+  from maxpart_jax import checkpoint
+  model, _, _ = checkpoint.load_model(config.model_dir)
+  stack = defense_stage.stack_from_config(config)
+  device = DeviceConfig(budget_mj=config.fitness.budget_mj, **config.device.to_dict())
+  with open(f"{workdir}/evaluations.json") as f:
+    evaluations = json.load(f)
+  for e in evaluations:
+    g = Genome.from_json(e["genome"])
+    shape = model.info.blocks[int(g.p) - 1].out_shape
+    if shape[-1] < 2:
+      assert e["energy_mj"] is None or not np.isfinite(e["energy_mj"])
+    else:
+      assert e["energy_mj"] == pytest.approx(float(defenses.defended_energy(
+          model.info, g, stack, device, config.fitness.transmission).total_mj), rel=1e-6)
+
+  # Stage 2: the best feasible genome of each of the two deepest splits, by hand.
+  feasible = [e for e in evaluations if not e["violations"]]
+  best_by_split = {}
+  for e in feasible:
+    p = e["genome"]["p"]
+    if p not in best_by_split or e["fitness"] > best_by_split[p]["fitness"]:
+      best_by_split[p] = e
+  expected = sorted(best_by_split.values(), key=lambda e: -e["genome"]["p"])[:2]
+  rows = report["finalists"]
+  assert [r["key"] for r in rows] == [e["key"] for e in expected]
+  for r in rows:
+    sel = r["selection"]
+    assert sel["privacy"] == pytest.approx(1 - max(sel["decoder_ssim"], sel["whitebox_ssim"]))
+    assert r["feasible"] == (r["energy_mj"] < config.fitness.budget_mj
+                             and r["val_eps"] < config.fitness.eps_bound)
+    assert r["message_shape"][-1] == 2
+  ok = [r for r in rows if r["feasible"]]
+  assert ok, "the test needs a feasible finalist"
+  assert report["answer"]["key"] == max(ok, key=lambda r: r["selection"]["privacy"])["key"]
+
+  # The answer's weights are kept: loaded, they give the reported test top-1; lost, the
+  # deterministic fine-tuning makes them again.
+  answer = report["answer"]
+  eval_key = defense_stage._finalist_keys(config, answer["p"])[1]
+  d, genome, made = defense_stage.load_answer(config, workdir)
+  assert int(genome.p) == answer["p"] and d.stack.spec() == "bottleneck:2,adversarial:5"
+  assert defended.accuracy(d, made["test"], eval_key) == answer["test_accuracy"]
+  (tmp_path / "search" / "defended" / f"finalist_p{answer['p']}.msgpack").unlink()
+  d, _, _ = defense_stage.load_answer(config, workdir)
+  assert defended.accuracy(d, made["test"], eval_key) == answer["test_accuracy"]
+
+  # A rerun resumes both stages: nothing is fine-tuned again.
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished finalist was fine-tuned again")
+  monkeypatch.setattr(defended, "finetune", refuse)
+  again = defense_stage.run_defended_search(config, workdir)
+  assert again["finalists"] == report["finalists"] and again["answer"] == report["answer"]
+
+  # Other stage-2 settings, or another stack, in the same workdir are refused.
+  other = copy.deepcopy(config)
+  other.defense.attack.steps = 20
+  with pytest.raises(runs.WorkdirError, match="defense.attack.steps"):
+    defense_stage.run_defended_search(other, workdir)
+  other = copy.deepcopy(config)
+  other.defense.stack = "bottleneck:3,adversarial:5"
+  with pytest.raises(runs.WorkdirError, match="defense.stack"):
+    driver.run_search(other, workdir)
