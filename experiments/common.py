@@ -14,9 +14,23 @@ from absl import flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from maxpart_jax import runs
+from maxpart_jax import distributed, runs
 
 T = TypeVar("T")
+
+
+
+def define_join_flags() -> None:
+  """The flags that join several processes into one job (README "Several hosts"), for the
+  scripts that can run so; :func:`parse_flags` joins before anything touches JAX."""
+  flags.DEFINE_bool("distributed", False, "join a multi-process job found by "
+                    "jax.distributed.initialize (TPU pod slices, SLURM, Open MPI)")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, to join a plain set of machines")
+  flags.DEFINE_integer("num_processes", None, "processes in the job")
+  flags.DEFINE_integer("process_id", None, "this process's index, 0 to n-1")
+  flags.DEFINE_integer("heartbeat_timeout", 100, "seconds without a process's heartbeat "
+                       "after which every other process of the job stops")
 
 
 def define_config(default: str, help_: str) -> flags.FlagHolder:
@@ -37,12 +51,20 @@ def parse_flags(argv: list[str]) -> list[str]:
   variant, a value of the wrong type) as one line instead of tracebacks:
   ``app.run(main, flags_parser=common.parse_flags)``."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     sys.exit(f"error: {config_error(e, argv)}")
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f"error: {lines[-1] if 'Traceback' in str(e) else ' '.join(lines)}")
+  if "process_id" in flags.FLAGS:  # the script can run as several processes
+    f = flags.FLAGS
+    try:  # before anything touches JAX
+      distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                             auto=f.distributed, heartbeat_timeout_s=f.heartbeat_timeout)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+  return rest
 
 
 def config_error(error: Exception, argv: list[str]) -> str:
@@ -76,7 +98,7 @@ def run_in_workdir(config: ml_collections.ConfigDict, workdir: str, job: Callabl
       record_config(config, workdir)
       return job()
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    sys.exit(f"error: {distributed.lost_peer(e) or e}")
 
 
 def quiet_logs() -> None:
@@ -89,10 +111,11 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   Returns the path written.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if distributed.is_leader():
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   logging.info("%s; the whole config is in %s", summary(config), path)
   return path
 

@@ -8,6 +8,10 @@ genome that meets the constraints, with its test accuracy, privacy and energy; t
 by fitness beside it when that one breaks them), ``history.json``/``.csv``,
 ``fitness.png`` (Fig. 10) and ``policy.png`` (Fig. 12).
 
+Several processes (hosts) run one search when each is started with the same command plus
+``--distributed`` (TPU pod slices, SLURM, Open MPI) or ``--coordinator_address=host:port
+--num_processes=n --process_id=i`` (README "Several hosts"); process 0 writes the workdir.
+
 With ``config.defense.stack`` set (``search.py:quick_defended``), a defended search
 (:mod:`maxpart_jax.search.defense_stage`): the search with the stack's costs, then its
 finalists fine-tuned with the stack and attacked adaptively; also writes ``defended.json``
@@ -26,6 +30,7 @@ _CONFIG = common.define_config("experiments/configs/search.py:quick",
                                "search config file and variant")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and results go",
                                required=True)
+common.define_join_flags()
 
 
 def main(argv: list[str]) -> None:

@@ -67,6 +67,19 @@ class MetricWriter:
     self._events.close()
 
 
+class NullWriter:
+  """What a process other than the leader writes (several processes): nothing."""
+
+  def scalars(self, step: int, values: dict[str, float | None]) -> None:
+    del step, values
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
   """``{tag: {step: value}}`` of the event files in ``logdir``, as TensorBoard shows them.
 

@@ -19,6 +19,8 @@ import socket
 import time
 from typing import Any, Iterator
 
+import jax
+
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # workdirs this process holds: how many nested holds
 
@@ -63,6 +65,9 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   Re-entrant within one process (a search that pre-trains into the same folder). Also
   checks, before any work, that ``workdir`` can be created and written.
   """
+  if jax.process_index() != 0:  # several processes: the leader holds it and writes there
+    yield
+    return
   workdir = os.path.realpath(workdir)
   if workdir in _held:
     _held[workdir] += 1

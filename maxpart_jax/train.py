@@ -371,6 +371,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the results dict.
   """
   validate_train_config(config)
+  if jax.process_count() > 1:
+    raise ValueError("pre-training runs in one process: pre-train the model first "
+                     "(experiments.train), then search with several processes")
   with runs.workdir_lock(workdir):
     return _train_and_evaluate(config, workdir)
 

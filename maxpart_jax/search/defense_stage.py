@@ -66,6 +66,9 @@ def run_defended_search(config: ml_collections.ConfigDict, workdir: str) -> dict
   validate_config(config)
   if not stack_from_config(config).items:
     raise ValueError("config.defense.stack is empty: run_search is the undefended search")
+  if jax.process_count() > 1:
+    raise ValueError("a defended search runs in one process: its finalists are fine-tuned "
+                     "on one process's devices")
   evaluator = build_evaluator(config)
   search_report = run_search(config, workdir, evaluator)
   with runs.workdir_lock(workdir):

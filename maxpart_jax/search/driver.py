@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxpart_jax import runs
+from maxpart_jax import distributed, runs
 from maxpart_jax.genome import validate_genome
-from maxpart_jax.metrics import MetricWriter
+from maxpart_jax.metrics import MetricWriter, NullWriter
 from maxpart_jax.search import algorithms
 from maxpart_jax.search.build import build_evaluator
 from maxpart_jax.search.caching import CachedEvaluator, add_latency
@@ -77,7 +77,7 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   identity = search_identity(config, evaluator)
   meta_out: dict[str, Any] = {"identity": identity, "cache": {}, "history": [],
                               "seconds": 0.0, "lookups": 0, "hits": 0, "initialized": False}
-  stored = load_state(workdir, state)
+  stored = _load_everywhere(workdir, state)
   if stored is not None:
     state, meta_out = stored
     runs.check_identity(meta_out.get("identity"), identity, workdir, "search",
@@ -105,11 +105,13 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
       meta_out["phase_seconds"][k] += v - phases[k]
     segment, phases = time.time(), dict(evaluator.seconds)
     writer.flush()  # before the state: a resumed run rewrites the steps after its state's
-    save_state(workdir, state, meta_out)
+    if distributed.is_leader():
+      save_state(workdir, state, meta_out)
 
   # A resumed search rewrites the steps after its state's; TensorBoard hides older copies.
-  writer = MetricWriter(os.path.join(workdir, "tensorboard"),
-                        resume_step=int(state.step) + 1 if meta_out["initialized"] else None)
+  writer = (MetricWriter(os.path.join(workdir, "tensorboard"),
+                         resume_step=int(state.step) + 1 if meta_out["initialized"] else None)
+            if distributed.is_leader() else NullWriter())
 
   def record(step: int) -> None:
     row = history_row(state, cached, step)
@@ -137,8 +139,20 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
 
   writer.close()
   meta_out["report"] = final_report(config, workdir, evaluator, cached, state, meta_out)
-  save_state(workdir, state, meta_out)
+  if distributed.is_leader():
+    save_state(workdir, state, meta_out)
   return meta_out["report"]
+
+
+def _load_everywhere(workdir: str, like: algorithms.State
+                     ) -> tuple[algorithms.State, dict[str, Any]] | None:
+  """:func:`load_state` of the leader's workdir, the same in every process (the others'
+  workdirs are never read: they need not share a file system)."""
+  stored = load_state(workdir, like) if distributed.is_leader() else None
+  meta = distributed.broadcast(stored[1] if stored else None)
+  if meta is None:
+    return None
+  return distributed.broadcast(stored[0] if stored else None, like=like), meta
 
 
 def _told(results: dict[str, np.ndarray], config: FitnessConfig) -> dict[str, jax.Array]:

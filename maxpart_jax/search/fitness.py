@@ -56,7 +56,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxpart_jax import data, privacy
+from maxpart_jax import distributed, data, privacy
 from maxpart_jax.energy import DeviceConfig, population_energy, population_latency
 from maxpart_jax.privacy.defenses import Stack, population_costs, split_costs
 from maxpart_jax.genome import Genome, to_policy
@@ -349,6 +349,9 @@ class Evaluator:
     self.float_accuracy = self.float_accuracy_on()
     self.decoders: dict[tuple[int, int], attacks.TrainedDecoder] = {}
     if config.metric == ATTACK_METRIC:
+      if jax.process_count() > 1:
+        raise ValueError("fitness.metric=attack_ssim scores one candidate at a time on this "
+                         "process's devices: it does not run across several processes")
       if config.attack_images > len(train):
         raise ValueError(f"attack_images={config.attack_images} is more than the {len(train)} "
                          "training images the attacker draws its own from; lower it")
@@ -358,10 +361,11 @@ class Evaluator:
 
   def _candidates(self, tree: Any) -> Any:
     """Places a candidate-stacked pytree with its leading axis split over devices."""
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec("candidates")))
+    return jax.device_put(distributed.for_global_put(tree),
+                          NamedSharding(self.mesh, PartitionSpec("candidates")))
 
   def _replicated(self, tree: Any) -> Any:
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+    return jax.device_put(distributed.for_global_put(tree), NamedSharding(self.mesh, PartitionSpec()))
 
   # --- compiled per-candidate programs ---------------------------------------------
   # The module-level programs below, vmapped over the candidate axis; candidate-stacked
@@ -409,7 +413,7 @@ class Evaluator:
       for images, labels in batches:
         correct = correct + _count_correct_each(self.model, dataset, variables, policies,
                                                 images, labels)
-    return np.asarray(correct) / len(split or self.val)
+    return distributed.to_host(correct) / len(split or self.val)
 
   def costs(self, genomes: Genome) -> tuple[np.ndarray, np.ndarray]:
     """(K,) edge energy (mJ) and latency (ms) of ``genomes`` on the energy model, with the
@@ -467,7 +471,7 @@ class Evaluator:
     # two such programs in flight can starve each other's collectives of worker threads
     # (seen with 8 emulated devices: an all-gather waiting forever for its last participant).
     jax.block_until_ready(state)
-    return state.variables, ~np.asarray(_all_finite(state.params, loss))
+    return state.variables, ~distributed.to_host(_all_finite(state.params, loss))
 
   def decoder(self, split: int, ir_bits: int) -> attacks.TrainedDecoder:
     """The ``attack_ssim`` attacker's decoder for IRs cut at ``split`` and quantized to
@@ -550,7 +554,7 @@ class Evaluator:
     if self.config.metric == ATTACK_METRIC:
       priv, collapsed = self.attack_privacy(variables, policies, padded)
     else:
-      all_splits = np.asarray(_privacy_all_splits(self.model, self.config.metric,
+      all_splits = distributed.to_host(_privacy_all_splits(self.model, self.config.metric,
                                                   self.config.normalization, variables,
                                                   policies, *self._privacy_inputs))
       priv, collapsed = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1].T

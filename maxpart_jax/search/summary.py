@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maxpart_jax import checkpoint, runs
+from maxpart_jax import checkpoint, distributed, runs
 from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.search import algorithms, pareto, plots
 from maxpart_jax.search.build import load_test_split
@@ -90,6 +90,17 @@ def final_report(config: ml_collections.ConfigDict, workdir: str, evaluator: Eva
       # What the result depends on (storage.search_identity): export_split checks it.
       "identity": meta_out["identity"],
   }
+  if distributed.is_leader():  # the others computed the same report
+    _write_files(workdir, evaluator, cached, report, meta_out)
+  logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, latency %.3f ms, test accuracy "
+               "%.4f (float %.4f)", report["p"], report["block"], report["privacy"],
+               report["energy_mj"], report["latency_ms"], test_accuracy, float_test)
+  return report
+
+
+def _write_files(workdir: str, evaluator: Evaluator, cached: CachedEvaluator,
+                 report: dict[str, Any], meta_out: dict[str, Any]) -> None:
+  """``best.json``, the history and evaluation files, the Pareto front and the plots."""
   checkpoint.write_json(os.path.join(workdir, "best.json"), report)
   checkpoint.write_json(os.path.join(workdir, "history.json"), meta_out["history"])
   with open(os.path.join(workdir, "history.csv"), "w", newline="") as f:
@@ -105,7 +116,3 @@ def final_report(config: ml_collections.ConfigDict, workdir: str, evaluator: Eva
   plots.fitness_curve(meta_out["history"], os.path.join(workdir, "fitness.png"),
                       title=f"{evaluator.model.name}: best fitness (Fig. 10)")
   plots.policy_bits(report, os.path.join(workdir, "policy.png"))
-  logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, latency %.3f ms, test accuracy "
-               "%.4f (float %.4f)", report["p"], report["block"], report["privacy"],
-               report["energy_mj"], report["latency_ms"], test_accuracy, float_test)
-  return report
