@@ -8,7 +8,8 @@ search in ``<workdir>/search``, evaluates the baselines (full precision, 8-bit
 uniform, 8-bit conv/fc, 8-bit at the searched split) with the search's own
 fine-tuning and privacy images, and writes ``report.md``, ``report.json``,
 ``fig10_fitness.png``, ``fig11_energy.png``, ``fig12_policy.png`` and
-``table4_strategies.png`` to ``--workdir``. Restarting the same command resumes.
+``table4_strategies.png`` to ``--workdir``. Restarting the same command resumes. Several
+processes run it as one with the join flags of ``experiments.search`` (README "Several hosts").
 """
 
 from absl import app, flags
@@ -22,6 +23,7 @@ _CONFIG = common.define_config("experiments/configs/reproduce.py:cpu_resnet18",
                                "reproduction config file and variant")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the search state and the report go",
                                required=True)
+common.define_join_flags()
 
 
 def main(argv: list[str]) -> None:

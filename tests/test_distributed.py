@@ -1,6 +1,6 @@
 """Several processes as one search (jax.distributed, gloo collectives on the CPU): the same
-search as one process over the same number of devices, only the leader writes, and a job
-that loses a process stops within a bound and resumes to the same result."""
+search and reproduction as one process over the same number of devices, and a job that
+loses a process stops within a bound and resumes to the same result."""
 
 import json
 import os
@@ -26,19 +26,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _search_command(smoke, workdir) -> list[str]:
-  return [sys.executable, "-m", "experiments.search",
-          "--config=experiments/configs/search.py:smoke", f"--config.data_dir={smoke.data_dir}",
+def _command(smoke, workdir, script: str) -> list[str]:
+  """``experiments.search`` or ``experiments.reproduce`` (which searches in ``workdir/search``
+  with the same settings, then evaluates the baselines) on the session's smoke model."""
+  return [sys.executable, "-m", f"experiments.{script}",
+          f"--config=experiments/configs/{script}.py:smoke",
+          f"--config.data_dir={smoke.data_dir}",
           f"--config.model_dir={smoke.model_dir}", "--config.fitness.compute_dtype=float32",
           f"--config.pretrain.steps_per_epoch={smoke.pretrain.steps_per_epoch}",
           "--config.search.iterations=12", f"--workdir={workdir}"]
 
 
-def _launch(smoke, workdir, processes: int, devices: int) -> list[subprocess.Popen]:
+def _launch(smoke, workdir, processes: int, devices: int, script: str = "search"
+            ) -> list[subprocess.Popen]:
   """``processes`` processes with ``devices`` CPU devices each, joined as one job."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  command = _search_command(smoke, workdir)
+  command = _command(smoke, workdir, script)
   if processes > 1:
     port = _free_port()
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
@@ -76,19 +80,29 @@ def _assert_same_search(got: dict, want: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(smoke, tmp_path_factory):
-  """The reference: the search in one process over 4 devices."""
-  workdir = tmp_path_factory.mktemp("one_process") / "search"
-  assert _wait(_launch(smoke, workdir, 1, 4)) == [0]
-  return _results(workdir)
+  """The reference: the reproduction (search and baselines) in one process over 4 devices."""
+  workdir = tmp_path_factory.mktemp("one_process") / "reproduce"
+  assert _wait(_launch(smoke, workdir, 1, 4, "reproduce")) == [0]
+  with open(workdir / "report.json") as f:
+    return {**_results(workdir / "search"), "report": json.load(f)}
 
 
-def test_two_processes_search_like_one_over_the_same_devices(smoke, one_process, tmp_path):
-  workdir = tmp_path / "search"
-  assert _wait(_launch(smoke, workdir, 2, 2)) == [0, 0], (tmp_path / "search.0.log").read_text()[-3000:]
-  got = _results(workdir)
+def test_two_processes_reproduce_like_one_over_the_same_devices(smoke, one_process, tmp_path):
+  workdir = tmp_path / "reproduce"
+  codes = _wait(_launch(smoke, workdir, 2, 2, "reproduce"))
+  assert codes == [0, 0], (tmp_path / "reproduce.0.log").read_text()[-3000:]
+  got = _results(workdir / "search")
   _assert_same_search(got, one_process)
   assert got["best"]["devices"] == 4
-  assert (workdir / "search_state.npz").exists()
+  with open(workdir / "report.json") as f:
+    report = json.load(f)
+  want = one_process["report"]["strategies"]
+  assert list(report["strategies"]) == list(want)
+  for name, row in report["strategies"].items():
+    assert row["p"] == want[name]["p"] and row.get("w_bits") == want[name].get("w_bits"), name
+    for m in ("privacy", "energy_mj", "test_accuracy"):
+      assert row[m] == pytest.approx(want[name][m], rel=1e-6, abs=1e-7), (name, m)
+  assert report["claims"] == one_process["report"]["claims"]
 
 
 def test_a_lost_process_stops_the_job_and_a_rerun_resumes(smoke, one_process, tmp_path):

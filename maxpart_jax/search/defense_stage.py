@@ -85,7 +85,7 @@ def finalists(evaluations: list[dict[str, Any]], config: FitnessConfig, n: int,
   highest fitness (``"fitness"``), in that order.
 
   **Decision**: depth by default. In ``results/defenses/`` every defense measured at two
-  or three splits left the adaptive decoder less at the deeper split, while the
+  or three splits was decoded worse by the adaptive decoder at the deeper split, while the
   search's privacy term P ranks some deeper splits lower (split 7 over split 8 at the quick
   model's 4-bit genomes) and predicts the attack poorly (ρ −0.65).
   """

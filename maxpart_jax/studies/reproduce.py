@@ -20,7 +20,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from maxpart_jax import checkpoint, runs
+from maxpart_jax import checkpoint, distributed, runs
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, layer_energy_pj
 from maxpart_jax.genome import Genome, effective_bits, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
@@ -65,18 +65,21 @@ def _baselines(config, workdir, evaluator, search_report) -> list[dict[str, Any]
   # "rows": the version of the row format (v3: failed / collapsed candidates).
   key = {"search": storage.identity_hash(storage.search_identity(config, evaluator)),
          "searched_p": search_report["p"], "rows": 3}
-  if os.path.exists(path):
+  saved = None
+  if distributed.is_leader() and os.path.exists(path):  # read by the leader, sent to all
     with open(path) as f:
       saved = json.load(f)
-    if saved["key"] == key:
-      return saved["rows"]
+  saved = distributed.broadcast(saved)
+  if saved is not None and saved["key"] == key:
+    return saved["rows"]
   device = evaluator.config.device
   todo = baselines_lib.make_baselines(evaluator.energy_info, device, evaluator.config.transmission,
                                       search_report["p"])
   logging.info("evaluating the baselines: %s",
                ", ".join(f"{b.name} (p={b.p}, {b.w_bits} bit)" for b in todo))
   rows = baselines_lib.evaluate_baselines(evaluator, todo, build.load_test_split(config, evaluator))
-  checkpoint.write_json(path, {"key": key, "rows": rows})
+  if distributed.is_leader():
+    checkpoint.write_json(path, {"key": key, "rows": rows})
   return rows
 
 
@@ -176,12 +179,18 @@ def run_reproduction(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     }
     report["search"]["seconds_per_evaluation"] = (
         report["search"]["search_seconds"] / max(report["search"]["evaluations"], 1))
-    checkpoint.write_json(os.path.join(workdir, "report.json"), report)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-      f.write(reporting.markdown(report))
-    for src, dst in (("fitness.png", "fig10_fitness.png"), ("policy.png", "fig12_policy.png")):
-      shutil.copyfile(os.path.join(search_dir, src), os.path.join(workdir, dst))
-    reporting.energy_at_split(report, os.path.join(workdir, "fig11_energy.png"))
-    reporting.strategies(report, os.path.join(workdir, "table4_strategies.png"))
-    logging.info("report written to %s", os.path.join(workdir, "report.md"))
+    if distributed.is_leader():  # the others computed the same report
+      _write_report(report, workdir, search_dir)
     return report
+
+
+def _write_report(report: dict[str, Any], workdir: str, search_dir: str) -> None:
+  """``report.json``, ``report.md`` and the figures."""
+  checkpoint.write_json(os.path.join(workdir, "report.json"), report)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(reporting.markdown(report))
+  for src, dst in (("fitness.png", "fig10_fitness.png"), ("policy.png", "fig12_policy.png")):
+    shutil.copyfile(os.path.join(search_dir, src), os.path.join(workdir, dst))
+  reporting.energy_at_split(report, os.path.join(workdir, "fig11_energy.png"))
+  reporting.strategies(report, os.path.join(workdir, "table4_strategies.png"))
+  logging.info("report written to %s", os.path.join(workdir, "report.md"))
