@@ -33,44 +33,39 @@ _OUT = flags.DEFINE_string("out", None, "where edge/ and cloud/ go", required=Tr
 _PARITY = flags.DEFINE_integer("parity_images", 10000, "test images to check parity on (0: none)")
 
 
-def _export_defended() -> None:
-  """The answer of a defended search, with its defenses, and its parity on test images."""
+def _defended_answer() -> tuple:
+  """A defended search's answer, exported with its defenses, and how to measure its parity."""
   d, genome, made = defense_stage.load_answer(_CONFIG.value, _WORKDIR.value)
   edge, cloud = defended.export(d, genome, made["model_spec"], _OUT.value)
-  print(f"exported the defended answer p={edge.spec.split} ({edge.spec.block_label}) with "
-        f"{d.stack.spec()}: {edge.spec.ir.message_bytes} bytes per image; {_OUT.value}/edge, "
-        f"{_OUT.value}/cloud")
-  if _PARITY.value:
-    test = made["test"]
-    n = min(_PARITY.value, len(test))
-    _write_parity(defended.export_parity(d, edge, cloud, test.images[:n],
-                                         jax.random.key(_CONFIG.value.search.seed + 6),
-                                         test.labels[:n]),
-                  made["report"]["answer"]["test_accuracy"])
+  key = jax.random.key(_CONFIG.value.search.seed + 6)
+  return (edge, cloud, f" with {d.stack.spec()}", made["test"],
+          made["report"]["answer"]["test_accuracy"],
+          lambda images, labels: defended.export_parity(d, edge, cloud, images, key, labels))
 
 
-def _write_parity(result: dict, search_test_accuracy: float) -> None:
-  result.update(search_test_accuracy=search_test_accuracy, environment=runs.environment())
-  write_json(os.path.join(_OUT.value, "parity.json"), result)
-  print(json.dumps(result, indent=1))
+def _searched_answer() -> tuple:
+  """A search's answer, exported, and how to measure its parity."""
+  edge, cloud, made = parity.export_searched(_CONFIG.value, _WORKDIR.value, _OUT.value)
+  return (edge, cloud, "", made["test"], made["report"]["test_accuracy"],
+          lambda images, labels: parity.parity(made["model"], made["variables"], made["genome"],
+                                               edge, cloud, images, labels))
 
 
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
-  if stack_from_config(_CONFIG.value).items:
-    _export_defended()
-    return
-  edge, cloud, made = parity.export_searched(_CONFIG.value, _WORKDIR.value, _OUT.value)
+  defended_search = bool(stack_from_config(_CONFIG.value).items)
+  edge, cloud, defenses, test, search_accuracy, measure = (
+      _defended_answer() if defended_search else _searched_answer())
   print(f"exported p={edge.spec.split} ({edge.spec.block_label}), {edge.spec.ir.bits}-bit IR "
-        f"{edge.spec.ir.shape}: {edge.spec.ir.message_bytes} bytes per image; "
+        f"{edge.spec.ir.shape}{defenses}: {edge.spec.ir.message_bytes} bytes per image; "
         f"{_OUT.value}/edge, {_OUT.value}/cloud")
   if _PARITY.value:
-    test = made["test"]
     n = min(_PARITY.value, len(test))
-    _write_parity(parity.parity(made["model"], made["variables"], made["genome"], edge, cloud,
-                                test.images[:n], test.labels[:n]),
-                  made["report"]["test_accuracy"])
+    result = measure(test.images[:n], test.labels[:n])
+    result.update(search_test_accuracy=search_accuracy, environment=runs.environment())
+    write_json(os.path.join(_OUT.value, "parity.json"), result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ runs the generic checks every registered defense passes (also for users' own).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -375,8 +376,10 @@ class SplitCosts:
   message_elems: np.ndarray
 
 
+@functools.lru_cache(maxsize=64)
 def split_costs(info: ModelInfo, stack: Stack) -> SplitCosts:
-  """:class:`SplitCosts` of ``stack`` on the IR of every split of ``info``."""
+  """:class:`SplitCosts` of ``stack`` on the IR of every split of ``info`` (kept per model
+  and stack: every evaluated batch of a search reads them)."""
   rows = []
   for block in info.blocks[:info.max_split]:
     try:

@@ -29,6 +29,7 @@ a workdir whose search or defense settings changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -91,8 +92,7 @@ def finalists(evaluations: list[dict[str, Any]], config: FitnessConfig, n: int,
   """
   if order not in FINALIST_ORDERS:
     raise ValueError(f"unknown finalist order {order!r}; choose from {FINALIST_ORDERS}")
-  # an energy stored as null is infinite: the stack cannot run at that split
-  feasible = [e for e in evaluations if e["energy_mj"] is not None and not violations(e, config)]
+  feasible = [e for e in evaluations if _feasible(e, config)]
   best: dict[int, dict[str, Any]] = {}
   for entry in sorted(feasible, key=lambda e: -e["fitness"]):  # stable: first evaluated wins
     best.setdefault(int(entry["genome"]["p"]), entry)
@@ -100,6 +100,12 @@ def finalists(evaluations: list[dict[str, Any]], config: FitnessConfig, n: int,
   if order == "depth":
     ranked.sort(key=lambda e: -int(e["genome"]["p"]))
   return ranked[:n]
+
+
+def _feasible(entry: dict[str, Any], config: FitnessConfig) -> bool:
+  """Whether a stored evaluation meets the bounds (an energy stored as null is infinite: the
+  stack cannot run at that split)."""
+  return entry["energy_mj"] is not None and not violations(entry, config)
 
 
 def repair(info: ModelInfo, genome: Genome, w_choices: list[int],
@@ -113,7 +119,8 @@ def repair(info: ModelInfo, genome: Genome, w_choices: list[int],
   """
   choices = sorted(int(c) for c in w_choices)
   layers = [l.id for l in info.layers if l.quantizable and l.block < int(genome.p)]
-  while float(energy(jax.tree.map(lambda x: x[None], genome))[0]) >= budget_mj:
+  current = float(energy(jax.tree.map(lambda x: x[None], genome))[0])
+  while current >= budget_mj:
     moves = []
     for layer in layers:
       lower = [c for c in choices if c < int(genome.w_bits[layer])]
@@ -122,7 +129,8 @@ def repair(info: ModelInfo, genome: Genome, w_choices: list[int],
     if not moves:
       return None
     costs = energy(jax.tree.map(lambda *x: jnp.stack(x), *moves))
-    genome = moves[int(np.argmin(costs))]
+    best = int(np.argmin(costs))
+    genome, current = moves[best], float(costs[best])
   return genome
 
 
@@ -146,8 +154,7 @@ def _repaired(evaluations: list[dict[str, Any]], evaluator: Evaluator,
     with open(path) as f:
       stored = {e["key"]: e for e in json.load(f)}
   f_config = evaluator.config
-  feasible_splits = {int(e["genome"]["p"]) for e in evaluations
-                     if e["energy_mj"] is not None and not violations(e, f_config)}
+  feasible_splits = {int(e["genome"]["p"]) for e in evaluations if _feasible(e, f_config)}
   over: dict[int, dict[str, Any]] = {}
   for e in sorted(evaluations, key=lambda e: -e["fitness"]):
     p = int(e["genome"]["p"])
@@ -198,14 +205,15 @@ def _image_sets(config: ml_collections.ConfigDict, evaluator: Evaluator) -> dict
   rng = np.random.default_rng(config.search.seed + 2)
   order = rng.permutation(len(train_split))
   held, kept = np.sort(order[:c.victims]), np.sort(order[c.victims:])
+  subset = lambda idx: dataclasses.replace(train_split, images=train_split.images[idx],
+                                           labels=train_split.labels[idx])
   return {
-      "train": data.Split(train_split.images[kept], train_split.labels[kept],
-                          train_split.num_classes, train_split.dataset),
-      "victims": train_split.images[held].astype(np.float32) / 255.0,
+      "train": subset(kept),
+      "victims": subset(held).float_images(),
       "aux": val.take(c.attack.images, seed=config.search.seed + 3).float_images(),
       "test": test,
       "test_victims": test.take(c.victims, seed=config.search.seed + 4).float_images(),
-      "init": train_split.images[kept[:c.init_images]].astype(np.float32) / 255.0,
+      "init": subset(kept[:c.init_images]).float_images(),
   }
 
 
@@ -325,11 +333,11 @@ def _measure(config: ml_collections.ConfigDict, evaluator: Evaluator, model,
       d, np.concatenate([sets["victims"][:n_wb], sets["test_victims"][:n_wb]]), wb_key,
       whitebox_config)
   t4 = time.time()
-  energy = defenses.defended_energy(evaluator.energy_info, genome, stack, f.device,
-                                    f.transmission)
-  metrics = {"energy_mj": float(energy.total_mj), "eps": evaluator.float_accuracy - val_accuracy,
-             "diverged": False, "fitness": entry["fitness"],
-             "latency_ms": float(evaluator.costs(jax.tree.map(lambda x: x[None], genome))[1][0])}
+  energy, latency = jax.tree.map(lambda x: float(x[0]), defenses.population_costs(
+      evaluator.energy_info, jax.tree.map(lambda x: x[None], genome), stack, f.device,
+      f.transmission))
+  metrics = {"energy_mj": energy.total_mj, "eps": evaluator.float_accuracy - val_accuracy,
+             "diverged": False, "fitness": entry["fitness"], "latency_ms": latency.total_ms}
 
   def scores(att, lo, hi):
     return {"ssim": float(att["ssim_per_image"][lo:hi].mean()),
@@ -347,8 +355,8 @@ def _measure(config: ml_collections.ConfigDict, evaluator: Evaluator, model,
       "genome": genome.to_json(), "defenses": stack.spec(),
       "repaired_from": entry.get("repaired_from"),
       "stage1": {m: entry[m] for m in ("fitness", "privacy", "energy_mj", "eps", "accuracy")},
-      "energy_mj": metrics["energy_mj"], "compute_mj": float(energy.compute_mj),
-      "transmission_mj": float(energy.transmission_mj), "latency_ms": metrics["latency_ms"],
+      "energy_mj": metrics["energy_mj"], "compute_mj": energy.compute_mj,
+      "transmission_mj": energy.transmission_mj, "latency_ms": metrics["latency_ms"],
       "message_shape": list(d.message_shape),
       "message_bits": float(defenses.message_bits(evaluator.energy_info, genome, stack)),
       "val_accuracy": val_accuracy, "val_eps": metrics["eps"],

@@ -205,7 +205,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
                    row["whitebox"]["ssim"])
       progress(i + 1)
     wanted = [r[0] for r in rows_plan]
-    rows = [{**r, "other_budgets": other_budgets(r, config)}
+    budgets = {name: (settings.info_from_spec(b.energy_model.to_dict()), b)
+               for name, b in config.get("other_budgets", ml_collections.ConfigDict()).items()}
+    rows = [{**r, "other_budgets": other_budgets(r, budgets, config.eps_bound)}
             for r in state["rows"] if r["row"] in wanted]
     rows.sort(key=lambda r: wanted.index(r["row"]))
     result = {"config": config.to_dict(), "float_test_accuracy": float_accuracy, "rows": rows,
@@ -216,19 +218,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
     return result
 
 
-def other_budgets(row: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The row's energy and feasibility under each of ``config.other_budgets``: its genome and
-  stack charged on that budget's energy model, the row's accuracy loss against the same
-  bound (the model is the same)."""
+def other_budgets(row: dict[str, Any], budgets: dict[str, tuple[Any, Any]],
+                  eps_bound: float) -> dict[str, Any]:
+  """The row's energy and feasibility under each of ``budgets`` (``{name: (energy model's
+  info, the config's budget entry)}``): its genome and stack charged on that energy model,
+  the row's accuracy loss against the same bound (the model is the same)."""
   out = {}
-  for name, b in config.get("other_budgets", ml_collections.ConfigDict()).items():
-    info = settings.info_from_spec(b.energy_model.to_dict())
+  for name, (info, b) in budgets.items():
     energy = defenses.defended_energy(info, Genome.from_json(row["genome"]),
                                       defenses.parse_stack(row["defenses"]),
                                       DeviceConfig(budget_mj=b.budget_mj), b.transmission)
     out[name] = {"energy_mj": float(energy.total_mj), "budget_mj": b.budget_mj,
                  "feasible": bool(float(energy.total_mj) < b.budget_mj
-                                  and row["test_eps"] <= config.eps_bound)}
+                                  and row["test_eps"] <= eps_bound)}
   return out
 
 
