@@ -4,6 +4,11 @@ r"""Pre-trains a CIFAR model; resumes from ``--workdir`` after an interruption.
 
 Writes the model for the search to ``<workdir>/model``, plus ``results.json``
 (test accuracy, wall time), ``history.json`` and ``curves.png``.
+
+Several processes (hosts) train as one data-parallel job: run the same command on every
+process with ``--distributed`` (TPU pod slices, SLURM, Open MPI) or
+``--coordinator_address=host:port --num_processes=N --process_id=i``; the workdir must be a
+folder every process sees (README "Several hosts").
 """
 
 from absl import app, flags
@@ -15,6 +20,7 @@ from maxpart_jax.train import train_and_evaluate, validate_train_config
 _CONFIG = common.define_config("experiments/configs/train.py:cpu",
                                "training config file and variant")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results go", required=True)
+common.define_join_flags()
 
 
 def main(argv: list[str]) -> None:

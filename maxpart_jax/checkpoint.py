@@ -118,15 +118,18 @@ def save_model(directory: str, model_spec: dict[str, Any], variables: Variables,
   ``model.json`` holds the architecture (``{"name": ..., **builder kwargs}``), the
   dataset and ``split`` (``{"val_fraction", "data_seed"}``): which training images were
   held out, so that a search can refuse to validate on images the model trained on.
+  In a job of several processes every process calls it (orbax synchronizes them) and
+  process 0 writes ``model.json``.
   """
   directory = os.path.abspath(directory)
   check_finite(variables, "the variables to save")
   os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckpt:
+  with ocp.StandardCheckpointer() as ckpt:  # every process of a job calls it (orbax syncs)
     ckpt.save(os.path.join(directory, "variables"), jax.device_get(variables), force=True)
-  write_json(os.path.join(directory, "model.json"),
-             {"model": model_spec, "dataset": dataset, "split": split,
-              "variables_sha256": variables_sha256(variables)})
+  if jax.process_index() == 0:
+    write_json(os.path.join(directory, "model.json"),
+               {"model": model_spec, "dataset": dataset, "split": split,
+                "variables_sha256": variables_sha256(variables)})
 
 
 def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:

@@ -361,10 +361,12 @@ def draws_for_steps(num_examples: int, batch_size: int, steps: int, *, seed: int
   return jax.tree.map(lambda *rows: np.concatenate(rows)[:steps], *epochs)
 
 
-def host_batch(split: Split, draws: Draws, step: int) -> dict[str, np.ndarray]:
-  """Batch ``step`` of ``draws`` made on the host (numpy), as :func:`iterate_batches` makes it."""
-  idx = draws.index[step]
-  images = _crop_flip(split.images[idx], draws.offset[step], draws.flip[step])
+def host_batch(split: Split, draws: Draws, step: int,
+               rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """Batch ``step`` of ``draws`` made on the host (numpy), as :func:`iterate_batches` makes it;
+  ``rows``: only those rows of it (a process's share of a batch split over processes)."""
+  idx = draws.index[step][rows]
+  images = _crop_flip(split.images[idx], draws.offset[step][rows], draws.flip[step][rows])
   return {"image": normalize(images, split.dataset), "label": split.labels[idx]}
 
 

@@ -65,6 +65,8 @@ def to_host(x: Any) -> np.ndarray:
   """``x`` as numpy, the whole value in every process (gathered from every process's
   devices when it is sharded over several processes)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:  # every process holds all of it
+      return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 

@@ -19,6 +19,14 @@ there, and a chunk is one compiled loop: the host only hears back at its end.
 on CPUs, whose compiled loops are slow); ``host`` is the old step-by-step loop
 with numpy batches. All give the same batches.
 
+``config.devices`` spreads each batch over devices (data parallelism, :class:`DataParallel`):
+``all`` over every device of every process, ``one`` on the first device, ``auto`` over all
+when the job has several processes (:mod:`maxpart_jax.distributed`) and on one device
+otherwise. The global batches are those of one device; with the ``host`` pipeline (``auto``
+with several processes) each process makes only its own rows of every batch. Only process 0
+writes the history, TensorBoard, plots and results; the checkpoints are orbax's multi-host
+ones, so the workdir must be a folder every process sees (one machine, NFS, a bucket).
+
 The steps are reusable: :func:`train_step` takes an optional quantization policy
 (fine-tuning with a fake-quantized edge) and :func:`evaluate` gives top-1 accuracy.
 """
@@ -39,14 +47,17 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxpart_jax import checkpoint, data, runs
-from maxpart_jax.metrics import MetricWriter
+from maxpart_jax import checkpoint, data, distributed, runs
+from maxpart_jax.metrics import MetricWriter, NullWriter
 from maxpart_jax.models import SplitModel, Variables, available_models, model_from_spec
 from maxpart_jax.models.layers import Numerics, resolve_numerics
 from maxpart_jax.quant import QuantPolicy
 
 PIPELINES = ("auto", "fused", "device", "host")
+DEVICES = ("auto", "all", "one")
 
 
 @struct.dataclass
@@ -76,7 +87,7 @@ class TrainingDiverged(ValueError):
 # Fields that do not change what pre-training computes (logging, checkpoint cadence, where
 # the data lives: its content counts instead, and settings that count once resolved).
 _NOT_IDENTITY = ("data_dir", "log_every_steps", "checkpoint_every_steps", "eval_every_epochs",
-                 "compute_dtype", "matmul_precision", "pipeline")
+                 "compute_dtype", "matmul_precision", "pipeline", "devices")
 
 
 def validate_train_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -99,19 +110,25 @@ def validate_train_config(config: ml_collections.ConfigDict, prefix: str = "") -
       raise ValueError(f"{prefix}{name} must be in [0, {high}), got {config[name]}")
   if config.pipeline not in PIPELINES:
     raise ValueError(f"{prefix}pipeline must be one of {PIPELINES}, got {config.pipeline!r}")
+  if config.get("devices", "auto") not in DEVICES:
+    raise ValueError(f"{prefix}devices must be one of {DEVICES}, got {config.devices!r}")
 
 
 def train_identity(config: ml_collections.ConfigDict, numerics: Numerics, pipeline: str,
-                   train_split: data.Split) -> dict[str, Any]:
+                   train_split: data.Split, data_parallel: bool = False) -> dict[str, Any]:
   """Everything pre-training's result depends on, as ``{field: value}`` (see
   :func:`maxpart_jax.runs.check_identity`): the config less :data:`_NOT_IDENTITY`, the
-  resolved numerics and pipeline, and the content of the data."""
+  resolved numerics and pipeline, whether batches are split over devices (their sums
+  round differently; recorded only when they are, as runs before the setting were not)
+  and the content of the data."""
   identity = {k: v for k, v in runs.flatten(config.to_dict()).items()
               if k.split(".")[0] not in _NOT_IDENTITY}
   identity.update({
       "resolved.compute_dtype": numerics.dtype, "resolved.matmul_precision": numerics.precision,
       "resolved.pipeline": pipeline,
       "data_content": data.content_hash(train_split.dataset, config.data_dir or None)})
+  if data_parallel:
+    identity["resolved.data_parallel"] = True
   return json.loads(json.dumps(identity, default=str))
 
 
@@ -132,15 +149,59 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   return model_from_spec(model_spec(config), num_classes=num_classes, numerics=numerics)
 
 
-def resolve_pipeline(pipeline: str, platform: str | None = None) -> str:
-  """``fused``, ``device`` or ``host``; ``auto`` is ``fused`` on GPUs and TPUs and
-  ``device`` on CPUs, where XLA runs convolutions inside compiled loops several times
-  slower (jax-ml/jax#12868; a training step 8-26x, measured) than one call per step."""
+def resolve_pipeline(pipeline: str, platform: str | None = None, processes: int = 1) -> str:
+  """``fused``, ``device`` or ``host``; ``auto`` is ``host`` with several processes (each
+  makes only its own rows of a batch), else ``fused`` on GPUs and TPUs and ``device`` on
+  CPUs, where XLA runs convolutions inside compiled loops several times slower
+  (jax-ml/jax#12868; a training step 8-26x, measured) than one call per step."""
   if pipeline not in PIPELINES:
     raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
   if pipeline != "auto":
     return pipeline
+  if processes > 1:
+    return "host"
   return "device" if (platform or jax.default_backend()) == "cpu" else "fused"
+
+
+def data_parallel_mesh(devices: str, batch_size: int) -> Mesh | None:
+  """The one-axis (``data``) mesh that pre-training splits batches over, or None for one
+  device (see the module docstring for ``devices``). Raises ``ValueError`` if the batch
+  does not split evenly or several processes are asked to train on one device."""
+  if devices not in DEVICES:
+    raise ValueError(f"devices must be one of {DEVICES}, got {devices!r}")
+  several = jax.process_count() > 1
+  if devices == "one" and several:
+    raise ValueError(f"devices='one' trains on one device, but this job has "
+                     f"{jax.process_count()} processes: use devices='all' (or 'auto')")
+  if devices == "one" or (devices == "auto" and not several):
+    return None
+  if batch_size % jax.device_count():
+    raise ValueError(f"batch_size={batch_size} does not split over the {jax.device_count()} "
+                     "devices of this job: choose a multiple of the device count")
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+  """``step_fn`` with the batch split over the ``data`` axis of ``mesh`` and the state
+  replicated: XLA sums the gradients (and the batch-norm statistics) over the devices, so
+  a step computes what it computes on one device, to rounding."""
+
+  step_fn: Any
+  mesh: Mesh
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec("data"))
+
+  def __call__(self, state: Any, batch: dict[str, jax.Array], *args: Any) -> tuple[Any, Any]:
+    batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+    state, metrics = self.step_fn(state, batch, *args)
+    return jax.lax.with_sharding_constraint(state, self.replicated), metrics
 
 
 def fused_steps(step_fn: Any, dataset: str) -> Any:
@@ -197,16 +258,20 @@ class StepRunner:
     * ``device``: the same batches made on the device, one call per step;
     * ``host``: numpy batches (:func:`data.host_batch`) copied per step, one call per step.
   All three give the same batches. ``sharding`` places the split and the batches
-  (e.g. replicated over a candidate mesh); ``step_fn(state, batch, *args)`` must be
-  jittable, hashable and return ``(state, metrics)``. It is a static argument of the
-  compiled programs, so runners of equal steps (a :class:`TrainStep`) share them.
+  (e.g. replicated over a candidate mesh); ``batch_sharding`` splits the host pipeline's
+  batches instead (over a data-parallel mesh: each process makes only the rows its devices
+  hold). ``step_fn(state, batch, *args)`` must be jittable, hashable and return
+  ``(state, metrics)``. It is a static argument of the compiled programs, so runners of
+  equal steps (a :class:`TrainStep`) share them.
   """
 
   def __init__(self, step_fn: Any, split: data.Split, pipeline: str,
-               sharding: jax.sharding.Sharding | None = None):
+               sharding: jax.sharding.Sharding | None = None,
+               batch_sharding: jax.sharding.Sharding | None = None):
     if pipeline not in PIPELINES[1:]:
       raise ValueError(f"pipeline must be resolved to one of {PIPELINES[1:]}, got {pipeline!r}")
     self.step_fn, self.split, self.pipeline, self.sharding = step_fn, split, pipeline, sharding
+    self.batch_sharding = batch_sharding
     self._draws: tuple[data.Draws | None, Any] = (None, None)
     if pipeline != "host":
       self._arrays = data.to_device(split, sharding)
@@ -227,13 +292,36 @@ class StepRunner:
     sums = None
     for i in range(start, stop):
       if self.pipeline == "host":
-        batch = jax.device_put(data.host_batch(self.split, draws, i), self.sharding)
+        batch = self._host_batch(draws, i)
         state, metrics = _host_step(self.step_fn, state, batch, *args)
       else:
         state, metrics = _device_step(self.step_fn, dataset, state, *self._arrays,
                                       self._device_draws(draws), jnp.int32(i), *args)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     return state, sums
+
+  def _host_batch(self, draws: data.Draws, i: int) -> Any:
+    """Batch ``i`` on the devices; with ``batch_sharding``, made from this process's rows."""
+    if self.batch_sharding is None:
+      return jax.device_put(data.host_batch(self.split, draws, i), self.sharding)
+    size = draws.index.shape[1]
+    rows = process_rows(self.batch_sharding, size)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x,
+                                                         (size, *x.shape[1:])),
+        data.host_batch(self.split, draws, i, rows))
+
+
+def process_rows(sharding: jax.sharding.Sharding, size: int) -> slice:
+  """The rows of a ``size``-row array split by ``sharding`` that this process's devices hold
+  (one contiguous block: the devices of a process are neighbours in the mesh)."""
+  blocks = {(s[0].start or 0, size if s[0].stop is None else s[0].stop)
+            for s in sharding.addressable_devices_indices_map((size,)).values()}
+  start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
+  if sum(b - a for a, b in blocks) != stop - start:
+    raise ValueError(f"this process's devices hold rows {sorted(blocks)} of the batch, not one "
+                     "block: build the mesh from jax.devices() in order")
+  return slice(start, stop)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -371,9 +459,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the results dict.
   """
   validate_train_config(config)
-  if jax.process_count() > 1:
-    raise ValueError("pre-training runs in one process: pre-train the model first "
-                     "(experiments.train), then search with several processes")
   with runs.workdir_lock(workdir):
     return _train_and_evaluate(config, workdir)
 
@@ -384,17 +469,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                           dataset=config.dataset, data_dir=config.data_dir or None,
                           val_fraction=config.val_fraction, seed=config.data_seed)
   numerics = resolve_numerics(config.compute_dtype, config.matmul_precision)
-  pipeline = resolve_pipeline(config.pipeline)
+  pipeline = resolve_pipeline(config.pipeline, processes=jax.process_count())
   if config.batch_size > len(train):
     raise ValueError(f"batch_size={config.batch_size} is more than the {len(train)} training "
                      "images (every step takes a full batch); lower it")
+  mesh = data_parallel_mesh(config.get("devices", "auto"), config.batch_size)
   model = build_model(config, train.num_classes, numerics)
-  identity = train_identity(config, numerics, pipeline, train)
+  identity = train_identity(config, numerics, pipeline, train, data_parallel=mesh is not None)
   steps_per_epoch = epoch_steps(config, len(train))
   total_steps = steps_per_epoch * config.num_epochs
   step_fn = TrainStep(model, pretrain_optimizer, _optimizer_args(config, total_steps),
                       config.label_smoothing)
   new_state = lambda: TrainState.create(model.init(jax.random.key(config.seed)), step_fn.tx)
+  run_fn, replicated, batch_sharding = step_fn, None, None
+  if mesh is not None:
+    run_fn = DataParallel(step_fn, mesh)
+    replicated, batch_sharding = run_fn.replicated, run_fn.batch_sharding
+  leader = distributed.is_leader()
 
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   history_path = os.path.join(workdir, "history.json")
@@ -402,23 +493,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                              "checkpoints": {}}
   sums, seen = np.zeros(2), 0  # train loss and accuracy summed over the epoch's steps so far
   resuming = mngr.latest_step() is not None
-  if resuming:
-    stored = _read_history(history_path)
+  if resuming:  # the leader's history, in every process
+    stored = distributed.broadcast(_read_history(history_path) if leader else None)
     runs.check_identity(stored and stored.get("identity"), identity, workdir, "pre-training")
-  # A resumed run needs only the state's structure (restore_latest loads or raises).
-  restored, state = checkpoint.restore_latest(
-      mngr, jax.eval_shape(new_state) if resuming else new_state())
+  # A resumed run needs only the state's structure (restore_latest loads or raises), placed
+  # like the state it restores (replicated over the data-parallel mesh).
+  if resuming:
+    like = jax.eval_shape(new_state)
+    if replicated is not None:
+      like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          like)
+  else:
+    like = new_state()
+    if replicated is not None:
+      like = jax.device_put(distributed.for_global_put(like), replicated)
+  restored, state = checkpoint.restore_latest(mngr, like)
   if restored is not None:
     history = _history_at(stored, restored)
     at = history["checkpoints"][str(restored)]
     sums, seen = np.array(at["sums"], np.float64), at["seen"]
     logging.info("resuming from step %d of %d", restored, total_steps)
-  logging.info("pre-training %s: %d steps, %s compute (%s precision), %s pipeline", model.name,
-               total_steps, numerics.dtype, numerics.precision, pipeline)
-  step = int(state.step)
-  run_steps = StepRunner(step_fn, train, pipeline)
+  logging.info("pre-training %s: %d steps, %s compute (%s precision), %s pipeline, %s",
+               model.name, total_steps, numerics.dtype, numerics.precision, pipeline,
+               "one device" if mesh is None else
+               f"batches split over {mesh.size} devices of {jax.process_count()} process(es)")
+  step = int(distributed.to_host(state.step))
+  run_steps = StepRunner(run_fn, train, pipeline, replicated, batch_sharding)
   progress = Progress(total_steps, first=step, every=config.log_every_steps)
-  writer = MetricWriter(os.path.join(workdir, "tensorboard"), resume_step=step)
+  writer = (MetricWriter(os.path.join(workdir, "tensorboard"), resume_step=step) if leader
+            else NullWriter())
   segment_start = time.time()
 
   def save(step: int) -> None:
@@ -429,7 +532,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     history["checkpoints"] = {k: v for k, v in history["checkpoints"].items() if int(k) in kept}
     history["checkpoints"][str(step)] = {"sums": sums.tolist(), "seen": seen,
                                          "train_seconds": history["train_seconds"]}
-    checkpoint.write_json(history_path, history)
+    if leader:
+      checkpoint.write_json(history_path, history)
     writer.flush()  # TensorBoard too: a resumed run rewrites what follows its checkpoint
     mngr.save(step, args=checkpoint.ocp.args.StandardSave(state))
 
@@ -442,7 +546,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       j = min(steps_per_epoch, i + _until_multiple(step, config.log_every_steps),
               i + _until_multiple(step, config.checkpoint_every_steps))
       state, chunk = run_steps(state, draws, i, j)
-      chunk = jax.device_get(chunk)
+      chunk = jax.tree.map(distributed.to_host, chunk)
       if not np.isfinite(chunk["loss"]):
         raise TrainingDiverged(
             f"pre-training diverged: the loss is {float(chunk['loss'])} in steps {step + 1}-"
@@ -461,7 +565,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
               "train_accuracy": float(sums[1] / seen)}
     sums[:], seen = 0, 0
     if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
-      record["val_accuracy"] = _val_accuracy(config, model, state)
+      record["val_accuracy"] = _val_accuracy(config, model, _on_host(state.variables))
     history["epochs"].append(record)
     writer.scalars(step, {f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)})
     logging.info("epoch %d/%d: %s", epoch + 1, config.num_epochs,
@@ -470,7 +574,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     save(step)
     segment_start = time.time()
 
-  checkpoint.save_model(os.path.join(workdir, "model"), model_spec(config), state.variables,
+  variables = _on_host(state.variables)
+  checkpoint.save_model(os.path.join(workdir, "model"), model_spec(config), variables,
                         config.dataset, split_spec(config))
   test = data.load_split("test", dataset=config.dataset, data_dir=config.data_dir or None)
   results = {
@@ -478,16 +583,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "steps": total_steps, "train_seconds": history["train_seconds"],
       "compute_dtype": numerics.dtype, "matmul_precision": numerics.precision,
       "pipeline": pipeline, "device": jax.devices()[0].device_kind,
-      "test_accuracy": evaluate(model, state.variables, test),
-      "val_accuracy": _val_accuracy(config, model, state) if config.val_fraction > 0 else None,
+      "test_accuracy": evaluate(model, variables, test),
+      "val_accuracy": _val_accuracy(config, model, variables) if config.val_fraction > 0 else None,
+      "devices": 1 if mesh is None else mesh.size, "processes": jax.process_count(),
       "environment": runs.environment(),
   }
-  checkpoint.write_json(os.path.join(workdir, "results.json"), results)
   writer.scalars(step, {"final/test_accuracy": results["test_accuracy"],
                         "final/val_accuracy": results["val_accuracy"]})
   writer.close()
-  plot_history(history, os.path.join(workdir, "curves.png"), title=f"{model.name} {config.dataset}",
-               test_accuracy=results["test_accuracy"])
+  if leader:  # every process evaluated the same model
+    checkpoint.write_json(os.path.join(workdir, "results.json"), results)
+    plot_history(history, os.path.join(workdir, "curves.png"),
+                 title=f"{model.name} {config.dataset}", test_accuracy=results["test_accuracy"])
+  if jax.process_count() > 1:  # nobody reads the model before the leader has written it
+    multihost_utils.sync_global_devices("pre-training written")
   logging.info("done: %s", results)
   return results
 
@@ -504,10 +613,17 @@ def _until_multiple(step: int, every: int) -> int:
   return every - step % every
 
 
-def _val_accuracy(config: ml_collections.ConfigDict, model: SplitModel, state: TrainState) -> float:
+def _val_accuracy(config: ml_collections.ConfigDict, model: SplitModel,
+                  variables: Variables) -> float:
   val = data.load_split("val", dataset=config.dataset, data_dir=config.data_dir or None,
                         val_fraction=config.val_fraction, seed=config.data_seed)
-  return evaluate(model, state.variables, val)
+  return evaluate(model, variables, val)
+
+
+def _on_host(tree: Any) -> Any:
+  """``tree`` as numpy in every process (the state is replicated over the data-parallel
+  mesh): every process then evaluates it on its own first device."""
+  return jax.tree.map(distributed.to_host, tree)
 
 
 def _read_history(path: str) -> dict[str, Any] | None:

@@ -1,10 +1,11 @@
-"""Several processes as one search (jax.distributed, gloo collectives on the CPU): the same
-search and reproduction as one process over the same number of devices, and a job that
-loses a process stops within a bound and resumes to the same result."""
+"""Several processes as one job (jax.distributed, gloo collectives on the CPU): the same
+search, reproduction and data-parallel pre-training as one process over the same number of
+devices, and a job that loses a process stops within a bound and resumes to the same result."""
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,8 @@ import time
 
 import pytest
 
-from maxpart_jax import distributed
+from conftest import relative_distance
+from maxpart_jax import checkpoint, distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5
@@ -37,12 +39,21 @@ def _command(smoke, workdir, script: str) -> list[str]:
           "--config.search.iterations=12", f"--workdir={workdir}"]
 
 
+def _pretrain_command(data_dir, workdir) -> list[str]:
+  """The smoke pre-training (2 epochs of 3 steps, batch 16) with its batches split over
+  every device, also in one process."""
+  return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train.py:smoke",
+          f"--config.data_dir={data_dir}", "--config.devices=all", f"--workdir={workdir}"]
+
+
 def _launch(smoke, workdir, processes: int, devices: int, script: str = "search"
             ) -> list[subprocess.Popen]:
-  """``processes`` processes with ``devices`` CPU devices each, joined as one job."""
+  """``processes`` processes with ``devices`` CPU devices each, joined as one job
+  (``smoke``: the search config, or for ``script="train"`` the fake data's folder)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  command = _command(smoke, workdir, script)
+  command = (_pretrain_command(smoke, workdir) if script == "train"
+             else _command(smoke, workdir, script))
   if processes > 1:
     port = _free_port()
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
@@ -120,6 +131,49 @@ def test_a_lost_process_stops_the_job_and_a_rerun_resumes(smoke, one_process, tm
   assert "another process of this job stopped" in log or "distributed service" in log
   assert _wait(_launch(smoke, workdir, 2, 2)) == [0, 0]
   _assert_same_search(_results(workdir), one_process)
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_like_one_over_the_same_devices_and_resume(fake_data_dir,
+                                                                         tmp_path):
+  """Data parallelism across processes: each process makes its rows of every batch, the
+  gradients and batch statistics are summed over both, the result is one process's over
+  the same 4 devices to float rounding; without its last checkpoint the job resumes to the
+  very same model."""
+  runs = {}
+  for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+    workdir = tmp_path / name
+    codes = _wait(_launch(fake_data_dir, workdir, processes, devices, "train"))
+    assert codes == [0] * processes, (tmp_path / f"{name}.0.log").read_text()[-3000:]
+    with open(workdir / "history.json") as f:
+      history = json.load(f)
+    with open(workdir / "results.json") as f:
+      results = json.load(f)
+    runs[name] = (history, results, checkpoint.load_model(str(workdir / "model")))
+  (one_history, one_results, one_model), (two_history, two_results, two_model) = runs.values()
+  assert two_results["processes"] == 2 and two_results["devices"] == one_results["devices"] == 4
+  assert two_results["pipeline"] == "host"  # each process makes only its own rows
+  assert len(two_history["epochs"]) == 2
+  # Only the order of the sums over devices differs (measured here: weights 1.2e-7 apart,
+  # losses 3e-8). The tolerances are test_device_pipelines_train_like_the_host_loop's: this
+  # tiny net's batch norm can amplify a rounding difference to ~1e-4 on other CPUs, while
+  # a wrong share of a batch or a gradient summed over one process only gives ~1.
+  for a, b in zip(two_history["epochs"], one_history["epochs"]):
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1.01 / (3 * 16))
+  assert relative_distance(two_model[1], one_model[1]) < 1e-3
+  assert two_results["test_accuracy"] == pytest.approx(one_results["test_accuracy"], abs=0.0101)
+
+  # The job stopped after its first epoch's checkpoint: the same command resumes there.
+  workdir = tmp_path / "two"
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  shutil.rmtree(workdir / "model")
+  assert _wait(_launch(fake_data_dir, workdir, 2, 2, "train")) == [0, 0]
+  assert "resuming from step 3 of 6" in (tmp_path / "two.1.log").read_text()
+  resumed = checkpoint.load_model(str(workdir / "model"))
+  assert resumed[2]["variables_sha256"] == two_model[2]["variables_sha256"]
+  with open(workdir / "history.json") as f:
+    assert json.load(f)["epochs"] == two_history["epochs"]
 
 
 def test_one_process_joins_nothing_and_half_a_job_is_refused():

@@ -210,3 +210,20 @@ def test_cross_entropy_by_hand():
 def test_unknown_variant_lists_choices():
   with pytest.raises(ValueError, match="unknown train config variant 'big'.*cpu_vgg11"):
     train_configs.get_config("big")
+
+
+def test_a_process_makes_only_its_rows_of_a_split_batch(fake_data_dir):
+  """``host_batch`` of some rows is those rows of the whole batch (data parallelism across
+  processes builds each global batch from every process's rows); one process holds all."""
+  split = data.load_split("train", data_dir=fake_data_dir)
+  draws = data.train_draws(len(split), 16, seed=3, epoch=1)
+  whole = data.host_batch(split, draws, 2)
+  part = data.host_batch(split, draws, 2, slice(4, 12))
+  np.testing.assert_array_equal(part["image"], whole["image"][4:12])
+  np.testing.assert_array_equal(part["label"], whole["label"][4:12])
+  mesh = train.data_parallel_mesh("all", 16)
+  assert train.process_rows(train.DataParallel(None, mesh).batch_sharding, 16) == slice(0, 16)
+  assert train.data_parallel_mesh("auto", 16) is None  # one process: one device, as before
+  assert train.resolve_pipeline("auto", "gpu", processes=2) == "host"
+  with pytest.raises(ValueError, match="devices must be one of"):
+    train.data_parallel_mesh("some", 16)

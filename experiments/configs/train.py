@@ -55,6 +55,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # same batches, one call per step; "host": numpy batches; "auto": fused on GPU/TPU,
   # device on CPU (where XLA compiles loops of convolutions badly).
   c.pipeline = "auto"
+  # Data parallelism: "all" splits every batch over every device of every process, "one"
+  # trains on the first device, "auto" is "all" when the job has several processes
+  # (experiments.train --distributed, README "Several hosts") and "one" otherwise. The
+  # batches are the same; their sums round differently.
+  c.devices = "auto"
   if variant in PAPER:
     c.model = PAPER[variant]
     c.num_epochs = 200
