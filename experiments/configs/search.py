@@ -50,11 +50,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # blocks and layers), so that E_b keeps the paper's meaning.
   c.energy_model = ml_collections.ConfigDict(dict(name="", width=1.0))
 
-  # algorithm: "ga" (the paper's), "nsga2" or "random" (maxpart_jax/search/algorithms.py).
+  # algorithm: "ga" (the paper's), "nsga2", "random" or "solver" (the solver's plan in order;
+  # maxpart_jax/search/algorithms.py). init="solver" seeds the GA / NSGA-II with that plan.
   c.search = ml_collections.ConfigDict(dict(
       algorithm="ga", pop_size=20, sample_size=10, iterations=1000, num_tournaments=1, prob_p=0.5,
       prob_gene=0.3, w_bits=(2, 4, 6, 8), a_bits=(8,), seed=0, init="uniform",
       sample="uniform", select="best", mutate="resample", crossover="none", replace="worst"))
+  # The solver (algorithm="solver", or init="solver" to seed the GA / NSGA-II with its plan):
+  # per-layer accuracy costs predicted by the measured loss increase ("loss") or a Hessian
+  # trace ("hessian", Hutchinson with `hessian_probes` probes on `hessian_images` images),
+  # one knapsack per split (maxpart_jax/search/solver.py; cached beside the model).
+  c.search.solver = ml_collections.ConfigDict(dict(
+      estimator="loss", hessian_probes=16, hessian_images=256))
   # The edge device beyond its energy constants: the link's energy per bit (the paper's
   # 100 pJ/bit), MAC rates per operand width (illustrative: set yours), the link's rate,
   # packets and loss, and an optional latency bound (0: none). maxpart_jax/energy.py.

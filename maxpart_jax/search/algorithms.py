@@ -20,7 +20,13 @@ the driver logs.
             (:mod:`maxpart_jax.search.nsga2`)
 ``random``  random search: K fresh genomes from the ``init`` operator per step, the baseline
             any search must beat
+``solver``  the solver's plan (:mod:`maxpart_jax.search.solver`), K candidates at a time in
+            its order, skipping those predicted less private than the best feasible one
+            measured; it stops when none is left (``done``)
 ==========  ==================================================================================
+
+An algorithm may also have ``done(state, space) -> bool``: the driver then stops before
+``search.iterations`` when it says so.
 """
 
 from __future__ import annotations
@@ -30,24 +36,48 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from maxpart_jax.genome import Genome
 from maxpart_jax.search import evolution, nsga2
 from maxpart_jax.search.operators import SearchSpace
 
 
-State = evolution.SearchState | nsga2.NSGA2State
+@struct.dataclass
+class SolverState:
+  """The ``solver`` algorithm's state: which candidates of the plan were tried, the best.
+
+  Attributes:
+    population: the first K candidates (the first batch).
+    fitness: (K,) their fitness.
+    tried: (M,) which of the plan's M candidates were evaluated (or skipped).
+    best_feasible: the highest privacy of a feasible evaluated candidate (-inf: none yet).
+    best, best_fitness, births, step: as every algorithm's.
+  """
+
+  population: Genome
+  fitness: jax.Array
+  tried: jax.Array
+  best_feasible: jax.Array
+  best: Genome
+  best_fitness: jax.Array
+  births: jax.Array
+  step: jax.Array
+
+
+State = evolution.SearchState | nsga2.NSGA2State | SolverState
 """The state of any registered algorithm."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  """The four pure functions of one search algorithm."""
+  """The four pure functions of one search algorithm, and optionally when it is done."""
 
   init: Callable
   tell_initial: Callable
   ask: Callable
   tell: Callable
+  done: Callable | None = None
 
 
 def _ga_tell_initial(state: evolution.SearchState, results: dict) -> evolution.SearchState:
@@ -75,11 +105,84 @@ def random_tell(state: evolution.SearchState, children: Genome, results: dict,
                        births=state.births + strategy.num_tournaments, step=state.step + 1)
 
 
+def _plan(space: SearchSpace) -> tuple[Genome, jax.Array]:
+  if space.seeds is None or space.seed_privacy is None:
+    raise ValueError("the solver algorithm needs the solver's plan in space.seeds: the search "
+                     "driver puts it there when search.algorithm='solver'")
+  return space.seeds, space.seed_privacy
+
+
+def solver_init(key: jax.Array, space: SearchSpace, strategy: evolution.Strategy) -> SolverState:
+  """The plan's first K candidates (repeated if the plan is shorter: repeats cost nothing,
+  the cache answers them)."""
+  del key
+  seeds, _ = _plan(space)
+  m, k = seeds.p.shape[0], strategy.num_tournaments
+  population = jax.tree.map(lambda x: x[jnp.minimum(jnp.arange(k), m - 1)], seeds)
+  return SolverState(population=population, fitness=jnp.full((k,), -jnp.inf),
+                     tried=jnp.arange(m) < k, best_feasible=jnp.array(-jnp.inf),
+                     best=jax.tree.map(lambda x: x[0], population),
+                     best_fitness=jnp.array(-jnp.inf), births=jnp.int32(k), step=jnp.int32(0))
+
+
+def _solver_seen(state: SolverState, genomes: Genome, results: dict) -> SolverState:
+  fitness = jnp.asarray(results["fitness"], jnp.float32)
+  feasible = jnp.where(jnp.asarray(results["violation"]) == 0,
+                       jnp.asarray(results["privacy"], jnp.float32), -jnp.inf)
+  best, best_fitness = evolution.keep_best(state.best, state.best_fitness, genomes, fitness)
+  return state.replace(best=best, best_fitness=best_fitness,
+                       best_feasible=jnp.maximum(state.best_feasible, jnp.max(feasible)))
+
+
+def solver_tell_initial(state: SolverState, results: dict) -> SolverState:
+  """Records the first batch."""
+  state = _solver_seen(state, state.population, results)
+  return state.replace(fitness=jnp.asarray(results["fitness"], jnp.float32))
+
+
+def _eligible(state: SolverState, space: SearchSpace) -> jax.Array:
+  """(M,) the candidates not tried yet that are predicted more private than the best
+  feasible one measured (those predicted less private cannot beat it)."""
+  _, privacy = _plan(space)
+  return ~state.tried & (privacy > state.best_feasible)
+
+
+def solver_ask(key: jax.Array, state: SolverState, space: SearchSpace,
+               strategy: evolution.Strategy) -> tuple[Genome, SolverState]:
+  """The next K eligible candidates in the plan's order (fewer eligible: the first one
+  repeated, which the cache answers)."""
+  del key
+  seeds, _ = _plan(space)
+  m = seeds.p.shape[0]
+  eligible = _eligible(state, space)
+  order = jnp.argsort(jnp.where(eligible, jnp.arange(m), m + jnp.arange(m)))
+  idx = order[jnp.minimum(jnp.arange(strategy.num_tournaments), m - 1)]
+  idx = jnp.where(eligible[idx], idx, idx[0])
+  return (jax.tree.map(lambda x: x[idx], seeds),
+          state.replace(tried=state.tried.at[idx].set(True)))
+
+
+def solver_tell(state: SolverState, children: Genome, results: dict,
+                strategy: evolution.Strategy) -> SolverState:
+  """Keeps the best by fitness and the best feasible privacy."""
+  state = _solver_seen(state, children, results)
+  return state.replace(births=state.births + strategy.num_tournaments, step=state.step + 1)
+
+
+def solver_done(state: SolverState, space: SearchSpace) -> jax.Array:
+  """No candidate left that could beat the best feasible one (as predicted)."""
+  return ~jnp.any(_eligible(state, space))
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     "ga": Algorithm(evolution.init, _ga_tell_initial, evolution.ask, _ga_tell),
     "nsga2": Algorithm(nsga2.init, nsga2.tell_initial, nsga2.ask, nsga2.tell),
     "random": Algorithm(evolution.init, _ga_tell_initial, random_ask, random_tell),
+    "solver": Algorithm(solver_init, solver_tell_initial, solver_ask, solver_tell, solver_done),
 }
+
+NEEDS_PLAN = ("solver",)
+"""Algorithms that run on the solver's plan (as does the ``solver`` init operator)."""
 
 
 def get_algorithm(name: str) -> Algorithm:

@@ -23,8 +23,13 @@ from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator
 
 SPACE = SearchSpace(w_choices=jnp.array([2, 4, 6, 8]), a_choices=jnp.array([8]),
                     prob_p=jnp.float32(0.5), prob_gene=jnp.float32(0.3), max_split=9,
-                    num_layers=21, sample_size=4)
-"""The space the checks run on: 21 layers, splits 1..9, R_w = {2, 4, 6, 8}, R_a = {8}, S = 4."""
+                    num_layers=21, sample_size=4,
+                    seeds=Genome(p=jnp.array([7, 3], jnp.int32),
+                                 w_bits=jnp.array([[4] * 21, [8, 2] * 10 + [6]], jnp.int32),
+                                 a_bits=jnp.full((2, 21), 8, jnp.int32)),
+                    seed_privacy=jnp.array([0.8, 0.3]))
+"""The space the checks run on: 21 layers, splits 1..9, R_w = {2, 4, 6, 8}, R_a = {8}, S = 4,
+and two seed genomes (a solver's plan) for operators that start from one."""
 
 
 class OperatorCheckError(AssertionError):

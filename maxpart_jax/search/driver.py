@@ -29,7 +29,7 @@ import numpy as np
 from maxpart_jax import distributed, runs
 from maxpart_jax.genome import validate_genome
 from maxpart_jax.metrics import MetricWriter, NullWriter
-from maxpart_jax.search import algorithms
+from maxpart_jax.search import algorithms, solver
 from maxpart_jax.search.build import build_evaluator
 from maxpart_jax.search.caching import CachedEvaluator, add_latency
 from maxpart_jax.search.settings import space_from_config, strategy_from_config, validate_config
@@ -69,6 +69,15 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
   info = evaluator.model.info
   strategy, space = strategy_from_config(config), space_from_config(config, info)
   alg = algorithms.get_algorithm(config.search.algorithm)
+  planned = None
+  if solver.needs_plan(config):
+    planned = solver.plan_from_config(config, evaluator)
+    space = space.replace(seeds=solver.stacked_genomes(planned.candidates),
+                          seed_privacy=jnp.asarray([c.predicted_privacy
+                                                    for c in planned.candidates], jnp.float32))
+    if distributed.is_leader():
+      planned.write(os.path.join(workdir, solver.PLAN_FILE))
+  done = (lambda st: bool(alg.done(st, space))) if alg.done else (lambda st: False)
 
   init_key, step_key = jax.random.split(jax.random.key(config.search.seed))
   ask = jax.jit(lambda k, st: alg.ask(k, st, space, strategy))
@@ -85,13 +94,16 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resuming the search at step %d", int(state.step))
   total_steps = math.ceil(config.search.iterations / strategy.num_tournaments)
   finished = meta_out.get("report")
-  if finished and finished["steps"] == int(state.step) >= total_steps:
+  if finished and finished["steps"] == int(state.step) and (int(state.step) >= total_steps
+                                                            or done(state)):
     logging.info("the search in %s had finished: its report is reused (a larger "
                  "search.iterations extends it)", workdir)
     return finished
   # Wall time and its fine-tune / accuracy / privacy split, summed over every process
   # that worked on this search.
   meta_out.setdefault("phase_seconds", {k: 0.0 for k in evaluator.seconds})
+  if planned is not None:
+    meta_out["solver"] = planned.summary()
   add_latency(meta_out["cache"], evaluator)
   cached = CachedEvaluator(evaluator, meta_out["cache"])
   cached.lookups, cached.hits = meta_out["lookups"], meta_out["hits"]
@@ -128,7 +140,7 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
 
   progress = Progress(total_steps, first=int(state.step), every=config.log_every_steps,
                       name="search step")
-  while int(state.step) < total_steps:
+  while int(state.step) < total_steps and not done(state):
     children, state = ask(jax.random.fold_in(step_key, int(state.step)), state)
     results = cached(children)
     state = tell(state, children, _told(results, evaluator.config))

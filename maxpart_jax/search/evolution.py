@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from maxpart_jax.genome import Genome
-from maxpart_jax.search.operators import OPERATORS, SearchSpace, get_operator
+from maxpart_jax.search.operators import (OPERATORS, SearchSpace, get_operator,
+                                         initial_population)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ class SearchState:
 def init(key: jax.Array, space: SearchSpace, strategy: Strategy) -> SearchState:
   """N random genomes (from the ``init`` operator), not yet evaluated."""
   n = strategy.pop_size
-  population = jax.vmap(lambda k: strategy.op("init")(k, space))(jax.random.split(key, n))
+  population = initial_population(key, space, strategy.op("init"), n)
   return SearchState(
       population=population, fitness=jnp.full((n,), -jnp.inf), age=jnp.arange(n, dtype=jnp.int32),
       samples=jnp.zeros((strategy.num_tournaments, space.sample_size), jnp.int32),

@@ -30,7 +30,7 @@ from flax import struct
 from maxpart_jax.genome import Genome
 from maxpart_jax.search import pareto
 from maxpart_jax.search.evolution import Strategy, keep_best
-from maxpart_jax.search.operators import SearchSpace
+from maxpart_jax.search.operators import SearchSpace, initial_population
 
 # A non-finite objective (a failed candidate) counts as this bad; its violation ranks it last.
 WORST = 1e30
@@ -144,7 +144,7 @@ def _sort(obj: jax.Array, violation: jax.Array) -> tuple[jax.Array, jax.Array]:
 def init(key: jax.Array, space: SearchSpace, strategy: Strategy) -> NSGA2State:
   """N random genomes (from the ``init`` operator), not yet evaluated."""
   n = strategy.pop_size
-  population = jax.vmap(lambda k: strategy.op("init")(k, space))(jax.random.split(key, n))
+  population = initial_population(key, space, strategy.op("init"), n)
   return NSGA2State(
       population=population, objectives=jnp.full((n, 3), WORST), violation=jnp.zeros((n,)),
       rank=jnp.zeros((n,), jnp.int32), crowding=jnp.zeros((n,)), fitness=jnp.full((n,), -jnp.inf),

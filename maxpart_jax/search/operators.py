@@ -41,6 +41,11 @@ class SearchSpace:
     prob_p: probability that mutation re-draws ``p``.
     prob_gene: probability that mutation re-draws each bit gene (prob_Π).
     sample_size: tournament size S.
+    seeds: (M, ...) genomes to start from, best first (the solver's plan,
+      :mod:`maxpart_jax.search.solver`), or None.
+    seed_privacy: (M,) their predicted privacy, or None.
+    member: which member of an initial population an ``init`` call draws (0..N-1; the
+      ``solver`` init operator takes the seeds in order).
   """
 
   w_choices: jax.Array
@@ -50,6 +55,9 @@ class SearchSpace:
   max_split: int = struct.field(pytree_node=False)
   num_layers: int = struct.field(pytree_node=False)
   sample_size: int = struct.field(pytree_node=False)
+  seeds: Genome | None = None
+  seed_privacy: jax.Array | None = None
+  member: jax.Array | int = 0
 
 
 OPERATORS: dict[str, dict[str, Callable]] = {
@@ -82,6 +90,13 @@ def get_operator(role: str, name: str) -> Callable:
   return OPERATORS[role][name]
 
 
+def initial_population(key: jax.Array, space: SearchSpace, init: Callable, n: int) -> Genome:
+  """``n`` genomes from the ``init`` operator, member ``i`` drawn with ``space.member = i``."""
+  members = jnp.arange(n, dtype=jnp.int32)
+  return jax.vmap(lambda k, i: init(k, space.replace(member=i)))(jax.random.split(key, n),
+                                                                  members)
+
+
 def _draw_genes(key: jax.Array, choices: jax.Array, n: int) -> jax.Array:
   return choices[jax.random.randint(key, (n,), 0, choices.shape[0])].astype(jnp.int32)
 
@@ -93,6 +108,20 @@ def uniform_init(key: jax.Array, space: SearchSpace) -> Genome:
   return Genome(p=jax.random.randint(kp, (), 1, space.max_split + 1, jnp.int32),
                 w_bits=_draw_genes(kw, space.w_choices, space.num_layers),
                 a_bits=_draw_genes(ka, space.a_choices, space.num_layers))
+
+
+@register("init", "solver")
+def solver_init(key: jax.Array, space: SearchSpace) -> Genome:
+  """Member ``i`` is the solver's candidate ``i`` (``space.seeds``, best first); members
+  beyond the plan are its candidates again, each gene re-drawn with ``prob_gene`` (the
+  paper's mutation), so the population stays diverse."""
+  if space.seeds is None:
+    raise ValueError("the solver init operator needs the solver's plan in space.seeds: the "
+                     "search driver puts it there when search.init='solver'")
+  m = space.seeds.p.shape[0]
+  seed = jax.tree.map(lambda x: x[space.member % m], space.seeds)
+  mutated = resample_mutation(key, seed, space)
+  return jax.tree.map(lambda a, b: jnp.where(space.member < m, a, b), seed, mutated)
 
 
 @register("sample", "uniform")

@@ -20,7 +20,7 @@ from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.privacy import attacks, defended, defenses
 from maxpart_jax.privacy.attacks import DecoderConfig
 from maxpart_jax.quant import check_bits
-from maxpart_jax.search import algorithms, evolution
+from maxpart_jax.search import algorithms, evolution, solver
 from maxpart_jax.search.fitness import FitnessConfig
 from maxpart_jax.search.operators import SearchSpace
 from maxpart_jax.train import validate_train_config
@@ -145,6 +145,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   algorithms.get_algorithm(s.algorithm)
   fitness_from_config(config)  # λ, ε_b, metric
   validate_defense(config)
+  solver.validate_solver(config)
   energy_model = config.energy_model.get("name")
   if energy_model and energy_model not in available_models():
     raise ValueError(f"unknown model {energy_model!r} in energy_model; available: "

@@ -90,6 +90,8 @@ def final_report(config: ml_collections.ConfigDict, workdir: str, evaluator: Eva
       # What the result depends on (storage.search_identity): export_split checks it.
       "identity": meta_out["identity"],
   }
+  if "solver" in meta_out:  # what the solver's plan cost (search.algorithm or init "solver")
+    report["solver"] = meta_out["solver"]
   if distributed.is_leader():  # the others computed the same report
     _write_files(workdir, evaluator, cached, report, meta_out)
   logging.info("best genome: p=%d (%s), P=%.4f, E=%.4f mJ, latency %.3f ms, test accuracy "

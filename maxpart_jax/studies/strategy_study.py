@@ -13,13 +13,24 @@ from maxpart_jax.search import pareto
 from maxpart_jax.search.fitness import FitnessConfig
 
 
+STUDY_ALGORITHMS = ("ga", "nsga2", "random", "solver", "ga_solver")
+"""What a study compares: the registered algorithms, and ``ga_solver`` (the GA whose initial
+population is the solver's plan, ``search.init = "solver"``)."""
+
+
 def algorithm_config(base: ml_collections.ConfigDict, algorithm: str,
                      seed: int) -> ml_collections.ConfigDict:
-  """``base`` set up for ``algorithm`` and ``seed``, with the same candidate budget."""
+  """``base`` set up for ``algorithm`` and ``seed``, with the same candidate budget (the
+  ``solver`` stops earlier when nothing left in its plan can win; K = 1, so it fine-tunes one
+  candidate at a time and stops as soon as it can)."""
+  if algorithm not in STUDY_ALGORITHMS:
+    raise ValueError(f"unknown study algorithm {algorithm!r}; choose from {STUDY_ALGORITHMS}")
   config = copy.deepcopy(base)
   config.search.update(algorithm=algorithm, seed=seed)
+  if algorithm == "ga_solver":
+    config.search.update(algorithm="ga", init="solver")
   n = config.search.pop_size
-  if algorithm == "ga":
+  if algorithm in ("ga", "ga_solver", "solver"):
     config.search.num_tournaments = 1
   elif algorithm == "nsga2":
     config.search.update(num_tournaments=n, sample_size=2, crossover="uniform")
@@ -64,7 +75,8 @@ def plot(results: dict, path: str, title: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-  for color, (algorithm, runs) in zip(("tab:blue", "tab:orange", "tab:gray"), results.items()):
+  colors = ("tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:red")
+  for color, (algorithm, runs) in zip(colors, results.items()):
     for i, run in enumerate(runs):
       x = np.arange(1, len(run["hypervolume"]) + 1)
       for ax, name in zip(axes, ("hypervolume", "best_feasible_privacy")):

@@ -1,0 +1,166 @@
+r"""How many fine-tunings the solver needs, against the searches that spend them all.
+
+  python -m experiments.strategy_study --config=experiments/configs/search.py:quick \
+      --config.search.iterations=48 --seeds=3 --algorithms=solver,ga_solver \
+      --workdir=workdirs/solver_study_quick --out=workdirs/solver_study_quick/out
+  python -m experiments.solver_study --config=experiments/configs/search.py:quick \
+      --runs=workdirs/solver_study_quick --baseline=results/pareto/strategies/strategies.json \
+      --out=results/search_solver/quick
+
+Reads the finished searches in ``--runs`` (``<algorithm>_seed<s>`` folders, as
+``experiments.strategy_study`` leaves them) and, from ``--baseline`` (a ``strategies.json``
+of the same config), the GA's and random search's curves of best feasible privacy. Reports,
+per run: the best feasible privacy after each fine-tuned candidate, how many candidates it
+took to come within ``--tolerance`` of the best the GA reached with its whole budget, and
+the search's time; and how well the solver's estimates rank what was measured (Spearman ρ
+of predicted against measured ε and privacy, over every distinct genome the runs
+evaluated, for both estimators). Writes ``solver_study.json`` and ``solver_study.png``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from absl import app, flags
+import numpy as np
+from scipy import stats
+
+from experiments import common
+from maxpart_jax import checkpoint
+from maxpart_jax.genome import Genome
+from maxpart_jax.search import settings, solver, storage
+from maxpart_jax.search.fitness import violations
+from maxpart_jax.studies.strategy_study import curves
+
+_CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
+_RUNS = flags.DEFINE_string("runs", "workdirs/solver_study_quick", "the searches' folders")
+_BASELINE = flags.DEFINE_string("baseline", "results/pareto/strategies/strategies.json",
+                                "a strategies.json with the GA's (and random search's) runs")
+_OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON and plot go")
+_TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best counts as reached")
+
+
+def first_within(curve: list[float], target: float, tolerance: float) -> int | None:
+  """1-based number of candidates after which ``curve`` is within ``tolerance`` of
+  ``target`` (None: never)."""
+  hits = [i + 1 for i, v in enumerate(curve) if v >= target - tolerance]
+  return hits[0] if hits else None
+
+
+def spearman(predicted: np.ndarray, measured: np.ndarray) -> float:
+  """Spearman's ρ (NaN for fewer than 3 finite pairs)."""
+  keep = np.isfinite(predicted) & np.isfinite(measured)
+  if keep.sum() < 3:
+    return float("nan")
+  return float(stats.spearmanr(predicted[keep], measured[keep]).statistic)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  common.quiet_logs()
+  config = _CONFIG.value
+  fitness = settings.fitness_from_config(config)
+  with open(_BASELINE.value) as f:
+    baseline = json.load(f)
+  runs = {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
+                  "evaluations": r["evaluations"], "seconds": r["seconds"]}
+                 for r in baseline["runs"][name]]
+          for name in ("ga", "random") if name in baseline["runs"]}
+  target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
+  evaluated: dict[str, dict] = {}
+  for folder in sorted(glob.glob(os.path.join(_RUNS.value, "*_seed*"))):
+    algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
+    with open(os.path.join(folder, "best.json")) as f:
+      report = json.load(f)
+    evaluations = storage.load_evaluations(folder)
+    for e in evaluations:
+      evaluated[e["key"]] = e
+    runs.setdefault(algorithm, []).append({
+        "best_feasible_privacy": curves(evaluations, fitness)["best_feasible_privacy"],
+        "evaluations": len(evaluations), "seconds": report["search_seconds"],
+        "reported_p": report["p"], "reported_privacy": report["privacy"],
+        "feasible": report["feasible"], "test_accuracy": report["test_accuracy"],
+        "float_test_accuracy": report["float_test_accuracy"], "solver": report.get("solver")})
+  summary = {}
+  for algorithm, rows in runs.items():
+    reached = [first_within(r["best_feasible_privacy"], target, _TOLERANCE.value) for r in rows]
+    summary[algorithm] = {
+        "seeds": len(rows), "final_best_feasible_privacy": [r["best_feasible_privacy"][-1]
+                                                            for r in rows],
+        "fine_tunings_to_reach": reached, "fine_tunings": [r["evaluations"] for r in rows],
+        "search_seconds": [r["seconds"] for r in rows]}
+
+  # How well the estimates rank the measured genomes (every distinct one the runs evaluated).
+  from maxpart_jax.search import build  # pylint: disable=import-outside-toplevel
+  evaluator = build.build_evaluator(config)
+  estimates, _ = solver.estimates_from_config(config, evaluator)
+  genomes = [Genome.from_json(e["genome"]) for e in evaluated.values()]
+  stacked = solver.stack_genomes(genomes)
+  measured = {m: np.array([e[m] for e in evaluated.values()], np.float64)
+              for m in ("eps", "privacy")}
+  feasible = np.array([not violations(e, fitness) for e in evaluated.values()])
+  ranking = {}
+  for estimator in solver.ESTIMATORS:
+    predicted = solver.predict(evaluator.model.info, estimates, stacked, estimator)
+    ranking[estimator] = {
+        "spearman_eps": spearman(predicted["eps"], measured["eps"]),
+        "spearman_privacy": spearman(predicted["privacy"], measured["privacy"]),
+        "predicted_feasible_agrees": float(np.mean((predicted["eps"] < fitness.eps_bound)
+                                                   == (measured["eps"] < fitness.eps_bound))),
+        "predicted_eps": predicted["eps"].tolist()}
+  out = {"config": common.summary(config), "target_privacy": target,
+         "tolerance": _TOLERANCE.value, "baseline": _BASELINE.value,
+         "estimates_seconds": estimates.seconds, "accuracy_per_loss": estimates.accuracy_per_loss,
+         "summary": summary, "ranking": {"genomes": len(genomes),
+                                         "feasible": int(feasible.sum()),
+                                         "measured_eps": measured["eps"].tolist(),
+                                         **ranking},
+         "runs": runs}
+  os.makedirs(_OUT.value, exist_ok=True)
+  checkpoint.write_json(os.path.join(_OUT.value, "solver_study.json"), out)
+  _plot(out, os.path.join(_OUT.value, "solver_study.png"))
+  for algorithm, row in summary.items():
+    print(f"{algorithm:9s} best feasible P {row['final_best_feasible_privacy']}  fine-tunings to "
+          f"within {_TOLERANCE.value} of {target:.4f}: {row['fine_tunings_to_reach']} of "
+          f"{row['fine_tunings']}  search s {[round(s) for s in row['search_seconds']]}")
+  for estimator in solver.ESTIMATORS:
+    r = ranking[estimator]
+    print(f"{estimator:8s} Spearman eps {r['spearman_eps']:.3f}  privacy "
+          f"{r['spearman_privacy']:.3f}  feasibility agrees {r['predicted_feasible_agrees']:.2f} "
+          f"({len(genomes)} genomes)")
+
+
+def _plot(out: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+  colors = {"ga": "tab:blue", "random": "tab:gray", "solver": "tab:red", "ga_solver": "tab:green"}
+  for algorithm, rows in out["runs"].items():
+    for i, r in enumerate(rows):
+      curve = r["best_feasible_privacy"]
+      ax1.step(np.arange(1, len(curve) + 1), curve, where="post", color=colors.get(algorithm),
+               alpha=0.8, lw=1.4, label=algorithm if i == 0 else None)
+  ax1.axhline(out["target_privacy"], color="k", ls=":", lw=1,
+              label=f"GA's best ({out['target_privacy']:.3f})")
+  ax1.set(xscale="log", xlabel="fine-tuned candidates", ylabel="best feasible privacy P",
+          title="the answer after each fine-tuning")
+  ax1.legend(fontsize=8)
+  measured = np.array(out["ranking"]["measured_eps"])
+  for estimator, marker in zip(solver.ESTIMATORS, ("o", "x")):
+    r = out["ranking"][estimator]
+    ax2.scatter(r["predicted_eps"], measured, marker=marker, s=18, alpha=0.7,
+                label=f"{estimator}: Spearman ρ {r['spearman_eps']:.2f}")
+  ax2.set(xscale="symlog", xlabel="predicted ε (before fine-tuning)", ylabel="measured ε",
+          title="accuracy cost: predicted against measured")
+  ax2.axhline(0.03, color="k", ls=":", lw=1)
+  ax2.legend(fontsize=8)
+  fig.suptitle(out["config"], fontsize=8)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

@@ -1,0 +1,599 @@
+"""A model of the problem, solved: per-layer estimates and one knapsack per split (docs/method.md §15).
+
+Most of what decides a genome is cheap to know before any fine-tuning:
+
+* its edge **energy** (and latency) is exact and additive over the edge's layers (Eq. 7-9);
+* its **privacy** depends mostly on the split and the IR's width: the IR-only profile of the
+  float model (:func:`maxpart_jax.privacy.profile.block_profile`), measured once per model;
+* its **accuracy loss** is close to additive over layers for small perturbations: the
+  validation loss increase with only that layer quantized, measured once per layer and
+  width (:func:`measure_estimates`). A Hessian-trace estimate of the weights' part (HAWQ-V2,
+  Dong et al. 2020: ``½ Tr(H_l) / n_l · ‖Q_b(W_l) − W_l‖²``) is measured beside it, so the
+  study can say which predicts better.
+
+For every split ``p`` and IR width, the bits that minimize the predicted loss with the edge
+energy strictly below E_b (and the latency below its bound, if set) are a multiple-choice
+knapsack, solved exactly by scipy's HiGHS (:func:`multiple_choice_knapsack`). The answers,
+ranked by predicted privacy among those predicted to keep ε < ε_b, are the *plan*
+(:func:`plan`): the ``solver`` algorithm evaluates them in order, the ``solver`` init
+operator seeds a population with them (:mod:`maxpart_jax.search.algorithms`).
+
+The loss increase converts to an accuracy drop by one slope fitted over the single-layer
+measurements (accuracy drops are too noisy, one layer at a time, to be summed directly);
+the fine-tuning each candidate gets recovers part of it, which the prediction does not
+model: it is conservative, and the study measures by how much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from scipy import optimize, sparse
+
+from maxpart_jax import checkpoint, data, distributed
+from maxpart_jax.energy import DeviceConfig, PJ_PER_MJ, layer_energy_pj, mac_seconds
+from maxpart_jax.genome import Genome, effective_bits
+from maxpart_jax.models import SplitModel, Variables
+from maxpart_jax.models.layers import Numerics
+from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.privacy.profile import block_profile
+from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, quantize_weights
+from maxpart_jax.train import cross_entropy
+
+ESTIMATORS = ("loss", "hessian")
+"""How a layer's accuracy cost is predicted: the measured loss increase with that layer alone
+quantized, or the Hessian-trace estimate of its weights' part plus the measured cost of its
+inputs' quantization."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimates:
+  """What :func:`measure_estimates` measured for one model, images and bit choices.
+
+  Attributes:
+    w_choices, a_choices: the weight and activation widths measured.
+    loss: (L, W, A) validation loss increase with only layer ``l`` quantized to
+      ``(w, a)`` (0 for layers that are never quantized).
+    accuracy_drop: (L, W, A) the same measurements' top-1 accuracy drop.
+    act_loss: (L, A) loss increase with only layer ``l``'s inputs quantized.
+    hessian_trace: (L,) Hutchinson estimate of ``Tr(H_l)`` (the loss's Hessian with respect
+      to layer ``l``'s kernel).
+    weight_error: (L, W) ``‖Q_w(W_l) − W_l‖²``.
+    weight_count: (L,) ``n_l``, the kernel's entries.
+    ir_loss, ir_accuracy_drop: (S, A) the float model with only the IR at split ``p``
+      quantized (rows ``p = 1..max_split``).
+    privacy: (S, A) the mean privacy of that IR on the privacy images.
+    privacy_float: (S,) the same of the float IR (sent where the IR's layer is not quantized).
+    float_loss, float_accuracy: the unquantized model's.
+    seconds: measuring time by part.
+  """
+
+  w_choices: tuple[int, ...]
+  a_choices: tuple[int, ...]
+  loss: np.ndarray
+  accuracy_drop: np.ndarray
+  act_loss: np.ndarray
+  hessian_trace: np.ndarray
+  weight_error: np.ndarray
+  weight_count: np.ndarray
+  ir_loss: np.ndarray
+  ir_accuracy_drop: np.ndarray
+  privacy: np.ndarray
+  privacy_float: np.ndarray
+  float_loss: float
+  float_accuracy: float
+  seconds: dict[str, float]
+
+  def layer_cost(self, estimator: str = "loss") -> np.ndarray:
+    """(L, W, A) predicted loss increase of each layer at each ``(w, a)``."""
+    if estimator == "loss":
+      return self.loss
+    if estimator == "hessian":
+      weights = 0.5 * self.hessian_trace[:, None] / np.maximum(self.weight_count[:, None], 1)
+      return (weights * self.weight_error)[:, :, None] + self.act_loss[:, None, :]
+    raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
+
+  @functools.cached_property
+  def accuracy_per_loss(self) -> float:
+    """The slope of accuracy drop against loss increase over every single-layer and IR
+    measurement (least squares through 0): loss units to accuracy units."""
+    x = np.concatenate([self.loss.ravel(), self.ir_loss.ravel()])
+    y = np.concatenate([self.accuracy_drop.ravel(), self.ir_accuracy_drop.ravel()])
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    return float(np.sum(x[keep] * y[keep]) / max(np.sum(x[keep] ** 2), 1e-12))
+
+  def to_json(self) -> dict[str, Any]:
+    return {f.name: (getattr(self, f.name).tolist() if isinstance(getattr(self, f.name), np.ndarray)
+                     else getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> Estimates:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+      v = d[f.name]
+      kwargs[f.name] = (tuple(v) if f.name.endswith("choices") else
+                        np.asarray(v, np.float64) if isinstance(v, list) else v)
+    return cls(**kwargs)
+
+
+def single_layer_policy(num_layers: int, layer: int, w_bits: int, a_bits: int,
+                        activation_levels: str = "paper") -> QuantPolicy:
+  """Only ``layer`` quantized (weights to ``w_bits``, inputs to ``a_bits``; ``FLOAT_BITS``
+  leaves either float), no IR quantized."""
+  w = np.full(num_layers, FLOAT_BITS, np.int32)
+  a = np.full(num_layers, FLOAT_BITS, np.int32)
+  w[layer], a[layer] = w_bits, a_bits
+  return QuantPolicy(w_bits=jnp.asarray(w), a_bits=jnp.asarray(a), split=jnp.int32(0),
+                     ir_bits=jnp.int32(FLOAT_BITS), activation_levels=activation_levels)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_and_correct(model: SplitModel, per_channel: bool, variables: Variables,
+                      policies: QuantPolicy, x: jax.Array, labels: jax.Array) -> jax.Array:
+  """(P, 2): summed cross-entropy and correct predictions of each stacked policy on a batch."""
+
+  def one(policy):
+    policy = policy.replace(per_channel=per_channel)
+    logits = model.apply(variables, x, policy=policy)
+    losses = jax.vmap(lambda l, y: cross_entropy(l[None], y[None]))(logits, labels)
+    return jnp.stack([jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == labels)])
+
+  return jax.lax.map(one, policies)
+
+
+def _score_policies(model: SplitModel, variables: Variables, policies: list[QuantPolicy],
+                    x: np.ndarray, labels: np.ndarray, per_channel: bool,
+                    batch_size: int = 500, group: int = 8) -> np.ndarray:
+  """(P, 2): mean loss and accuracy of each policy over the images."""
+  out = np.zeros((len(policies), 2))
+  for i in range(0, len(policies), group):
+    chunk = policies[i:i + group]
+    chunk = chunk + [chunk[-1]] * (group - len(chunk))  # one compiled shape
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
+    total = sum(np.asarray(_loss_and_correct(model, per_channel, variables, stacked,
+                                             jnp.asarray(x[s]), jnp.asarray(labels[s])))
+                for s in (slice(j, j + batch_size) for j in range(0, len(x), batch_size)))
+    out[i:i + group] = (total / len(x))[:len(policies) - i]
+  return out
+
+
+def kernel_of(variables: Variables, layer_name: str) -> jax.Array:
+  """The kernel of the layer named ``blocks_i/conv`` in ``variables``."""
+  node = variables["params"]
+  for part in layer_name.split("/"):
+    node = node[part]
+  return node["kernel"]
+
+
+def hessian_traces(model: SplitModel, variables: Variables, layer_names: list[str],
+                   x: np.ndarray, labels: np.ndarray, probes: int, seed: int = 0) -> np.ndarray:
+  """Hutchinson estimates of ``Tr(H_l)`` for the kernels of ``layer_names``: the mean over
+  Rademacher probes ``v`` of ``v_lᵀ (H v)_l``, all layers from the same Hessian-vector
+  products (the float model's inference-mode loss on the images)."""
+  kernels = [kernel_of(variables, n) for n in layer_names]
+
+  def loss(ks, x, labels):
+    params = jax.tree.map(lambda v: v, variables["params"])
+    for name, k in zip(layer_names, ks):
+      node = params
+      for part in name.split("/"):
+        node = node[part]
+      node["kernel"] = k
+    logits = model.apply({**variables, "params": params}, x)
+    return cross_entropy(logits, labels)
+
+  @jax.jit
+  def probe(key, x, labels):
+    keys = jax.random.split(key, len(kernels))
+    v = [jax.random.rademacher(k, kern.shape, kern.dtype) for k, kern in zip(keys, kernels)]
+    _, hv = jax.jvp(lambda ks: jax.grad(loss)(ks, x, labels), (kernels,), (v,))
+    return jnp.stack([jnp.sum(a * b) for a, b in zip(v, hv)])
+
+  key = jax.random.key(seed)
+  x, labels = jnp.asarray(x), jnp.asarray(labels)
+  return np.mean([np.asarray(probe(jax.random.fold_in(key, i), x, labels))
+                  for i in range(probes)], axis=0)
+
+
+def measure_estimates(model: SplitModel, variables: Variables, split: data.Split,
+                      privacy_images: np.ndarray, w_choices: tuple[int, ...],
+                      a_choices: tuple[int, ...], *, per_channel: bool = False,
+                      activation_levels: str = "paper", metric: str = "mse",
+                      normalization: str = "zscore", hessian_images: int = 256,
+                      hessian_probes: int = 16, seed: int = 0) -> Estimates:
+  """Measures :class:`Estimates` of ``model`` on ``split`` (the images ε is measured on) and
+  the privacy images (floats in [0, 1])."""
+  info = model.info
+  x = data.normalize(split.images, split.dataset)
+  labels = np.asarray(split.labels, np.int32)
+  seconds = {}
+  t = time.time()
+  edge = [l for l in info.layers if l.quantizable and l.block < info.max_split]
+  policies = [single_layer_policy(info.num_layers, 0, FLOAT_BITS, FLOAT_BITS, activation_levels)]
+  index = {}
+  for l in edge:
+    for w, a in itertools.product([*w_choices, FLOAT_BITS], a_choices):
+      index[(l.id, w, a)] = len(policies)
+      policies.append(single_layer_policy(info.num_layers, l.id, w, a, activation_levels))
+  for p in range(1, info.max_split + 1):
+    for a in a_choices:
+      index[("ir", p, a)] = len(policies)
+      policies.append(QuantPolicy.ir_only(info.num_layers, p, a, activation_levels))
+  scores = _score_policies(model, variables, policies, x, labels, per_channel)
+  float_loss, float_accuracy = scores[0]
+  shape = (info.num_layers, len(w_choices), len(a_choices))
+  loss, acc_drop = np.zeros(shape), np.zeros(shape)
+  act_loss = np.zeros((info.num_layers, len(a_choices)))
+  for l in edge:
+    for (i, w), (j, a) in itertools.product(enumerate(w_choices), enumerate(a_choices)):
+      loss[l.id, i, j] = scores[index[(l.id, w, a)], 0] - float_loss
+      acc_drop[l.id, i, j] = float_accuracy - scores[index[(l.id, w, a)], 1]
+    for j, a in enumerate(a_choices):
+      act_loss[l.id, j] = scores[index[(l.id, FLOAT_BITS, a)], 0] - float_loss
+  ir = np.array([[scores[index[("ir", p, a)]] for a in a_choices]
+                 for p in range(1, info.max_split + 1)])
+  seconds["single_layers"] = time.time() - t
+
+  t = time.time()
+  names = [l.name for l in edge]
+  take = min(hessian_images, len(x))
+  traces = np.zeros(info.num_layers)
+  traces[[l.id for l in edge]] = hessian_traces(model, variables, names, x[:take],
+                                                labels[:take], hessian_probes, seed)
+  weight_error = np.zeros((info.num_layers, len(w_choices)))
+  weight_count = np.zeros(info.num_layers)
+  for l in edge:
+    kernel = kernel_of(variables, l.name)
+    weight_count[l.id] = kernel.size
+    for i, w in enumerate(w_choices):
+      weight_error[l.id, i] = float(jnp.sum((quantize_weights(kernel, jnp.int32(w), per_channel)
+                                             - kernel) ** 2))
+  seconds["hessian"] = time.time() - t
+
+  t = time.time()
+  profile = lambda **kw: np.array([row["privacy"] for row in block_profile(
+      model, variables, privacy_images, dataset=split.dataset, metric=metric,
+      normalization=normalization, activation_levels=activation_levels, **kw)["blocks"]])
+  privacy = np.stack([profile(ir_bits=a) for a in a_choices], axis=1)
+  privacy_float = profile()
+  seconds["privacy"] = time.time() - t
+  return Estimates(w_choices=tuple(w_choices), a_choices=tuple(a_choices), loss=loss,
+                   accuracy_drop=acc_drop, act_loss=act_loss, hessian_trace=traces,
+                   weight_error=weight_error, weight_count=weight_count,
+                   ir_loss=ir[..., 0] - float_loss, ir_accuracy_drop=float_accuracy - ir[..., 1],
+                   privacy=privacy, privacy_float=privacy_float, float_loss=float(float_loss),
+                   float_accuracy=float(float_accuracy), seconds=seconds)
+
+
+# --- the knapsack ---------------------------------------------------------------
+
+
+def multiple_choice_knapsack(cost: np.ndarray, weights: np.ndarray,
+                             capacity: np.ndarray) -> tuple[np.ndarray, float] | None:
+  """Exactly one option per item, minimizing the summed cost with every summed weight at
+  most its capacity; ``None`` when no choice fits.
+
+  Args:
+    cost: (n, m) cost of option ``j`` of item ``i``; ``inf`` marks an option not allowed.
+    weights: (c, n, m) the ``c`` resources each option uses (energy, latency).
+    capacity: (c,) what each resource may sum to.
+
+  Returns:
+    ``(choice (n,), total cost)``. Solved as a 0-1 integer program by HiGHS
+    (``scipy.optimize.milp``), which proves optimality.
+  """
+  cost = np.asarray(cost, np.float64)
+  n, m = cost.shape
+  if n == 0:
+    fits = np.all(np.asarray(capacity) >= 0)
+    return (np.zeros(0, np.int64), 0.0) if fits else None
+  weights = np.asarray(weights, np.float64).reshape(-1, n, m)
+  allowed = np.isfinite(cost)
+  if not allowed.any(axis=1).all():
+    return None
+  c = np.where(allowed, cost, 0.0).ravel()
+  one_each = sparse.kron(sparse.eye(n), np.ones((1, m)))
+  constraints = [optimize.LinearConstraint(one_each, 1, 1),
+                 optimize.LinearConstraint(weights.reshape(len(weights), -1), -np.inf,
+                                           np.asarray(capacity, np.float64))]
+  result = optimize.milp(c, constraints=constraints, integrality=np.ones(n * m),
+                         bounds=optimize.Bounds(0, allowed.ravel().astype(np.float64)))
+  if result.status != 0 or result.x is None:
+    return None
+  choice = np.argmax(result.x.reshape(n, m), axis=1)
+  return choice, float(cost[np.arange(n), choice].sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One solved split: its genome and what the estimates predict for it."""
+
+  genome: dict[str, Any]
+  p: int
+  ir_bits: int
+  predicted_loss: float
+  predicted_eps: float
+  predicted_privacy: float
+  energy_mj: float
+  latency_ms: float
+  predicted_feasible: bool
+
+
+def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[np.ndarray,
+                                                                                np.ndarray]],
+         device: DeviceConfig, eps_bound: float, estimator: str = "loss",
+         energy_info: ModelInfo | None = None) -> list[Candidate]:
+  """The knapsack's answer for every split and IR width, most private first among those
+  predicted to keep ε < ε_b, then the rest by predicted ε; splits whose edge cannot fit the
+  budget at all are left out.
+
+  ``costs(genomes) -> (energy mJ, latency ms)``: the exact cost model the search charges
+  (:meth:`maxpart_jax.search.fitness.Evaluator.costs`, defenses included); every returned
+  genome is checked with it. ``energy_info``: the model whose layers are charged (a
+  paper-size stand-in), default ``info``.
+  """
+  energy_info = energy_info or info
+  w_choices, a_choices = estimates.w_choices, estimates.a_choices
+  options = list(itertools.product(range(len(w_choices)), range(len(a_choices))))
+  w_of = np.array([w_choices[i] for i, _ in options])
+  a_of = np.array([a_choices[j] for _, j in options])
+  layer_cost = estimates.layer_cost(estimator)
+  cost_table = np.stack([layer_cost[:, i, j] for i, j in options], axis=1)  # (L, m)
+  energy_table = np.stack([np.asarray(layer_energy_pj(energy_info, np.full(info.num_layers, w),
+                                                      np.full(info.num_layers, a), device))
+                           for w, a in zip(w_of, a_of)], axis=1) / PJ_PER_MJ
+  latency_table = np.stack([energy_info.layer_macs * np.asarray(
+      mac_seconds(np.full(info.num_layers, max(w, a)), device)) * 1e3
+      for w, a in zip(w_of, a_of)], axis=1)
+  slope = estimates.accuracy_per_loss
+  out = []
+  for p in range(1, info.max_split + 1):
+    edge = np.flatnonzero(np.asarray(info.quantizable) & (np.asarray(info.layer_block) < p))
+    last = int(info.block_last_layer[p - 1])
+    for j_ir, a_ir in enumerate(a_choices):
+      allowed = np.ones((len(edge), len(options)), bool)
+      if last in edge:
+        allowed[list(edge).index(last)] = a_of == a_ir
+      elif j_ir:  # the IR is float whatever a_ir says: one candidate for the split
+        continue
+      reference = _genome(info, p, edge, np.argmax(allowed, axis=1), w_of, a_of,
+                          max(w_choices), max(a_choices))
+      ref_energy, ref_latency = (float(v[0]) for v in costs(stack_genomes([reference])))
+      chosen = np.argmax(allowed, axis=1)
+      fixed_energy = ref_energy - energy_table[edge, chosen].sum()
+      fixed_latency = ref_latency - latency_table[edge, chosen].sum()
+      resources = [energy_table[edge]]
+      capacity = [device.budget_mj - fixed_energy]
+      if device.latency_bound_ms > 0:
+        resources.append(latency_table[edge])
+        capacity.append(device.latency_bound_ms - fixed_latency)
+      solved = _solve_strictly_below(np.where(allowed, cost_table[edge], np.inf),
+                                     np.stack(resources), np.array(capacity), info, p, edge,
+                                     w_of, a_of, w_choices, a_choices, costs, device)
+      if solved is None:
+        continue
+      genome, total, energy, latency = solved
+      ir_bits = int(a_ir) if last in edge else FLOAT_BITS
+      ir_row = a_choices.index(ir_bits) if ir_bits in a_choices else None
+      loss = total + (estimates.ir_loss[p - 1, ir_row] if ir_row is not None else 0.0)
+      eps = slope * loss
+      privacy = (estimates.privacy[p - 1, ir_row] if ir_row is not None
+                 else estimates.privacy_float[p - 1])
+      out.append(Candidate(genome=genome.to_json(), p=p, ir_bits=ir_bits,
+                           predicted_loss=float(loss), predicted_eps=float(eps),
+                           predicted_privacy=float(privacy), energy_mj=energy,
+                           latency_ms=latency, predicted_feasible=bool(eps < eps_bound)))
+  feasible = sorted((c for c in out if c.predicted_feasible), key=lambda c: -c.predicted_privacy)
+  rest = sorted((c for c in out if not c.predicted_feasible), key=lambda c: c.predicted_eps)
+  return feasible + rest
+
+
+def predict(info: ModelInfo, estimates: Estimates, genomes: Genome,
+            estimator: str = "loss") -> dict[str, np.ndarray]:
+  """What the estimates predict for any genomes (leading axis): ``loss`` (the summed loss
+  increase of their edge layers and IR), ``eps`` (its accuracy drop) and ``privacy``."""
+  w, a, ir = (np.asarray(x) for x in jax.vmap(lambda g: effective_bits(info, g))(genomes))
+  p = np.asarray(genomes.p)
+  cost = estimates.layer_cost(estimator)
+  w_index = {b: i for i, b in enumerate(estimates.w_choices)}
+  a_index = {b: j for j, b in enumerate(estimates.a_choices)}
+  loss = np.zeros(len(p))
+  privacy = np.zeros(len(p))
+  for k in range(len(p)):
+    for l in np.flatnonzero(np.asarray(info.quantizable) & (np.asarray(info.layer_block) < p[k])):
+      loss[k] += cost[l, w_index[int(w[k, l])], a_index[int(a[k, l])]]
+    if int(ir[k]) in a_index:
+      loss[k] += estimates.ir_loss[p[k] - 1, a_index[int(ir[k])]]
+      privacy[k] = estimates.privacy[p[k] - 1, a_index[int(ir[k])]]
+    else:
+      privacy[k] = estimates.privacy_float[p[k] - 1]
+  return {"loss": loss, "eps": estimates.accuracy_per_loss * loss, "privacy": privacy}
+
+
+def _solve_strictly_below(cost, resources, capacity, info, p, edge, w_of, a_of, w_choices,
+                          a_choices, costs, device) -> tuple[Genome, float, float, float] | None:
+  """The knapsack with its capacities shrunk until the exact cost model puts the answer
+  strictly below E_b (and the latency bound): float sums may round over it."""
+  for margin in (1e-9, 1e-6, 1e-4, 1e-2):
+    solved = multiple_choice_knapsack(cost, resources, capacity - margin * np.abs(capacity)
+                                      - 1e-15)
+    if solved is None:
+      return None
+    choice, total = solved
+    genome = _genome(info, p, edge, choice, w_of, a_of, max(w_choices), max(a_choices))
+    energy, latency = (float(v[0]) for v in costs(stack_genomes([genome])))
+    if energy < device.budget_mj and (device.latency_bound_ms <= 0
+                                      or latency < device.latency_bound_ms):
+      return genome, total, energy, latency
+  return None
+
+
+def _genome(info: ModelInfo, p: int, edge: np.ndarray, choice: np.ndarray, w_of: np.ndarray,
+            a_of: np.ndarray, w_rest: int, a_rest: int) -> Genome:
+  """The genome of split ``p`` whose edge layers take the chosen options (the other genes,
+  masked anyway, at the widest choices)."""
+  w = np.full(info.num_layers, w_rest, np.int32)
+  a = np.full(info.num_layers, a_rest, np.int32)
+  w[edge], a[edge] = w_of[choice], a_of[choice]
+  return Genome(p=jnp.int32(p), w_bits=jnp.asarray(w), a_bits=jnp.asarray(a))
+
+
+def stack_genomes(genomes: list[Genome]) -> Genome:
+  """``genomes`` with a leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *genomes)
+
+
+def stacked_genomes(candidates: list[Candidate]) -> Genome:
+  """The candidates' genomes with a leading axis, in order."""
+  return stack_genomes([Genome.from_json(c.genome) for c in candidates])
+
+
+# --- cached beside the model -------------------------------------------------------
+
+
+def estimates_key(model_meta: dict[str, Any], split: data.Split, privacy_images: np.ndarray,
+                  settings: dict[str, Any]) -> str:
+  """What the estimates depend on, hashed: the weights, the images and the settings."""
+  digest = hashlib.sha256()
+  digest.update(model_meta.get("variables_sha256", "").encode())
+  for array in (split.images, split.labels, np.asarray(privacy_images, np.float32)):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  digest.update(json.dumps(settings, sort_keys=True).encode())
+  return digest.hexdigest()[:20]
+
+
+def cached_estimates(model_dir: str, model_meta: dict[str, Any], measure: Callable[[], Estimates],
+                     split: data.Split, privacy_images: np.ndarray,
+                     settings: dict[str, Any]) -> tuple[Estimates, bool]:
+  """The estimates stored in ``<model_dir>/estimates/<key>.json``, or ``measure()`` stored
+  there (by the leader; the others receive them). Returns ``(estimates, measured now)``."""
+  key = estimates_key(model_meta, split, privacy_images, settings)
+  path = os.path.join(model_dir, "estimates", f"{key}.json")
+  stored = None
+  if distributed.is_leader() and os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+  stored = distributed.broadcast(stored)
+  if stored is not None:
+    return Estimates.from_json(stored["estimates"]), False
+  t = time.time()
+  estimates = measure()
+  logging.info("solver estimates measured in %.0f s (%s); stored in %s", time.time() - t,
+               ", ".join(f"{k} {v:.0f} s" for k, v in estimates.seconds.items()), path)
+  if distributed.is_leader():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoint.write_json(path, {"settings": settings, "estimates": estimates.to_json()})
+  return estimates, True
+
+
+# --- in a search -----------------------------------------------------------------
+
+PLAN_FILE = "solver_plan.json"
+"""Where a search that uses the solver writes its plan (in the workdir)."""
+
+
+def needs_plan(config: ml_collections.ConfigDict) -> bool:
+  """Whether a search config runs on the solver's plan (its algorithm or init operator)."""
+  return config.search.algorithm == "solver" or config.search.init == "solver"
+
+
+def validate_solver(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the problem in ``config.search.solver`` (no work done)."""
+  if not needs_plan(config):
+    return
+  s = config.search.solver
+  if s.estimator not in ESTIMATORS:
+    raise ValueError(f"search.solver.estimator must be one of {ESTIMATORS}, got {s.estimator!r}")
+  for name in ("hessian_probes", "hessian_images"):
+    if s[name] < 1:
+      raise ValueError(f"search.solver.{name} must be >= 1, got {s[name]}")
+  if config.fitness.metric not in privacy_metrics():
+    raise ValueError(f"the solver predicts privacy with the profile's metrics {privacy_metrics()}; "
+                     f"fitness.metric={config.fitness.metric!r} is measured by attacks only: use "
+                     "another search.algorithm / search.init")
+
+
+def privacy_metrics() -> tuple[str, ...]:
+  from maxpart_jax.privacy import METRICS  # pylint: disable=import-outside-toplevel
+  return tuple(METRICS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The solver's plan for one search: its candidates, best first, and what it cost."""
+
+  candidates: list[Candidate]
+  estimator: str
+  estimates_seconds: dict[str, float]
+  measured_now: bool
+  plan_seconds: float
+  accuracy_per_loss: float
+
+  def summary(self) -> dict[str, Any]:
+    """What a search report says of its plan."""
+    return {"estimator": self.estimator, "candidates": len(self.candidates),
+            "predicted_feasible": sum(c.predicted_feasible for c in self.candidates),
+            "estimates_seconds": sum(self.estimates_seconds.values()),
+            "estimates_measured_now": self.measured_now, "plan_seconds": self.plan_seconds}
+
+  def write(self, path: str) -> None:
+    checkpoint.write_json(path, {**self.summary(), "accuracy_per_loss": self.accuracy_per_loss,
+                                 "estimates_seconds_by_part": self.estimates_seconds,
+                                 "plan": [dataclasses.asdict(c) for c in self.candidates]})
+
+
+def estimates_from_config(config: ml_collections.ConfigDict, evaluator: Any
+                          ) -> tuple[Estimates, bool]:
+  """The estimates of a search config's model, cached beside ``config.model_dir`` (measured
+  on the evaluator's validation and privacy images first if missing); also whether they
+  were measured now."""
+  f, s = evaluator.config, config.search.solver
+  w_choices = tuple(int(b) for b in config.search.w_bits)
+  a_choices = tuple(int(b) for b in config.search.a_bits)
+  settings = {"w_choices": w_choices, "a_choices": a_choices, "per_channel": f.per_channel,
+              "activation_levels": f.activation_levels, "metric": f.metric,
+              "normalization": f.normalization, "hessian_probes": s.hessian_probes,
+              "hessian_images": s.hessian_images, "seed": f.seed, "float_model": True}
+  meta = {"variables_sha256": checkpoint.variables_sha256(evaluator.variables)}
+  float_model = evaluator.model.with_numerics(Numerics())  # estimates in float32 everywhere
+  return cached_estimates(
+      config.model_dir, meta,
+      lambda: measure_estimates(float_model, evaluator.variables, evaluator.val,
+                                evaluator.privacy_images, w_choices, a_choices,
+                                per_channel=f.per_channel, activation_levels=f.activation_levels,
+                                metric=f.metric, normalization=f.normalization,
+                                hessian_images=s.hessian_images, hessian_probes=s.hessian_probes,
+                                seed=f.seed),
+      evaluator.val, evaluator.privacy_images, settings)
+
+
+def plan_from_config(config: ml_collections.ConfigDict, evaluator: Any) -> Plan:
+  """The plan of a search config for its evaluator (:class:`~maxpart_jax.search.fitness.
+  Evaluator`): its model's estimates (:func:`estimates_from_config`), then the knapsacks."""
+  f, s = evaluator.config, config.search.solver
+  estimates, measured_now = estimates_from_config(config, evaluator)
+  t = time.time()
+  candidates = plan(evaluator.model.info, estimates, evaluator.costs, f.device, f.eps_bound,
+                    s.estimator, evaluator.energy_info)
+  if not candidates:
+    raise ValueError(f"no split fits the energy budget E_b = {f.device.budget_mj} mJ at any "
+                     "allowed bits: the solver has nothing to propose; raise fitness.budget_mj")
+  seconds = time.time() - t
+  logging.info("solver plan (%s estimator, %.1f s): %s", s.estimator, seconds, "; ".join(
+      f"p={c.p} P~{c.predicted_privacy:.3f} eps~{c.predicted_eps:.3f}"
+      f"{'' if c.predicted_feasible else ' (predicted infeasible)'}" for c in candidates))
+  return Plan(candidates=candidates, estimator=s.estimator, estimates_seconds=estimates.seconds,
+              measured_now=measured_now, plan_seconds=seconds,
+              accuracy_per_loss=estimates.accuracy_per_loss)
