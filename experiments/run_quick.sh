@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then run the quick search (a few minutes on 2 CPU
-# cores) with the quarter-width ResNet18 shipped in pretrained/cpu_resnet18. Re-running resumes
-# where it stopped, or prints the finished result.
-#   bash experiments/run_quick.sh [--defended] [--retrain] [extra flags for experiments.search]
+# cores) with the quarter-width ResNet18 shipped in pretrained/cpu_resnet18: by default the
+# solver (search.py:quick_solver, in workdirs/search_quick_solver). Re-running resumes where it
+# stopped, or prints the finished result.
+#   bash experiments/run_quick.sh [--ga | --defended] [--retrain] [extra flags for experiments.search]
+# --ga runs the paper's GA instead (search.py:quick, 32 fine-tuned candidates) in
+# workdirs/search_quick.
 # --defended runs the defended quick search instead (search.py:quick_defended, about 20 min:
 # the search with a defense stack's costs, then its finalist fine-tuned with the defenses and
 # attacked by a retrained decoder) in workdirs/search_quick_defended.
@@ -10,8 +13,11 @@
 # workdirs/cpu_resnet18 and searches with that one (in workdirs/search_quick_retrained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variant=quick model=() workdir=workdirs/search_quick
-if [ "${1:-}" = "--defended" ]; then
+variant=quick_solver model=() workdir=workdirs/search_quick_solver
+if [ "${1:-}" = "--ga" ]; then
+  shift
+  variant=quick workdir=workdirs/search_quick
+elif [ "${1:-}" = "--defended" ]; then
   shift
   variant=quick_defended workdir=workdirs/search_quick_defended
 fi

@@ -7,8 +7,9 @@ r"""How many fine-tunings the solver needs, against the searches that spend them
       --runs=workdirs/solver_study_quick --baseline=results/pareto/strategies/strategies.json \
       --out=results/search_solver/quick
 
-Reads the finished searches in ``--runs`` (``<algorithm>_seed<s>`` folders, as
-``experiments.strategy_study`` leaves them) and, from ``--baseline`` (a ``strategies.json``
+Reads the finished searches in the ``--runs`` folders (``<algorithm>_seed<s>`` inside, as
+``experiments.strategy_study`` leaves them; a search that used the solver is labelled with
+its estimator, e.g. ``solver[hessian]``) and, from ``--baseline`` (a ``strategies.json``
 of the same config), the GA's and random search's curves of best feasible privacy. Reports,
 per run: the best feasible privacy after each fine-tuned candidate, how many candidates it
 took to come within ``--tolerance`` of the best the GA reached with its whole budget, and
@@ -35,7 +36,8 @@ from maxpart_jax.search.fitness import violations
 from maxpart_jax.studies.strategy_study import curves
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
-_RUNS = flags.DEFINE_string("runs", "workdirs/solver_study_quick", "the searches' folders")
+_RUNS = flags.DEFINE_list("runs", ["workdirs/solver_study_quick"],
+                          "folders of finished searches (<algorithm>_seed<s> inside)")
 _BASELINE = flags.DEFINE_string("baseline", "results/pareto/strategies/strategies.json",
                                 "a strategies.json with the GA's (and random search's) runs")
 _OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON and plot go")
@@ -70,10 +72,14 @@ def main(argv: list[str]) -> None:
           for name in ("ga", "random") if name in baseline["runs"]}
   target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
   evaluated: dict[str, dict] = {}
-  for folder in sorted(glob.glob(os.path.join(_RUNS.value, "*_seed*"))):
+  folders = sorted(f for runs_dir in _RUNS.value
+                   for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
+  for folder in folders:
     algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
     with open(os.path.join(folder, "best.json")) as f:
       report = json.load(f)
+    if report.get("solver"):
+      algorithm += f"[{report['solver']['estimator']}]"
     evaluations = storage.load_evaluations(folder)
     for e in evaluations:
       evaluated[e["key"]] = e
@@ -137,7 +143,9 @@ def _plot(out: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-  colors = {"ga": "tab:blue", "random": "tab:gray", "solver": "tab:red", "ga_solver": "tab:green"}
+  colors = {"ga": "tab:blue", "random": "tab:gray", "solver[loss]": "tab:red",
+            "solver[hessian]": "tab:orange", "ga_solver[loss]": "tab:green",
+            "ga_solver[hessian]": "tab:olive"}
   for algorithm, rows in out["runs"].items():
     for i, r in enumerate(rows):
       curve = r["best_feasible_privacy"]

@@ -152,7 +152,7 @@ def test_evaluators_of_equal_settings_share_their_compilations(smoke):
   model, _, _, _, first = _evaluator(smoke, **settings)
   genomes = _genomes(model.info, [(2, 4), (4, 8)])
   out = first.evaluate(genomes)
-  programs = (train._device_step, fitness._count_correct_each, fitness._privacy_all_splits,
+  programs = (train._device_step, fitness._count_correct_each, fitness.privacy_all_splits,
               fitness._all_finite)
   sizes = [f._cache_size() for f in programs]
   again = _evaluator(smoke, **settings)[-1].evaluate(genomes)

@@ -272,7 +272,7 @@ def _count_correct_scan(model: SplitModel, dataset: str, variables: Variables, p
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _privacy_all_splits(model: SplitModel, metric: str, normalization: str,
+def privacy_all_splits(model: SplitModel, metric: str, normalization: str,
                         variables: Variables, policies: Any, x: jax.Array,
                         images: jax.Array) -> jax.Array:
   """(K, max_split, 2): for each candidate, at every split, the mean privacy over
@@ -554,7 +554,7 @@ class Evaluator:
     if self.config.metric == ATTACK_METRIC:
       priv, collapsed = self.attack_privacy(variables, policies, padded)
     else:
-      all_splits = distributed.to_host(_privacy_all_splits(self.model, self.config.metric,
+      all_splits = distributed.to_host(privacy_all_splits(self.model, self.config.metric,
                                                   self.config.normalization, variables,
                                                   policies, *self._privacy_inputs))
       priv, collapsed = all_splits[np.arange(len(all_splits)), np.asarray(padded.p) - 1].T

@@ -50,6 +50,7 @@ from maxpart_jax.models.layers import Numerics
 from maxpart_jax.models.metadata import ModelInfo
 from maxpart_jax.privacy.profile import block_profile
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, quantize_weights
+from maxpart_jax.search.fitness import privacy_all_splits
 from maxpart_jax.train import cross_entropy
 
 ESTIMATORS = ("loss", "hessian")
@@ -76,6 +77,9 @@ class Estimates:
       quantized (rows ``p = 1..max_split``).
     privacy: (S, A) the mean privacy of that IR on the privacy images.
     privacy_float: (S,) the same of the float IR (sent where the IR's layer is not quantized).
+    privacy_gain: (L, W, A, S) how much quantizing only layer ``l`` to ``(w, a)`` raises the
+      privacy of the float IR at split ``p`` (quantization noise hides the image; 0 where
+      the layer is not on the edge of ``p``).
     float_loss, float_accuracy: the unquantized model's.
     seconds: measuring time by part.
   """
@@ -92,6 +96,7 @@ class Estimates:
   ir_accuracy_drop: np.ndarray
   privacy: np.ndarray
   privacy_float: np.ndarray
+  privacy_gain: np.ndarray
   float_loss: float
   float_accuracy: float
   seconds: dict[str, float]
@@ -129,14 +134,16 @@ class Estimates:
 
 
 def single_layer_policy(num_layers: int, layer: int, w_bits: int, a_bits: int,
-                        activation_levels: str = "paper") -> QuantPolicy:
+                        activation_levels: str = "paper", per_channel: bool = False
+                        ) -> QuantPolicy:
   """Only ``layer`` quantized (weights to ``w_bits``, inputs to ``a_bits``; ``FLOAT_BITS``
   leaves either float), no IR quantized."""
   w = np.full(num_layers, FLOAT_BITS, np.int32)
   a = np.full(num_layers, FLOAT_BITS, np.int32)
   w[layer], a[layer] = w_bits, a_bits
   return QuantPolicy(w_bits=jnp.asarray(w), a_bits=jnp.asarray(a), split=jnp.int32(0),
-                     ir_bits=jnp.int32(FLOAT_BITS), activation_levels=activation_levels)
+                     ir_bits=jnp.int32(FLOAT_BITS), per_channel=per_channel,
+                     activation_levels=activation_levels)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -167,6 +174,24 @@ def _score_policies(model: SplitModel, variables: Variables, policies: list[Quan
                 for s in (slice(j, j + batch_size) for j in range(0, len(x), batch_size)))
     out[i:i + group] = (total / len(x))[:len(policies) - i]
   return out
+
+
+def _privacy_by_split(model: SplitModel, metric: str, normalization: str, variables: Variables,
+                      policies: list[QuantPolicy], images: np.ndarray, dataset: str,
+                      group: int = 8) -> np.ndarray:
+  """(P, max_split): the mean privacy of the IR after every block for each policy (the
+  search's own program, :func:`maxpart_jax.search.fitness.privacy_all_splits`)."""
+  x = jnp.asarray(data.normalize(np.asarray(images, np.float32), dataset))
+  images = jnp.asarray(images, jnp.float32)
+  copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (group, *v.shape)), variables)
+  out = []
+  for i in range(0, len(policies), group):
+    chunk = policies[i:i + group]
+    chunk = chunk + [chunk[-1]] * (group - len(chunk))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
+    out.append(np.asarray(privacy_all_splits(model, metric, normalization, copies, stacked, x,
+                                             images))[..., 0])
+  return np.concatenate(out)[:len(policies)]
 
 
 def kernel_of(variables: Variables, layer_name: str) -> jax.Array:
@@ -268,12 +293,23 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
       normalization=normalization, activation_levels=activation_levels, **kw)["blocks"]])
   privacy = np.stack([profile(ir_bits=a) for a in a_choices], axis=1)
   privacy_float = profile()
+  by_split = _privacy_by_split(model, metric, normalization, variables, [
+      single_layer_policy(info.num_layers, l.id, w, a, activation_levels, per_channel)
+      for l in edge for w, a in itertools.product(w_choices, a_choices)], privacy_images,
+      split.dataset)
+  gain = np.zeros((info.num_layers, len(w_choices), len(a_choices), info.max_split))
+  rows = iter(by_split)
+  for l in edge:
+    for (i, _), (j, _) in itertools.product(enumerate(w_choices), enumerate(a_choices)):
+      on_edge = np.arange(1, info.max_split + 1) > l.block  # splits whose edge holds l
+      gain[l.id, i, j] = np.where(on_edge, next(rows) - privacy_float, 0.0)
   seconds["privacy"] = time.time() - t
   return Estimates(w_choices=tuple(w_choices), a_choices=tuple(a_choices), loss=loss,
                    accuracy_drop=acc_drop, act_loss=act_loss, hessian_trace=traces,
                    weight_error=weight_error, weight_count=weight_count,
                    ir_loss=ir[..., 0] - float_loss, ir_accuracy_drop=float_accuracy - ir[..., 1],
-                   privacy=privacy, privacy_float=privacy_float, float_loss=float(float_loss),
+                   privacy=privacy, privacy_float=privacy_float, privacy_gain=gain,
+                   float_loss=float(float_loss),
                    float_accuracy=float(float_accuracy), seconds=seconds)
 
 
@@ -318,11 +354,17 @@ def multiple_choice_knapsack(cost: np.ndarray, weights: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One solved split: its genome and what the estimates predict for it."""
+  """One solved split: its genome, which knapsack chose it, and what the estimates predict.
+
+  ``objective``: ``least_loss`` (the bits of least predicted loss under the budget) or
+  ``most_private`` (the bits of highest predicted privacy whose predicted ε stays below
+  ε_b).
+  """
 
   genome: dict[str, Any]
   p: int
   ir_bits: int
+  objective: str
   predicted_loss: float
   predicted_eps: float
   predicted_privacy: float
@@ -335,9 +377,11 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
                                                                                 np.ndarray]],
          device: DeviceConfig, eps_bound: float, estimator: str = "loss",
          energy_info: ModelInfo | None = None) -> list[Candidate]:
-  """The knapsack's answer for every split and IR width, most private first among those
-  predicted to keep ε < ε_b, then the rest by predicted ε; splits whose edge cannot fit the
-  budget at all are left out.
+  """Two knapsacks for every split and IR width, under E_b (and the latency bound): the
+  bits of least predicted loss, and the bits of most predicted privacy among those whose
+  predicted ε stays below ε_b (weights of fewer bits hide more of the image). Ranked most
+  private first among those predicted to keep ε < ε_b, then the rest by predicted ε;
+  splits whose edge cannot fit the budget are left out.
 
   ``costs(genomes) -> (energy mJ, latency ms)``: the exact cost model the search charges
   (:meth:`maxpart_jax.search.fitness.Evaluator.costs`, defenses included); every returned
@@ -358,7 +402,7 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
       mac_seconds(np.full(info.num_layers, max(w, a)), device)) * 1e3
       for w, a in zip(w_of, a_of)], axis=1)
   slope = estimates.accuracy_per_loss
-  out = []
+  found: dict[str, tuple[Genome, str, float, float]] = {}
   for p in range(1, info.max_split + 1):
     edge = np.flatnonzero(np.asarray(info.quantizable) & (np.asarray(info.layer_block) < p))
     last = int(info.block_last_layer[p - 1])
@@ -368,33 +412,44 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
         allowed[list(edge).index(last)] = a_of == a_ir
       elif j_ir:  # the IR is float whatever a_ir says: one candidate for the split
         continue
-      reference = _genome(info, p, edge, np.argmax(allowed, axis=1), w_of, a_of,
-                          max(w_choices), max(a_choices))
-      ref_energy, ref_latency = (float(v[0]) for v in costs(stack_genomes([reference])))
       chosen = np.argmax(allowed, axis=1)
-      fixed_energy = ref_energy - energy_table[edge, chosen].sum()
-      fixed_latency = ref_latency - latency_table[edge, chosen].sum()
+      reference = _genome(info, p, edge, chosen, w_of, a_of, max(w_choices), max(a_choices))
+      ref_energy, ref_latency = (float(v[0]) for v in costs(stack_genomes([reference])))
       resources = [energy_table[edge]]
-      capacity = [device.budget_mj - fixed_energy]
+      capacity = [device.budget_mj - (ref_energy - energy_table[edge, chosen].sum())]
       if device.latency_bound_ms > 0:
         resources.append(latency_table[edge])
-        capacity.append(device.latency_bound_ms - fixed_latency)
-      solved = _solve_strictly_below(np.where(allowed, cost_table[edge], np.inf),
-                                     np.stack(resources), np.array(capacity), info, p, edge,
-                                     w_of, a_of, w_choices, a_choices, costs, device)
-      if solved is None:
+        capacity.append(device.latency_bound_ms - (ref_latency - latency_table[edge, chosen].sum()))
+      solve = lambda cost, extra=(), room=(): _solve_strictly_below(
+          np.where(allowed, cost, np.inf), np.stack([*resources, *extra]),
+          np.array([*capacity, *room]), len(resources), info, p, edge, w_of, a_of, w_choices,
+          a_choices, costs, device)
+      least = solve(cost_table[edge])
+      if least is None:
         continue
-      genome, total, energy, latency = solved
-      ir_bits = int(a_ir) if last in edge else FLOAT_BITS
-      ir_row = a_choices.index(ir_bits) if ir_bits in a_choices else None
-      loss = total + (estimates.ir_loss[p - 1, ir_row] if ir_row is not None else 0.0)
-      eps = slope * loss
-      privacy = (estimates.privacy[p - 1, ir_row] if ir_row is not None
-                 else estimates.privacy_float[p - 1])
-      out.append(Candidate(genome=genome.to_json(), p=p, ir_bits=ir_bits,
-                           predicted_loss=float(loss), predicted_eps=float(eps),
-                           predicted_privacy=float(privacy), energy_mj=energy,
-                           latency_ms=latency, predicted_feasible=bool(eps < eps_bound)))
+      solved = {"least_loss": least}
+      ir_row = a_choices.index(a_ir) if last in edge else None
+      loss_room = (eps_bound / slope if slope > 0 else np.inf) - (
+          estimates.ir_loss[p - 1, ir_row] if ir_row is not None else 0.0)
+      gain = np.stack([estimates.privacy_gain[:, i, j, p - 1] for i, j in options], axis=1)
+      private = solve(-gain[edge], [cost_table[edge]], [loss_room])
+      if private is not None:
+        solved["most_private"] = private
+      for objective, (genome, energy, latency) in solved.items():
+        key = json.dumps(genome.to_json())
+        if key not in found:
+          found[key] = (genome, objective, energy, latency)
+  if not found:
+    return []
+  genomes = stack_genomes([g for g, _, _, _ in found.values()])
+  predicted = predict(info, estimates, genomes, estimator)
+  _, _, ir = jax.vmap(lambda g: effective_bits(info, g))(genomes)
+  out = [Candidate(genome=genome.to_json(), p=int(genome.p), ir_bits=int(ir[k]),
+                   objective=objective, predicted_loss=float(predicted["loss"][k]),
+                   predicted_eps=float(predicted["eps"][k]),
+                   predicted_privacy=float(predicted["privacy"][k]), energy_mj=energy,
+                   latency_ms=latency, predicted_feasible=bool(predicted["eps"][k] < eps_bound))
+         for k, (genome, objective, energy, latency) in enumerate(found.values())]
   feasible = sorted((c for c in out if c.predicted_feasible), key=lambda c: -c.predicted_privacy)
   rest = sorted((c for c in out if not c.predicted_feasible), key=lambda c: c.predicted_eps)
   return feasible + rest
@@ -403,7 +458,8 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
 def predict(info: ModelInfo, estimates: Estimates, genomes: Genome,
             estimator: str = "loss") -> dict[str, np.ndarray]:
   """What the estimates predict for any genomes (leading axis): ``loss`` (the summed loss
-  increase of their edge layers and IR), ``eps`` (its accuracy drop) and ``privacy``."""
+  increase of their edge layers and IR), ``eps`` (its accuracy drop) and ``privacy`` (the
+  IR's privacy at the split and width, plus each edge layer's privacy gain there)."""
   w, a, ir = (np.asarray(x) for x in jax.vmap(lambda g: effective_bits(info, g))(genomes))
   p = np.asarray(genomes.p)
   cost = estimates.layer_cost(estimator)
@@ -413,30 +469,34 @@ def predict(info: ModelInfo, estimates: Estimates, genomes: Genome,
   privacy = np.zeros(len(p))
   for k in range(len(p)):
     for l in np.flatnonzero(np.asarray(info.quantizable) & (np.asarray(info.layer_block) < p[k])):
-      loss[k] += cost[l, w_index[int(w[k, l])], a_index[int(a[k, l])]]
+      i, j = w_index[int(w[k, l])], a_index[int(a[k, l])]
+      loss[k] += cost[l, i, j]
+      privacy[k] += estimates.privacy_gain[l, i, j, p[k] - 1]
     if int(ir[k]) in a_index:
       loss[k] += estimates.ir_loss[p[k] - 1, a_index[int(ir[k])]]
-      privacy[k] = estimates.privacy[p[k] - 1, a_index[int(ir[k])]]
+      privacy[k] += estimates.privacy[p[k] - 1, a_index[int(ir[k])]]
     else:
-      privacy[k] = estimates.privacy_float[p[k] - 1]
+      privacy[k] += estimates.privacy_float[p[k] - 1]
   return {"loss": loss, "eps": estimates.accuracy_per_loss * loss, "privacy": privacy}
 
 
-def _solve_strictly_below(cost, resources, capacity, info, p, edge, w_of, a_of, w_choices,
-                          a_choices, costs, device) -> tuple[Genome, float, float, float] | None:
-  """The knapsack with its capacities shrunk until the exact cost model puts the answer
-  strictly below E_b (and the latency bound): float sums may round over it."""
+def _solve_strictly_below(cost, resources, capacity, budgets, info, p, edge, w_of, a_of,
+                          w_choices, a_choices, costs, device
+                          ) -> tuple[Genome, float, float] | None:
+  """``(genome, energy, latency)`` of the knapsack, its first ``budgets`` capacities (energy,
+  latency) shrunk until the exact cost model puts the answer strictly below E_b (and the
+  latency bound): float sums may round over them."""
   for margin in (1e-9, 1e-6, 1e-4, 1e-2):
-    solved = multiple_choice_knapsack(cost, resources, capacity - margin * np.abs(capacity)
-                                      - 1e-15)
+    room = capacity.copy()
+    room[:budgets] -= margin * np.abs(room[:budgets]) + 1e-15
+    solved = multiple_choice_knapsack(cost, resources, room)
     if solved is None:
       return None
-    choice, total = solved
-    genome = _genome(info, p, edge, choice, w_of, a_of, max(w_choices), max(a_choices))
+    genome = _genome(info, p, edge, solved[0], w_of, a_of, max(w_choices), max(a_choices))
     energy, latency = (float(v[0]) for v in costs(stack_genomes([genome])))
     if energy < device.budget_mj and (device.latency_bound_ms <= 0
                                       or latency < device.latency_bound_ms):
-      return genome, total, energy, latency
+      return genome, energy, latency
   return None
 
 
@@ -565,7 +625,8 @@ def estimates_from_config(config: ml_collections.ConfigDict, evaluator: Any
   settings = {"w_choices": w_choices, "a_choices": a_choices, "per_channel": f.per_channel,
               "activation_levels": f.activation_levels, "metric": f.metric,
               "normalization": f.normalization, "hessian_probes": s.hessian_probes,
-              "hessian_images": s.hessian_images, "seed": f.seed, "float_model": True}
+              "hessian_images": s.hessian_images, "seed": f.seed, "float_model": True,
+              "version": 2}  # 2: with the layers' privacy gains
   meta = {"variables_sha256": checkpoint.variables_sha256(evaluator.variables)}
   float_model = evaluator.model.with_numerics(Numerics())  # estimates in float32 everywhere
   return cached_estimates(
