@@ -24,7 +24,7 @@ import glob
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 import numpy as np
 from scipy import stats
 
@@ -38,8 +38,10 @@ from maxpart_jax.studies.strategy_study import curves
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _RUNS = flags.DEFINE_list("runs", ["workdirs/solver_study_quick"],
                           "folders of finished searches (<algorithm>_seed<s> inside)")
-_BASELINE = flags.DEFINE_string("baseline", "results/pareto/strategies/strategies.json",
-                                "a strategies.json with the GA's (and random search's) runs")
+_BASELINE = flags.DEFINE_string(
+    "baseline", "results/pareto/strategies/strategies.json",
+    "a strategies.json with the GA's (and random search's) runs, or one GA search's best.json "
+    "(its final answer only, e.g. a reproduction's)")
 _OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON and plot go")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best counts as reached")
 
@@ -66,16 +68,24 @@ def main(argv: list[str]) -> None:
   fitness = settings.fitness_from_config(config)
   with open(_BASELINE.value) as f:
     baseline = json.load(f)
-  runs = {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
-                  "evaluations": r["evaluations"], "seconds": r["seconds"]}
-                 for r in baseline["runs"][name]]
-          for name in ("ga", "random") if name in baseline["runs"]}
+  if "runs" in baseline:
+    runs = {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
+                    "evaluations": r["evaluations"], "seconds": r["seconds"]}
+                   for r in baseline["runs"][name]]
+            for name in ("ga", "random") if name in baseline["runs"]}
+  else:  # one search's report: where it ended, not how it got there
+    runs = {"ga": [{"best_feasible_privacy": [baseline["privacy"]], "final_only": True,
+                    "evaluations": baseline["evaluations"],
+                    "seconds": baseline["search_seconds"]}]}
   target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
   evaluated: dict[str, dict] = {}
   folders = sorted(f for runs_dir in _RUNS.value
                    for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
   for folder in folders:
     algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
+    if not os.path.exists(os.path.join(folder, "best.json")):
+      logging.warning("%s has not finished: left out", folder)
+      continue
     with open(os.path.join(folder, "best.json")) as f:
       report = json.load(f)
     if report.get("solver"):
@@ -91,7 +101,8 @@ def main(argv: list[str]) -> None:
         "float_test_accuracy": report["float_test_accuracy"], "solver": report.get("solver")})
   summary = {}
   for algorithm, rows in runs.items():
-    reached = [first_within(r["best_feasible_privacy"], target, _TOLERANCE.value) for r in rows]
+    reached = [None if r.get("final_only") else
+               first_within(r["best_feasible_privacy"], target, _TOLERANCE.value) for r in rows]
     summary[algorithm] = {
         "seeds": len(rows), "final_best_feasible_privacy": [r["best_feasible_privacy"][-1]
                                                             for r in rows],
@@ -149,8 +160,12 @@ def _plot(out: dict, path: str) -> None:
   for algorithm, rows in out["runs"].items():
     for i, r in enumerate(rows):
       curve = r["best_feasible_privacy"]
+      label = algorithm if i == 0 else None
+      if r.get("final_only"):  # its answer after all its fine-tunings
+        ax1.plot([r["evaluations"]], curve, "s", color=colors.get(algorithm), label=label)
+        continue
       ax1.step(np.arange(1, len(curve) + 1), curve, where="post", color=colors.get(algorithm),
-               alpha=0.8, lw=1.4, label=algorithm if i == 0 else None)
+               alpha=0.8, lw=1.4, marker="o", markersize=3, label=label)
   ax1.axhline(out["target_privacy"], color="k", ls=":", lw=1,
               label=f"GA's best ({out['target_privacy']:.3f})")
   ax1.set(xscale="log", xlabel="fine-tuned candidates", ylabel="best feasible privacy P",
@@ -161,7 +176,7 @@ def _plot(out: dict, path: str) -> None:
     r = out["ranking"][estimator]
     ax2.scatter(r["predicted_eps"], measured, marker=marker, s=18, alpha=0.7,
                 label=f"{estimator}: Spearman ρ {r['spearman_eps']:.2f}")
-  ax2.set(xscale="symlog", xlabel="predicted ε (before fine-tuning)", ylabel="measured ε",
+  ax2.set(xlabel="predicted ε (before fine-tuning)", ylabel="measured ε",
           title="accuracy cost: predicted against measured")
   ax2.axhline(0.03, color="k", ls=":", lw=1)
   ax2.legend(fontsize=8)

@@ -148,51 +148,6 @@ def _exact(info, device):
                     np.asarray(energy.population_latency(info, g, device).total_ms))
 
 
-@pytest.mark.slow
-def test_estimates_of_a_tiny_model_match_a_direct_computation(fake_data_dir):
-  """Single-layer and IR losses recomputed with model.apply; the weights' quantization error
-  with numpy (the Hessian traces: the next test)."""
-  model = get_model(**TINY)
-  variables = jittered(model, seed=1)
-  split = data.load_split("train", data_dir=fake_data_dir).take(48, seed=0)
-  privacy_images = split.float_images()[:8]
-  est = solver.measure_estimates(model, variables, split, privacy_images, (2, 8), (8,),
-                                 hessian_images=8, hessian_probes=1)
-  x = jnp.asarray(data.normalize(split.images, split.dataset))
-  labels = jnp.asarray(split.labels)
-  loss = lambda policy: float(cross_entropy(model.apply(variables, x, policy=policy), labels))
-  base = loss(None)
-  assert est.float_loss == pytest.approx(base, rel=1e-5)
-  for layer, (i, w) in itertools.product((1, 5), enumerate((2, 8))):
-    policy = solver.single_layer_policy(model.info.num_layers, layer, w, 8)
-    assert est.loss[layer, i, 0] == pytest.approx(loss(policy) - base, abs=1e-5)
-  from maxpart_jax.quant import QuantPolicy
-  assert est.ir_loss[2, 0] == pytest.approx(
-      loss(QuantPolicy.ir_only(model.info.num_layers, 3, 8)) - base, abs=1e-5)
-  assert np.all(est.loss[~np.asarray(model.info.quantizable)] == 0)
-
-  # A layer's privacy gain at a split: the IR's privacy with that layer alone quantized, less
-  # the float IR's; nothing at splits whose edge does not hold the layer.
-  from maxpart_jax import privacy
-  xp = jnp.asarray(data.normalize(privacy_images, split.dataset))
-  score = lambda q, policy: float(jnp.mean(privacy.privacy_score(
-      jnp.asarray(privacy_images), model.apply(variables, xp, stop=q, policy=policy), "mse",
-      normalization="zscore")))
-  q = model.info.max_split
-  layer5 = solver.single_layer_policy(model.info.num_layers, 5, 2, 8)
-  assert est.privacy_gain[5, 0, 0, q - 1] == pytest.approx(score(q, layer5) - score(q, None),
-                                                           abs=1e-4)
-  assert est.privacy_float[q - 1] == pytest.approx(score(q, None), abs=1e-5)
-  assert np.all(est.privacy_gain[5, :, :, :model.info.layers[5].block] == 0)
-  kernel = np.asarray(solver.kernel_of(variables, model.info.layers[1].name), np.float64)
-  for i, b in enumerate((2, 8)):
-    c = np.abs(kernel).max()
-    step = c / (2 ** (b - 1) - 1)
-    assert est.weight_error[1, i] == pytest.approx(
-        np.sum((np.round(kernel / step) * step - kernel) ** 2), rel=1e-4)
-
-
-
 def test_hutchinson_traces_agree_with_the_exact_hessian():
   """Two kernels probed together: each estimate within 4 standard errors of its exact trace,
   the errors computed from the exact joint Hessian (Rademacher probes: the variance of
@@ -328,3 +283,61 @@ def test_float_bits_are_not_a_choice_the_plan_can_make():
     on_edge = np.asarray(info.quantizable) & (np.asarray(info.layer_block) < c.p)
     assert set(np.asarray(w)[on_edge].tolist()) <= {2, 4, 6, 8}
     assert FLOAT_BITS not in np.asarray(a)[on_edge]
+
+
+def test_the_estimates_match_a_direct_computation(solver_search):
+  """The smoke search's estimates (cached beside its model) against model.apply on the same
+  images: single-layer and IR loss increases, a layer's privacy gain at a split (the IR's
+  privacy with that layer alone quantized, less the float IR's; nothing at splits whose
+  edge does not hold the layer), and the weights' quantization error with numpy."""
+  from maxpart_jax import privacy
+  from maxpart_jax.quant import QuantPolicy
+  from maxpart_jax.search import build
+  config, _, _ = solver_search
+  evaluator = build.build_evaluator(config)
+  est, measured_now = solver.estimates_from_config(config, evaluator)
+  assert not measured_now
+  model, variables, split = get_model(**TINY), evaluator.variables, evaluator.val
+  x = jnp.asarray(data.normalize(split.images, split.dataset))
+  labels = jnp.asarray(split.labels)
+  loss = lambda policy: float(cross_entropy(model.apply(variables, x, policy=policy), labels))
+  base = loss(None)
+  assert est.float_loss == pytest.approx(base, rel=1e-5)
+  for layer, (i, w) in itertools.product((1, 5), ((0, 2), (3, 8))):
+    policy = solver.single_layer_policy(model.info.num_layers, layer, w, 8)
+    assert est.loss[layer, i, 0] == pytest.approx(loss(policy) - base, abs=1e-5)
+  assert est.ir_loss[2, 0] == pytest.approx(
+      loss(QuantPolicy.ir_only(model.info.num_layers, 3, 8)) - base, abs=1e-5)
+  assert np.all(est.loss[~np.asarray(model.info.quantizable)] == 0)
+
+  images = evaluator.privacy_images
+  xp = jnp.asarray(data.normalize(images, split.dataset))
+  score = lambda q, policy: float(jnp.mean(privacy.privacy_score(
+      jnp.asarray(images), model.apply(variables, xp, stop=q, policy=policy), "mse",
+      normalization="zscore")))
+  q = model.info.max_split
+  layer5 = solver.single_layer_policy(model.info.num_layers, 5, 2, 8)
+  assert est.privacy_gain[5, 0, 0, q - 1] == pytest.approx(score(q, layer5) - score(q, None),
+                                                           abs=1e-4)
+  assert est.privacy_float[q - 1] == pytest.approx(score(q, None), abs=1e-5)
+  assert np.all(est.privacy_gain[5, :, :, :model.info.layers[5].block] == 0)
+
+  kernel = np.asarray(solver.kernel_of(variables, model.info.layers[1].name), np.float64)
+  for i, b in enumerate(est.w_choices):
+    step = np.abs(kernel).max() / (2 ** (b - 1) - 1)
+    assert est.weight_error[1, i] == pytest.approx(
+        np.sum((np.round(kernel / step) * step - kernel) ** 2), rel=1e-4)
+
+
+def test_the_solvers_settings_count_in_a_search_identity_only_where_it_runs():
+  """Searches that do not use the solver (every search stored before it existed) keep their
+  identity; one that does is refused a resume with another estimator."""
+  from experiments.configs import search as search_configs
+  from maxpart_jax.search import storage
+  config = search_configs.get_config("quick")
+  assert not any(k.startswith("search.solver.") for k in storage.settings_identity(config))
+  solver_config = search_configs.get_config("quick_solver")
+  identity = storage.settings_identity(solver_config)
+  assert identity["search.solver.estimator"] == solver_config.search.solver.estimator
+  solver_config.search.init, solver_config.search.algorithm = "solver", "ga"
+  assert "search.solver.hessian_probes" in storage.settings_identity(solver_config)

@@ -59,11 +59,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       prob_gene=0.3, w_bits=(2, 4, 6, 8), a_bits=(8,), seed=0, init="uniform",
       sample="uniform", select="best", mutate="resample", crossover="none", replace="worst"))
   # The solver (algorithm="solver", or init="solver" to seed the GA / NSGA-II with its plan):
-  # per-layer accuracy costs predicted by the measured loss increase ("loss") or a Hessian
-  # trace ("hessian", Hutchinson with `hessian_probes` probes on `hessian_images` images),
-  # one knapsack per split (maxpart_jax/search/solver.py; cached beside the model).
+  # per-layer accuracy costs predicted by a Hessian trace ("hessian", Hutchinson with
+  # `hessian_probes` probes on `hessian_images` images; the weights' part, plus the measured
+  # cost of quantizing the layer's inputs) or the measured loss increase with the layer alone
+  # quantized ("loss", which fine-tuning repairs about half of: results/search_solver/), one
+  # pair of knapsacks per split (maxpart_jax/search/solver.py; estimates cached beside the model).
   c.search.solver = ml_collections.ConfigDict(dict(
-      estimator="loss", hessian_probes=16, hessian_images=256))
+      estimator="hessian", hessian_probes=16, hessian_images=256))
   # The edge device beyond its energy constants: the link's energy per bit (the paper's
   # 100 pJ/bit), MAC rates per operand width (illustrative: set yours), the link's rate,
   # packets and loss, and an optional latency bound (0: none). maxpart_jax/energy.py.

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from maxpart_jax import checkpoint, data, runs
-from maxpart_jax.search import algorithms
+from maxpart_jax.search import algorithms, solver
 from maxpart_jax.search.fitness import Evaluator
 from maxpart_jax.search.settings import stack_from_config
 from maxpart_jax.train import split_spec
@@ -40,9 +40,7 @@ LATER_DEFAULTS = {
     "device.loss_rate": 0.0, "device.retry_timeout_ms": 0.0, "device.latency_bound_ms": 0.0,
     "fitness.attack.images": 2000, "fitness.attack.steps": 300, "fitness.attack.batch_size": 64,
     "fitness.attack.learning_rate": 3e-3, "fitness.attack.width": 32,
-    "fitness.attack.ssim_weight": 0.0, "defense.stack": "none",
-    "search.solver.estimator": "loss", "search.solver.hessian_probes": 16,
-    "search.solver.hessian_images": 256}
+    "fitness.attack.ssim_weight": 0.0, "defense.stack": "none"}
 
 
 def save_state(workdir: str, state: algorithms.State, meta: dict[str, Any]) -> None:
@@ -159,6 +157,8 @@ def settings_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
       for k in ("search", "fitness", "device", "privacy_images", "val_images", "energy_model")
       if k in config})  # a config stored before a section existed lacks it
   identity.pop("search.iterations", None)
+  if not solver.needs_plan(config):  # the solver's settings count only where it runs
+    identity = {k: v for k, v in identity.items() if not k.startswith("search.solver.")}
   # Stage 1 of a defended search charges the stack's costs; stage 2's settings are its own.
   identity["defense.stack"] = stack_from_config(config).spec()
   identity.update({f"pretrain.{k}": v for k, v in split_spec(config.pretrain).items()})
