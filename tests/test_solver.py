@@ -341,3 +341,18 @@ def test_the_solvers_settings_count_in_a_search_identity_only_where_it_runs():
   assert identity["search.solver.estimator"] == solver_config.search.solver.estimator
   solver_config.search.init, solver_config.search.algorithm = "solver", "ga"
   assert "search.solver.hessian_probes" in storage.settings_identity(solver_config)
+
+
+def test_solver_settings_are_checked_before_any_work():
+  from experiments.configs import search as search_configs
+  from maxpart_jax.search import settings
+  for field, value, words in (("estimator", "fisher", "estimator must be one of"),
+                              ("hessian_probes", 0, "hessian_probes must be >= 1")):
+    config = search_configs.get_config("quick_solver")
+    config.search.solver[field] = value
+    with pytest.raises(ValueError, match=words):
+      settings.validate_config(config)
+  config = search_configs.get_config("quick_solver")
+  config.fitness.metric = "attack_ssim"
+  with pytest.raises(ValueError, match="measured by attacks only"):
+    settings.validate_config(config)

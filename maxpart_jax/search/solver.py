@@ -1,27 +1,30 @@
-"""A model of the problem, solved: per-layer estimates and one knapsack per split (docs/method.md §15).
+"""A model of the problem, solved: per-layer estimates and knapsacks per split (docs/method.md §15).
 
 Most of what decides a genome is cheap to know before any fine-tuning:
 
 * its edge **energy** (and latency) is exact and additive over the edge's layers (Eq. 7-9);
-* its **privacy** depends mostly on the split and the IR's width: the IR-only profile of the
-  float model (:func:`maxpart_jax.privacy.profile.block_profile`), measured once per model;
-* its **accuracy loss** is close to additive over layers for small perturbations: the
-  validation loss increase with only that layer quantized, measured once per layer and
-  width (:func:`measure_estimates`). A Hessian-trace estimate of the weights' part (HAWQ-V2,
-  Dong et al. 2020: ``½ Tr(H_l) / n_l · ‖Q_b(W_l) − W_l‖²``) is measured beside it, so the
-  study can say which predicts better.
+* its **privacy** depends mostly on the split and the IR's width (the float model's IR-only
+  profile, :func:`maxpart_jax.privacy.profile.block_profile`), plus what quantizing each edge
+  layer adds to it (its measured *privacy gain* at that split);
+* its **accuracy loss** is close to additive over layers for small perturbations: per layer
+  and bit choice, a Hessian-trace estimate of the weights' part (HAWQ-V2, Dong et al. 2020:
+  ``½ Tr(H_l) / n_l · ‖Q_b(W_l) − W_l‖²``) plus the measured cost of quantizing the layer's
+  inputs (``estimator="hessian"``), or the measured validation loss increase with only that
+  layer quantized (``"loss"``). All measured once per model (:func:`measure_estimates`) and
+  cached beside it (:func:`cached_estimates`).
 
-For every split ``p`` and IR width, the bits that minimize the predicted loss with the edge
-energy strictly below E_b (and the latency below its bound, if set) are a multiple-choice
-knapsack, solved exactly by scipy's HiGHS (:func:`multiple_choice_knapsack`). The answers,
-ranked by predicted privacy among those predicted to keep ε < ε_b, are the *plan*
-(:func:`plan`): the ``solver`` algorithm evaluates them in order, the ``solver`` init
-operator seeds a population with them (:mod:`maxpart_jax.search.algorithms`).
+For every split and IR width, two multiple-choice knapsacks with the edge energy strictly
+below E_b (and the latency below its bound, if set), solved exactly by scipy's HiGHS
+(:func:`multiple_choice_knapsack`): the bits of least predicted loss, and the bits of most
+predicted privacy whose predicted ε stays below ε_b. The answers, most private first among
+those predicted to keep ε < ε_b, are the *plan* (:func:`plan`): the ``solver`` algorithm
+evaluates them in order, the ``solver`` init operator seeds a population with them
+(:mod:`maxpart_jax.search.algorithms`, :mod:`maxpart_jax.search.operators`).
 
-The loss increase converts to an accuracy drop by one slope fitted over the single-layer
-measurements (accuracy drops are too noisy, one layer at a time, to be summed directly);
-the fine-tuning each candidate gets recovers part of it, which the prediction does not
-model: it is conservative, and the study measures by how much.
+A loss converts to an accuracy drop by one slope fitted over the single-layer measurements
+(one layer's accuracy drop on a thousand images is mostly noise; the loss is smooth). The
+fine-tuning each candidate gets repairs part of the loss, which the prediction does not
+model; the measured ε, not the predicted one, decides feasibility.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.models.layers import Numerics
 from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.privacy import METRICS
 from maxpart_jax.privacy.profile import block_profile
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, quantize_weights
 from maxpart_jax.search.fitness import privacy_all_splits
@@ -579,15 +583,10 @@ def validate_solver(config: ml_collections.ConfigDict) -> None:
   for name in ("hessian_probes", "hessian_images"):
     if s[name] < 1:
       raise ValueError(f"search.solver.{name} must be >= 1, got {s[name]}")
-  if config.fitness.metric not in privacy_metrics():
-    raise ValueError(f"the solver predicts privacy with the profile's metrics {privacy_metrics()}; "
+  if config.fitness.metric not in METRICS:
+    raise ValueError(f"the solver predicts privacy with the profile's metrics {METRICS}; "
                      f"fitness.metric={config.fitness.metric!r} is measured by attacks only: use "
                      "another search.algorithm / search.init")
-
-
-def privacy_metrics() -> tuple[str, ...]:
-  from maxpart_jax.privacy import METRICS  # pylint: disable=import-outside-toplevel
-  return tuple(METRICS)
 
 
 @dataclasses.dataclass(frozen=True)
