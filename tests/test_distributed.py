@@ -36,7 +36,9 @@ def _command(smoke, workdir, script: str) -> list[str]:
           f"--config.data_dir={smoke.data_dir}",
           f"--config.model_dir={smoke.model_dir}", "--config.fitness.compute_dtype=float32",
           f"--config.pretrain.steps_per_epoch={smoke.pretrain.steps_per_epoch}",
-          "--config.search.iterations=12", f"--workdir={workdir}"]
+          # 4 + 6 candidates of one fine-tuning step each: these tests are about processes
+          "--config.search.iterations=6", "--config.fitness.finetune_steps=1",
+          f"--workdir={workdir}"]
 
 
 def _pretrain_command(data_dir, workdir) -> list[str]:
