@@ -150,31 +150,36 @@ def single_layer_policy(num_layers: int, layer: int, w_bits: int, a_bits: int,
                      activation_levels=activation_levels)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _loss_and_correct(model: SplitModel, per_channel: bool, variables: Variables,
-                      policies: QuantPolicy, x: jax.Array, labels: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_correct(model: SplitModel, variables: Variables, policies: QuantPolicy,
+                      x: jax.Array, labels: jax.Array) -> jax.Array:
   """(P, 2): summed cross-entropy and correct predictions of each stacked policy on a batch."""
 
   def one(policy):
-    policy = policy.replace(per_channel=per_channel)
     logits = model.apply(variables, x, policy=policy)
-    losses = jax.vmap(lambda l, y: cross_entropy(l[None], y[None]))(logits, labels)
-    return jnp.stack([jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == labels)])
+    return jnp.stack([cross_entropy(logits, labels) * labels.shape[0],
+                      jnp.sum(jnp.argmax(logits, -1) == labels)])
 
   return jax.lax.map(one, policies)
 
 
-def _score_policies(model: SplitModel, variables: Variables, policies: list[QuantPolicy],
-                    x: np.ndarray, labels: np.ndarray, per_channel: bool,
-                    batch_size: int = 500, group: int = 8) -> np.ndarray:
-  """(P, 2): mean loss and accuracy of each policy over the images."""
-  out = np.zeros((len(policies), 2))
+def _policy_groups(policies: list[QuantPolicy], group: int):
+  """``(start, stacked)`` for consecutive groups of ``group`` policies, the last one padded by
+  repeating its last policy (one compiled shape)."""
   for i in range(0, len(policies), group):
     chunk = policies[i:i + group]
-    chunk = chunk + [chunk[-1]] * (group - len(chunk))  # one compiled shape
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
-    total = sum(np.asarray(_loss_and_correct(model, per_channel, variables, stacked,
-                                             jnp.asarray(x[s]), jnp.asarray(labels[s])))
+    chunk = chunk + [chunk[-1]] * (group - len(chunk))
+    yield i, jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
+
+
+def _score_policies(model: SplitModel, variables: Variables, policies: list[QuantPolicy],
+                    x: np.ndarray, labels: np.ndarray, batch_size: int = 500,
+                    group: int = 8) -> np.ndarray:
+  """(P, 2): mean loss and accuracy of each policy over the images."""
+  out = np.zeros((len(policies), 2))
+  for i, stacked in _policy_groups(policies, group):
+    total = sum(np.asarray(_loss_and_correct(model, variables, stacked, jnp.asarray(x[s]),
+                                             jnp.asarray(labels[s])))
                 for s in (slice(j, j + batch_size) for j in range(0, len(x), batch_size)))
     out[i:i + group] = (total / len(x))[:len(policies) - i]
   return out
@@ -188,22 +193,21 @@ def _privacy_by_split(model: SplitModel, metric: str, normalization: str, variab
   x = jnp.asarray(data.normalize(np.asarray(images, np.float32), dataset))
   images = jnp.asarray(images, jnp.float32)
   copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (group, *v.shape)), variables)
-  out = []
-  for i in range(0, len(policies), group):
-    chunk = policies[i:i + group]
-    chunk = chunk + [chunk[-1]] * (group - len(chunk))
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
-    out.append(np.asarray(privacy_all_splits(model, metric, normalization, copies, stacked, x,
-                                             images))[..., 0])
+  out = [np.asarray(privacy_all_splits(model, metric, normalization, copies, stacked, x,
+                                       images))[..., 0]
+         for _, stacked in _policy_groups(policies, group)]
   return np.concatenate(out)[:len(policies)]
 
 
 def kernel_of(variables: Variables, layer_name: str) -> jax.Array:
   """The kernel of the layer named ``blocks_i/conv`` in ``variables``."""
-  node = variables["params"]
+  return _layer_params(variables["params"], layer_name)["kernel"]
+
+
+def _layer_params(params: Any, layer_name: str) -> dict[str, Any]:
   for part in layer_name.split("/"):
-    node = node[part]
-  return node["kernel"]
+    params = params[part]
+  return params
 
 
 def hessian_traces(model: SplitModel, variables: Variables, layer_names: list[str],
@@ -214,12 +218,9 @@ def hessian_traces(model: SplitModel, variables: Variables, layer_names: list[st
   kernels = [kernel_of(variables, n) for n in layer_names]
 
   def loss(ks, x, labels):
-    params = jax.tree.map(lambda v: v, variables["params"])
+    params = jax.tree.map(lambda v: v, variables["params"])  # fresh dicts to write into
     for name, k in zip(layer_names, ks):
-      node = params
-      for part in name.split("/"):
-        node = node[part]
-      node["kernel"] = k
+      _layer_params(params, name)["kernel"] = k
     logits = model.apply({**variables, "params": params}, x)
     return cross_entropy(logits, labels)
 
@@ -250,17 +251,20 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
   seconds = {}
   t = time.time()
   edge = [l for l in info.layers if l.quantizable and l.block < info.max_split]
-  policies = [single_layer_policy(info.num_layers, 0, FLOAT_BITS, FLOAT_BITS, activation_levels)]
+  single = lambda layer, w, a: single_layer_policy(info.num_layers, layer, w, a,
+                                                   activation_levels, per_channel)
+  policies = [single(0, FLOAT_BITS, FLOAT_BITS)]
   index = {}
   for l in edge:
     for w, a in itertools.product([*w_choices, FLOAT_BITS], a_choices):
       index[(l.id, w, a)] = len(policies)
-      policies.append(single_layer_policy(info.num_layers, l.id, w, a, activation_levels))
+      policies.append(single(l.id, w, a))
   for p in range(1, info.max_split + 1):
     for a in a_choices:
       index[("ir", p, a)] = len(policies)
-      policies.append(QuantPolicy.ir_only(info.num_layers, p, a, activation_levels))
-  scores = _score_policies(model, variables, policies, x, labels, per_channel)
+      policies.append(QuantPolicy.ir_only(info.num_layers, p, a, activation_levels)
+                      .replace(per_channel=per_channel))  # static fields must match to stack
+  scores = _score_policies(model, variables, policies, x, labels)
   float_loss, float_accuracy = scores[0]
   shape = (info.num_layers, len(w_choices), len(a_choices))
   loss, acc_drop = np.zeros(shape), np.zeros(shape)
@@ -298,8 +302,7 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
   privacy = np.stack([profile(ir_bits=a) for a in a_choices], axis=1)
   privacy_float = profile()
   by_split = _privacy_by_split(model, metric, normalization, variables, [
-      single_layer_policy(info.num_layers, l.id, w, a, activation_levels, per_channel)
-      for l in edge for w, a in itertools.product(w_choices, a_choices)], privacy_images,
+      single(l.id, w, a) for l in edge for w, a in itertools.product(w_choices, a_choices)], privacy_images,
       split.dataset)
   gain = np.zeros((info.num_layers, len(w_choices), len(a_choices), info.max_split))
   rows = iter(by_split)
