@@ -100,8 +100,24 @@ def one_process(smoke, tmp_path_factory):
     return {**_results(workdir / "search"), "report": json.load(f)}
 
 
-def test_two_processes_reproduce_like_one_over_the_same_devices(smoke, one_process, tmp_path):
+def test_a_lost_process_stops_the_job_and_the_rerun_reproduces_like_one_process(
+    smoke, one_process, tmp_path):
+  """Two processes of two devices each: one is killed once the search has stored its
+  initial population; the other stops within the bound; the same command resumes, and the
+  finished reproduction (search and baselines) is the one-process reproduction's."""
   workdir = tmp_path / "reproduce"
+  procs = _launch(smoke, workdir, 2, 2, "reproduce")
+  deadline = time.time() + 300
+  while not (workdir / "search" / "search_state.npz").exists():
+    assert time.time() < deadline and procs[0].poll() is None, "the job did not start"
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  code = procs[0].wait(timeout=STOP_BOUND_S + 60)
+  assert code != 0 and time.time() - killed < STOP_BOUND_S
+  log = (tmp_path / "reproduce.0.log").read_text()
+  assert "another process of this job stopped" in log or "distributed service" in log
+
   codes = _wait(_launch(smoke, workdir, 2, 2, "reproduce"))
   assert codes == [0, 0], (tmp_path / "reproduce.0.log").read_text()[-3000:]
   got = _results(workdir / "search")
@@ -116,23 +132,6 @@ def test_two_processes_reproduce_like_one_over_the_same_devices(smoke, one_proce
     for m in ("privacy", "energy_mj", "test_accuracy"):
       assert row[m] == pytest.approx(want[name][m], rel=1e-6, abs=1e-7), (name, m)
   assert report["claims"] == one_process["report"]["claims"]
-
-
-def test_a_lost_process_stops_the_job_and_a_rerun_resumes(smoke, one_process, tmp_path):
-  workdir = tmp_path / "search"
-  procs = _launch(smoke, workdir, 2, 2)
-  deadline = time.time() + 300
-  while not (workdir / "search_state.npz").exists():  # the initial population is stored
-    assert time.time() < deadline and procs[0].poll() is None, "the job did not start"
-    time.sleep(0.2)
-  procs[1].send_signal(signal.SIGKILL)
-  killed = time.time()
-  code = procs[0].wait(timeout=STOP_BOUND_S + 60)
-  assert code != 0 and time.time() - killed < STOP_BOUND_S
-  log = (tmp_path / "search.0.log").read_text()
-  assert "another process of this job stopped" in log or "distributed service" in log
-  assert _wait(_launch(smoke, workdir, 2, 2)) == [0, 0]
-  _assert_same_search(_results(workdir), one_process)
 
 
 @pytest.mark.slow

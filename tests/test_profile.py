@@ -30,7 +30,7 @@ def test_block_profile_matches_direct_scores(setup):
   edge = jax.jit(model.edge, static_argnums=2)
   profiles = []
   for g in (None, genome):
-    prof = profile.block_profile(model, variables, images, genome=g, batch_size=4)
+    prof = profile.block_profile(model, variables, images, genome=g, batch_size=3)  # 2 batches
     profiles.append(prof)
     assert [b["index"] for b in prof["blocks"]] == list(range(1, model.info.max_split + 1))
     for row in prof["blocks"]:
