@@ -9,13 +9,14 @@ r"""How many fine-tunings the solver needs, against the searches that spend them
 
 Reads the finished searches in the ``--runs`` folders (``<algorithm>_seed<s>`` inside, as
 ``experiments.strategy_study`` leaves them; a search that used the solver is labelled with
-its estimator, e.g. ``solver[hessian]``) and, from ``--baseline`` (a ``strategies.json``
-of the same config), the GA's and random search's curves of best feasible privacy. Reports,
-per run: the best feasible privacy after each fine-tuned candidate, how many candidates it
-took to come within ``--tolerance`` of the best the GA reached with its whole budget, and
-the search's time; and how well the solver's estimates rank what was measured (Spearman ρ
-of predicted against measured ε and privacy, over every distinct genome the runs
-evaluated, for both estimators). Writes ``solver_study.json`` and ``solver_study.png``.
+its estimator, e.g. ``solver[hessian]``; ``ga`` and ``random`` folders join the baseline)
+and, from ``--baseline`` (a ``strategies.json`` of the same config, or one GA search's
+``best.json``), the GA's and random search's curves of best feasible privacy. Reports, per
+run: the best feasible privacy after each fine-tuned candidate (and after 1, 2, 4, ...), how
+many candidates it took to come within ``--tolerance`` of the best any GA run reached with
+its whole budget, and the search's time; and how well the solver's estimates rank what was
+measured (Spearman ρ of predicted against measured ε and privacy, over every distinct genome
+the runs evaluated, for both estimators). Writes ``solver_study.json`` and ``solver_study.png``.
 """
 
 from __future__ import annotations
@@ -41,9 +42,28 @@ _RUNS = flags.DEFINE_list("runs", ["workdirs/solver_study_quick"],
 _BASELINE = flags.DEFINE_string(
     "baseline", "results/pareto/strategies/strategies.json",
     "a strategies.json with the GA's (and random search's) runs, or one GA search's best.json "
-    "(its final answer only, e.g. a reproduction's)")
+    "(its final answer only, e.g. a reproduction's), or '' when the --runs folders hold the GA's")
 _OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON and plot go")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best counts as reached")
+
+
+AFTER = (1, 2, 4, 6, 8, 16, 32, 64, 128)
+"""Numbers of fine-tunings at which the summary reads every run's best feasible privacy."""
+
+
+def _baseline_runs(path: str) -> dict[str, list[dict]]:
+  """The GA's (and random search's) runs of a ``strategies.json``, or the answer of one GA
+  search's ``best.json``."""
+  with open(path) as f:
+    baseline = json.load(f)
+  if "runs" in baseline:
+    return {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
+                    "evaluations": r["evaluations"], "seconds": r["seconds"]}
+                   for r in baseline["runs"][name]]
+            for name in ("ga", "random") if name in baseline["runs"]}
+  # one search's report: where it ended, not how it got there
+  return {"ga": [{"best_feasible_privacy": [baseline["privacy"]], "final_only": True,
+                  "evaluations": baseline["evaluations"], "seconds": baseline["search_seconds"]}]}
 
 
 def first_within(curve: list[float], target: float, tolerance: float) -> int | None:
@@ -66,18 +86,7 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   config = _CONFIG.value
   fitness = settings.fitness_from_config(config)
-  with open(_BASELINE.value) as f:
-    baseline = json.load(f)
-  if "runs" in baseline:
-    runs = {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
-                    "evaluations": r["evaluations"], "seconds": r["seconds"]}
-                   for r in baseline["runs"][name]]
-            for name in ("ga", "random") if name in baseline["runs"]}
-  else:  # one search's report: where it ended, not how it got there
-    runs = {"ga": [{"best_feasible_privacy": [baseline["privacy"]], "final_only": True,
-                    "evaluations": baseline["evaluations"],
-                    "seconds": baseline["search_seconds"]}]}
-  target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
+  runs = _baseline_runs(_BASELINE.value) if _BASELINE.value else {}
   evaluated: dict[str, dict] = {}
   folders = sorted(f for runs_dir in _RUNS.value
                    for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
@@ -99,15 +108,22 @@ def main(argv: list[str]) -> None:
         "reported_p": report["p"], "reported_privacy": report["privacy"],
         "feasible": report["feasible"], "test_accuracy": report["test_accuracy"],
         "float_test_accuracy": report["float_test_accuracy"], "solver": report.get("solver")})
+  if not runs.get("ga"):
+    raise app.UsageError("no GA run to compare with: give --baseline or a ga_seed<s> folder")
+  target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
   summary = {}
   for algorithm, rows in runs.items():
+    full = [r["best_feasible_privacy"] for r in rows if not r.get("final_only")]
     reached = [None if r.get("final_only") else
                first_within(r["best_feasible_privacy"], target, _TOLERANCE.value) for r in rows]
     summary[algorithm] = {
         "seeds": len(rows), "final_best_feasible_privacy": [r["best_feasible_privacy"][-1]
                                                             for r in rows],
         "fine_tunings_to_reach": reached, "fine_tunings": [r["evaluations"] for r in rows],
-        "search_seconds": [r["seconds"] for r in rows]}
+        "search_seconds": [r["seconds"] for r in rows],
+        # the best feasible privacy after n fine-tunings (0: none feasible yet), each run
+        "after": {n: [c[min(n, len(c)) - 1] for c in full] for n in AFTER
+                  if full and n <= max(len(c) for c in full)}}
 
   # How well the estimates rank the measured genomes (every distinct one the runs evaluated).
   from maxpart_jax.search import build  # pylint: disable=import-outside-toplevel
@@ -128,6 +144,7 @@ def main(argv: list[str]) -> None:
                                                    == (measured["eps"] < fitness.eps_bound))),
         "predicted_eps": predicted["eps"].tolist()}
   out = {"config": common.summary(config), "target_privacy": target,
+         "eps_bound": fitness.eps_bound,
          "tolerance": _TOLERANCE.value, "baseline": _BASELINE.value,
          "estimates_seconds": estimates.seconds, "accuracy_per_loss": estimates.accuracy_per_loss,
          "summary": summary, "ranking": {"genomes": len(genomes),
@@ -178,7 +195,7 @@ def _plot(out: dict, path: str) -> None:
                 label=f"{estimator}: Spearman ρ {r['spearman_eps']:.2f}")
   ax2.set(xlabel="predicted ε (before fine-tuning)", ylabel="measured ε",
           title="accuracy cost: predicted against measured")
-  ax2.axhline(0.03, color="k", ls=":", lw=1)
+  ax2.axhline(out["eps_bound"], color="k", ls=":", lw=1)
   ax2.legend(fontsize=8)
   fig.suptitle(out["config"], fontsize=8)
   fig.savefig(path, dpi=110)

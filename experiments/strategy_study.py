@@ -14,7 +14,8 @@ each algorithm and seed, all making ``N + search.iterations`` candidates:
 
 Compares the hypervolume of the feasible genomes each search evaluated (privacy, energy, ε
 within E_b and ε_b; :func:`maxpart_jax.search.pareto.hypervolume`) and the best feasible privacy, after
-every evaluation. Every search runs in ``<workdir>/<algorithm>_seed<s>`` and resumes there;
+every evaluation. Every search runs in ``<workdir>/<algorithm>_seed<s>`` and resumes there
+(``--first_seed`` splits the seeds over jobs that share a workdir);
 all score candidates on the same images (those of ``search.seed = 0``). Writes
 ``strategies.json`` and ``strategies.png`` to ``--out``.
 """
@@ -35,6 +36,8 @@ _CONFIG = common.define_config("experiments/configs/search.py:quick", "search co
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/strategy_study", "one folder per search")
 _OUT = flags.DEFINE_string("out", "results/pareto/strategies", "where the JSON and plot go")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "searches per algorithm (search.seed = 0, 1, ...)")
+_FIRST_SEED = flags.DEFINE_integer(
+    "first_seed", 0, "the first search.seed (run seeds in several jobs over one --workdir)")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["ga", "nsga2", "random"], "algorithms to compare")
 
 
@@ -46,10 +49,12 @@ def main(argv: list[str]) -> None:
   evaluators, results = {}, {}
   for algorithm in _ALGORITHMS.value:
     results[algorithm] = []
-    for seed in range(_SEEDS.value):
+    seeds = range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value)
+    for seed in seeds:
       config = algorithm_config(base, algorithm, seed)
       workdir = os.path.join(_WORKDIR.value, f"{algorithm}_seed{seed}")
-      logging.info("%s, seed %d of %d: %s", algorithm, seed + 1, _SEEDS.value, workdir)
+      logging.info("%s, seed %d (%d of %d): %s", algorithm, seed, seed - seeds[0] + 1,
+                   len(seeds), workdir)
       try:
         report = driver.run_search(config, workdir, common.study_evaluator(evaluators, config))
       except driver.SearchFailed as e:  # its evaluations still count
@@ -65,6 +70,7 @@ def main(argv: list[str]) -> None:
           "seconds": report["search_seconds"]})
   summary = {a: summarize(r) for a, r in results.items()}
   out = {"config": common.summary(base), "seeds": _SEEDS.value,
+         "first_seed": _FIRST_SEED.value,
          "candidates_per_search": base.search.pop_size + base.search.iterations,
          "budget_mj": budget, "eps_bound": eps_bound, "summary": summary, "runs": results}
   os.makedirs(_OUT.value, exist_ok=True)
