@@ -47,9 +47,9 @@ def main(argv: list[str]) -> None:
   base = _CONFIG.value
   budget, eps_bound = base.fitness.budget_mj, base.fitness.eps_bound
   evaluators, results = {}, {}
+  seeds = range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value)
   for algorithm in _ALGORITHMS.value:
     results[algorithm] = []
-    seeds = range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value)
     for seed in seeds:
       config = algorithm_config(base, algorithm, seed)
       workdir = os.path.join(_WORKDIR.value, f"{algorithm}_seed{seed}")

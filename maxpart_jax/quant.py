@@ -132,10 +132,12 @@ class QuantPolicy:
 
   @classmethod
   def ir_only(cls, num_layers: int, split: int | jax.Array, ir_bits: int | jax.Array,
-              activation_levels: str = "paper") -> "QuantPolicy":
+              activation_levels: str = "paper", per_channel: bool = False) -> "QuantPolicy":
     """A float edge whose IR at ``split`` alone is quantized to ``ir_bits`` (the paper's
-    Fig. 8 view; ``FLOAT_BITS`` leaves the IR float too)."""
+    Fig. 8 view; ``FLOAT_BITS`` leaves the IR float too). ``per_channel`` only matters where
+    such policies are stacked with others that quantize weights per channel."""
     check_activation_levels(activation_levels)
     floats = jnp.full((num_layers,), FLOAT_BITS, jnp.int32)
     return cls(w_bits=floats, a_bits=floats, split=jnp.asarray(split, jnp.int32),
-               ir_bits=jnp.asarray(ir_bits, jnp.int32), activation_levels=activation_levels)
+               ir_bits=jnp.asarray(ir_bits, jnp.int32), activation_levels=activation_levels,
+               per_channel=per_channel)

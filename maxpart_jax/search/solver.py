@@ -1,4 +1,4 @@
-"""A model of the problem, solved: per-layer estimates and knapsacks per split (docs/method.md §15).
+"""A model of the problem, solved: per-layer estimates and knapsacks per split (method §15).
 
 Most of what decides a genome is cheap to know before any fine-tuning:
 
@@ -262,8 +262,8 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
   for p in range(1, info.max_split + 1):
     for a in a_choices:
       index[("ir", p, a)] = len(policies)
-      policies.append(QuantPolicy.ir_only(info.num_layers, p, a, activation_levels)
-                      .replace(per_channel=per_channel))  # static fields must match to stack
+      # per_channel too: the static fields of stacked policies must match
+      policies.append(QuantPolicy.ir_only(info.num_layers, p, a, activation_levels, per_channel))
   scores = _score_policies(model, variables, policies, x, labels)
   float_loss, float_accuracy = scores[0]
   shape = (info.num_layers, len(w_choices), len(a_choices))
@@ -301,9 +301,10 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
       normalization=normalization, activation_levels=activation_levels, **kw)["blocks"]])
   privacy = np.stack([profile(ir_bits=a) for a in a_choices], axis=1)
   privacy_float = profile()
-  by_split = _privacy_by_split(model, metric, normalization, variables, [
-      single(l.id, w, a) for l in edge for w, a in itertools.product(w_choices, a_choices)], privacy_images,
-      split.dataset)
+  by_split = _privacy_by_split(
+      model, metric, normalization, variables,
+      [single(l.id, w, a) for l in edge for w, a in itertools.product(w_choices, a_choices)],
+      privacy_images, split.dataset)
   gain = np.zeros((info.num_layers, len(w_choices), len(a_choices), info.max_split))
   rows = iter(by_split)
   for l in edge:
