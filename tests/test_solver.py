@@ -83,18 +83,22 @@ def _fake_estimates(info, w_choices=(2, 4, 6, 8), a_choices=(8,), seed=0):
       float_loss=1.0, float_accuracy=0.5, seconds={})
 
 
-@pytest.mark.parametrize("budget", [0.0022, 0.0028, 0.004])
-def test_plan_keeps_every_genome_below_the_budget_and_is_optimal_per_split(budget):
+@pytest.mark.parametrize("budget,objectives", [
+    (0.0022, {"least_loss", "most_private"}),  # the margin's answers are the others' here
+    (0.0028, {"least_loss", "most_private", "most_private_0.5"}),
+    (0.004, {"least_loss", "most_private", "most_private_0.5"})])
+def test_plan_keeps_every_genome_below_the_budget_and_is_optimal_per_split(budget, objectives):
   """Every planned genome's exact energy (energy.population_energy, transmission included)
   is below E_b; for the shallow splits, whose edges are small enough to enumerate, the
   least-loss bits have the least predicted loss of every assignment that fits, and the
-  most-private bits the most predicted privacy of those whose predicted ε stays below ε_b."""
+  most-private bits the most predicted privacy of those whose predicted ε stays below ε_b
+  (below half of it for the margin's answer)."""
   info = get_model(**TINY).info
   device = energy.DeviceConfig(budget_mj=budget)
   costs = lambda g: (np.asarray(energy.population_energy(info, g, device).total_mj),
                      np.asarray(energy.population_latency(info, g, device).total_ms))
   estimates = _fake_estimates(info)
-  plan = solver.plan(info, estimates, costs, device, eps_bound=0.03)
+  plan = solver.plan(info, estimates, costs, device, eps_bound=0.03, margins=(0.5,))
   assert plan, "the budgets were chosen so that some split fits"
   for c in plan:
     g = Genome.from_json(c.genome)
@@ -111,11 +115,17 @@ def test_plan_keeps_every_genome_below_the_budget_and_is_optimal_per_split(budge
                      a_bits=jnp.tile(jnp.asarray(c.genome["a_bits"], jnp.int32), (len(every), 1)))
     fits = np.asarray(energy.population_energy(info, genomes, device).total_mj) < budget
     pred = solver.predict(info, estimates, genomes)
-    best = {"least_loss": pred["loss"][fits].min(),
-            "most_private": pred["privacy"][fits & (pred["loss"] <= eps_bound / slope)].max()}
-    got = c.predicted_loss if c.objective == "least_loss" else c.predicted_privacy
-    assert got == pytest.approx(best[c.objective], abs=1e-9), (c.p, c.objective)
-  assert {c.objective for c in plan} == {"least_loss", "most_private"}
+    if c.objective == "least_loss":
+      got, want = c.predicted_loss, pred["loss"][fits].min()
+    else:
+      fraction = 0.5 if c.objective == "most_private_0.5" else 1.0
+      got = c.predicted_privacy
+      want = pred["privacy"][fits & (pred["loss"] <= fraction * eps_bound / slope)].max()
+    assert got == pytest.approx(want, abs=1e-9), (c.p, c.objective)
+  assert {c.objective for c in plan} == objectives
+  assert all(c.predicted_eps <= 0.5 * eps_bound + 1e-12 for c in plan
+             if c.objective == "most_private_0.5")
+  assert len({json.dumps(c.genome) for c in plan}) == len(plan)  # each genome once
   # The plan's predictions are what predict() says of its genomes (the study's ranking).
   predicted = solver.predict(info, estimates, solver.stacked_genomes(plan))
   np.testing.assert_allclose(predicted["loss"], [c.predicted_loss for c in plan], atol=1e-12)
@@ -342,7 +352,8 @@ def test_solver_settings_are_checked_before_any_work():
   from experiments.configs import search as search_configs
   from maxpart_jax.search import settings
   for field, value, words in (("estimator", "fisher", "estimator must be one of"),
-                              ("hessian_probes", 0, "hessian_probes must be >= 1")):
+                              ("hessian_probes", 0, "hessian_probes must be >= 1"),
+                              ("margins", (0.5, 1.0), "strictly between 0 and 1")):
     config = search_configs.get_config("quick_solver")
     config.search.solver[field] = value
     with pytest.raises(ValueError, match=words):

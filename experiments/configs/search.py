@@ -63,9 +63,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # `hessian_probes` probes on `hessian_images` images; the weights' part, plus the measured
   # cost of quantizing the layer's inputs) or the measured loss increase with the layer alone
   # quantized ("loss", which fine-tuning repairs about half of: results/search_solver/), one
-  # pair of knapsacks per split (maxpart_jax/search/solver.py; estimates cached beside the model).
+  # pair of knapsacks per split (maxpart_jax/search/solver.py; estimates cached beside the model),
+  # and per split one more most-private answer for each fraction of ε_b in `margins` (answers
+  # to fall back on when the first lands on ε_b or the estimate was optimistic).
   c.search.solver = ml_collections.ConfigDict(dict(
-      estimator="hessian", hessian_probes=16, hessian_images=256))
+      estimator="hessian", hessian_probes=16, hessian_images=256, margins=(0.75, 0.5)))
   # The edge device beyond its energy constants: the link's energy per bit (the paper's
   # 100 pJ/bit), MAC rates per operand width (illustrative: set yours), the link's rate,
   # packets and loss, and an optional latency bound (0: none). maxpart_jax/energy.py.

@@ -36,7 +36,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
@@ -364,9 +364,9 @@ def multiple_choice_knapsack(cost: np.ndarray, weights: np.ndarray,
 class Candidate:
   """One solved split: its genome, which knapsack chose it, and what the estimates predict.
 
-  ``objective``: ``least_loss`` (the bits of least predicted loss under the budget) or
+  ``objective``: ``least_loss`` (the bits of least predicted loss under the budget),
   ``most_private`` (the bits of highest predicted privacy whose predicted ε stays below
-  ε_b).
+  ε_b) or ``most_private_<f>`` (the same below the fraction ``f`` of ε_b: a margin).
   """
 
   genome: dict[str, Any]
@@ -384,12 +384,16 @@ class Candidate:
 def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[np.ndarray,
                                                                                 np.ndarray]],
          device: DeviceConfig, eps_bound: float, estimator: str = "loss",
-         energy_info: ModelInfo | None = None) -> list[Candidate]:
-  """Two knapsacks for every split and IR width, under E_b (and the latency bound): the
-  bits of least predicted loss, and the bits of most predicted privacy among those whose
-  predicted ε stays below ε_b (weights of fewer bits hide more of the image). Ranked most
-  private first among those predicted to keep ε < ε_b, then the rest by predicted ε;
-  splits whose edge cannot fit the budget are left out.
+         energy_info: ModelInfo | None = None, margins: Sequence[float] = ()
+         ) -> list[Candidate]:
+  """Knapsacks for every split and IR width, under E_b (and the latency bound): the bits of
+  least predicted loss, the bits of most predicted privacy among those whose predicted ε
+  stays below ε_b (weights of fewer bits hide more of the image), and for each fraction
+  ``f`` in ``margins`` the most private bits whose predicted ε stays below ``f`` ε_b (an
+  answer to fall back on at the same split when the first lands on the bound or the
+  estimate is optimistic). Ranked most private first among those predicted to keep
+  ε < ε_b, then the rest by predicted ε; equal genomes appear once; splits whose edge
+  cannot fit the budget are left out.
 
   ``costs(genomes) -> (energy mJ, latency ms)``: the exact cost model the search charges
   (:meth:`maxpart_jax.search.fitness.Evaluator.costs`, defenses included); every returned
@@ -437,12 +441,13 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
         continue
       solved = {"least_loss": least}
       ir_row = a_choices.index(a_ir) if last in edge else None
-      loss_room = (eps_bound / slope if slope > 0 else np.inf) - (
-          estimates.ir_loss[p - 1, ir_row] if ir_row is not None else 0.0)
+      ir_loss = estimates.ir_loss[p - 1, ir_row] if ir_row is not None else 0.0
       gain = np.stack([estimates.privacy_gain[:, i, j, p - 1] for i, j in options], axis=1)
-      private = solve(-gain[edge], [cost_table[edge]], [loss_room])
-      if private is not None:
-        solved["most_private"] = private
+      for fraction in (1.0, *margins):
+        loss_room = (fraction * eps_bound / slope if slope > 0 else np.inf) - ir_loss
+        private = solve(-gain[edge], [cost_table[edge]], [loss_room])
+        if private is not None:
+          solved["most_private" if fraction == 1.0 else f"most_private_{fraction:g}"] = private
       for objective, (genome, energy, latency) in solved.items():
         key = json.dumps(genome.to_json())
         if key not in found:
@@ -587,6 +592,9 @@ def validate_solver(config: ml_collections.ConfigDict) -> None:
   for name in ("hessian_probes", "hessian_images"):
     if s[name] < 1:
       raise ValueError(f"search.solver.{name} must be >= 1, got {s[name]}")
+  if not all(0 < f < 1 for f in s.margins):
+    raise ValueError("search.solver.margins are fractions of ε_b strictly between 0 and 1, "
+                     f"got {tuple(s.margins)}")
   if config.fitness.metric not in METRICS:
     raise ValueError(f"the solver predicts privacy with the profile's metrics {METRICS}; "
                      f"fitness.metric={config.fitness.metric!r} is measured by attacks only: use "
@@ -650,7 +658,7 @@ def plan_from_config(config: ml_collections.ConfigDict, evaluator: Any) -> Plan:
   estimates, measured_now = estimates_from_config(config, evaluator)
   t = time.time()
   candidates = plan(evaluator.model.info, estimates, evaluator.costs, f.device, f.eps_bound,
-                    s.estimator, evaluator.energy_info)
+                    s.estimator, evaluator.energy_info, tuple(s.margins))
   if not candidates:
     raise ValueError(f"no split fits the energy budget E_b = {f.device.budget_mj} mJ at any "
                      "allowed bits: the solver has nothing to propose; raise fitness.budget_mj")

@@ -40,7 +40,7 @@ LATER_DEFAULTS = {
     "device.loss_rate": 0.0, "device.retry_timeout_ms": 0.0, "device.latency_bound_ms": 0.0,
     "fitness.attack.images": 2000, "fitness.attack.steps": 300, "fitness.attack.batch_size": 64,
     "fitness.attack.learning_rate": 3e-3, "fitness.attack.width": 32,
-    "fitness.attack.ssim_weight": 0.0, "defense.stack": "none"}
+    "fitness.attack.ssim_weight": 0.0, "defense.stack": "none", "search.solver.margins": []}
 
 
 def save_state(workdir: str, state: algorithms.State, meta: dict[str, Any]) -> None:
