@@ -324,23 +324,44 @@ def _strip_times(report):
 
 @pytest.mark.numerics
 @pytest.mark.slow
-def test_killed_search_resumes_to_the_same_result(smoke, smoke_search, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_in", ["a search step", "the initial population"])
+def test_killed_search_resumes_to_the_same_result(smoke, smoke_search, tmp_path, monkeypatch,
+                                                  killed_in):
+  """Killed in the third call of a search (its second step) or in the third compiled call
+  of its initial population (4 genomes, one per call on a CPU): the rerun ends where the
+  straight run did, and no fine-tuning is lost or done twice but the killed one."""
   straight, workdirs = smoke_search[0], {"a": smoke_search[1], "b": tmp_path / "b"}
-  calls = {"n": 0}
-  real = Evaluator.evaluate
+  calls = {"evaluate": 0, "chunk": 0}
+  fine_tuned = []
+  real_evaluate, real_chunk = Evaluator.evaluate, Evaluator._evaluate_chunk
 
-  def crash_on_third_evaluation(self, genomes, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == 3:
+  def evaluate(self, genomes, **kwargs):
+    calls["evaluate"] += 1
+    if killed_in == "a search step" and calls["evaluate"] == 3:
       raise KeyboardInterrupt("simulated kill")
-    return real(self, genomes, **kwargs)
+    return real_evaluate(self, genomes, **kwargs)
 
-  monkeypatch.setattr(Evaluator, "evaluate", crash_on_third_evaluation)
+  def chunk(self, padded, test, finetune, steps=None):
+    calls["chunk"] += 1
+    if killed_in == "the initial population" and calls["chunk"] == 3:
+      raise KeyboardInterrupt("simulated kill")
+    if test is None:  # not the final report's test accuracy
+      fine_tuned.append(int(padded.p.shape[0]))
+    return real_chunk(self, padded, test, finetune, steps)
+
+  monkeypatch.setattr(Evaluator, "evaluate", evaluate)
+  monkeypatch.setattr(Evaluator, "_evaluate_chunk", chunk)
   evaluator = build.build_evaluator(smoke)  # a restarted process builds its own; same values
   with pytest.raises(KeyboardInterrupt):
     driver.run_search(smoke, str(tmp_path / "b"), evaluator)
-  monkeypatch.setattr(Evaluator, "evaluate", real)
+  if killed_in == "the initial population":
+    assert fine_tuned == [1, 1]
+    assert len(storage.load_evaluations(str(tmp_path / "b"))) == 2  # checkpointed as they came
+  calls["evaluate"] = calls["chunk"] = -10**6  # no more kills
   resumed = driver.run_search(smoke, str(tmp_path / "b"), evaluator)
+  assert sum(fine_tuned) == straight["evaluations"]
+  monkeypatch.setattr(Evaluator, "_evaluate_chunk", real_chunk)
+  monkeypatch.setattr(Evaluator, "evaluate", real_evaluate)
   assert _strip_times(resumed) == _strip_times(straight)
   # Rerunning a finished search evaluates nothing (not even the final test accuracy) and
   # returns the stored report; its times are summed over processes and stay as they were.

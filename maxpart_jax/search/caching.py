@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,20 +49,42 @@ class CachedEvaluator:
     self.evaluator, self.cache = evaluator, cache
     self.lookups = self.hits = 0
 
-  def __call__(self, genomes: Genome, progress: str = "") -> dict[str, np.ndarray]:
+  def __call__(self, genomes: Genome, progress: str = "",
+               partial: dict[str, dict[str, Any]] | None = None,
+               on_chunk: Callable[[dict[str, dict[str, Any]]], None] | None = None
+               ) -> dict[str, np.ndarray]:
+    """Metrics of K genomes (leading axis), evaluating only those not in the cache.
+
+    ``partial``: entries of this very call that a killed run evaluated (what ``on_chunk``
+    was given), used instead of evaluating them again; they enter the cache, and count as
+    misses, as in an uninterrupted call. ``on_chunk``: called with those entries, grown,
+    after every compiled call of the evaluator (to checkpoint a long call).
+    """
     info = self.evaluator.model.info
     k = int(genomes.p.shape[0])
     keys = effective_keys(info, genomes)
     todo = [keys.index(key) for key in dict.fromkeys(keys) if key not in self.cache]
-    self.lookups += k
-    self.hits += k - len(todo)
-    if todo:
-      fresh = self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(todo)], genomes),
-                                      progress=progress)
+    done = dict(partial or {})
+    missing = [i for i in todo if keys[i] not in done]
+    if missing:
       on_host = jax.device_get(genomes)  # one copy, not one per candidate
-      for j, i in enumerate(todo):
-        self.cache[keys[i]] = {**{m: float(fresh[m][j]) for m in METRICS},
-                               "genome": jax.tree.map(lambda x: x[i], on_host).to_json()}
+
+      def keep(first: int, metrics: dict[str, np.ndarray]) -> None:
+        for j, i in enumerate(missing[first:first + len(metrics["fitness"])]):
+          done[keys[i]] = {**{m: float(metrics[m][j]) for m in METRICS},
+                           "genome": jax.tree.map(lambda x: x[i], on_host).to_json()}
+
+      def keep_and_tell(first: int, metrics: dict[str, np.ndarray]) -> None:
+        keep(first, metrics)
+        if on_chunk:
+          on_chunk(done)
+
+      keep(0, self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(missing)], genomes),
+                                      progress=progress, on_chunk=keep_and_tell))
+    for i in todo:  # in the order a straight call evaluates them
+      self.cache[keys[i]] = done[keys[i]]
+    self.lookups += k  # counted once the call is done: a checkpoint inside it has the old counts
+    self.hits += k - len(todo)
     return {m: np.array([self.cache[key][m] for key in keys]) for m in METRICS}
 
 

@@ -132,7 +132,14 @@ def _run_search(config: ml_collections.ConfigDict, workdir: str,
 
   if not meta_out["initialized"]:
     validate_genome(info, state.population)
-    results = cached(state.population, progress="initial population")
+
+    def keep_initial(done: dict[str, dict[str, Any]]) -> None:
+      meta_out["initial_evaluations"] = done  # a long first call checkpoints as it goes
+      checkpoint_now()
+
+    results = cached(state.population, progress="initial population",
+                     partial=meta_out.pop("initial_evaluations", None), on_chunk=keep_initial)
+    meta_out.pop("initial_evaluations", None)
     state = alg.tell_initial(state, _told(results, evaluator.config))
     meta_out["initialized"] = True
     record(0)

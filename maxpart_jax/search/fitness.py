@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -515,7 +515,9 @@ class Evaluator:
     return np.asarray(priv, np.float32), np.asarray(collapsed)
 
   def evaluate(self, genomes: Genome, test: data.Split | None = None,
-               finetune: bool = True, progress: str = "") -> dict[str, np.ndarray]:
+               finetune: bool = True, progress: str = "",
+               on_chunk: Callable[[int, dict[str, np.ndarray]], None] | None = None
+               ) -> dict[str, np.ndarray]:
     """Metrics of K genomes: fitness, privacy, energy_mj, eps, latency_ms, accuracy, diverged.
 
     Args:
@@ -525,6 +527,8 @@ class Evaluator:
         baseline, which nothing needs to adapt to).
       progress: if given, a log line with an ETA after every call, named by it (for
         long batches such as the initial population).
+      on_chunk: called after every compiled call with the index of its first genome and
+        its genomes' metrics (a caller checkpoints them: a killed run loses one call).
     """
     k = int(genomes.p.shape[0])
     padded = self.pad(genomes)
@@ -533,6 +537,8 @@ class Evaluator:
     for i in range(0, int(padded.p.shape[0]), self.chunk):
       chunks.append(self._evaluate_chunk(jax.tree.map(lambda x: x[i:i + self.chunk], padded),
                                          test, finetune))
+      if on_chunk:
+        on_chunk(i, {name: v[:k - i] for name, v in chunks[-1].items()})
       if log:
         log(min(i + self.chunk, k))
     return {name: np.concatenate([c[name] for c in chunks])[:k] for name in chunks[0]}

@@ -99,7 +99,8 @@ def load_state(workdir: str, like: algorithms.State
 
 def load_evaluations(workdir: str) -> list[dict[str, Any]]:
   """The genomes a search in ``workdir`` has evaluated so far, with their metrics: from
-  ``evaluations.json`` when it has finished, else from its latest readable state."""
+  ``evaluations.json`` when it has finished, else from its latest readable state (with
+  what a killed first call had evaluated of the initial population)."""
   path = os.path.join(workdir, "evaluations.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -107,7 +108,8 @@ def load_evaluations(workdir: str) -> list[dict[str, Any]]:
   for name in (STATE_FILE, PREVIOUS_STATE_FILE):
     try:
       with np.load(os.path.join(workdir, name)) as f:
-        cache = json.loads(str(f["meta"]))["cache"]
+        meta = json.loads(str(f["meta"]))
+      cache = {**meta.get("initial_evaluations", {}), **meta["cache"]}
       return [{"key": key, **entry} for key, entry in cache.items()]
     except Exception as e:  # pylint: disable=broad-except  (missing, zip, npz, JSON errors)
       logging.warning("%s/%s does not load (%s: %s)", workdir, name, type(e).__name__, e)
