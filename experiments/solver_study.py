@@ -9,7 +9,8 @@ r"""How many fine-tunings the solver needs, against the searches that spend them
 
 Reads the finished searches in the ``--runs`` folders (``<algorithm>_seed<s>`` inside, as
 ``experiments.strategy_study`` leaves them; a search that used the solver is labelled with
-its estimator, e.g. ``solver[hessian]``; ``ga`` and ``random`` folders join the baseline)
+its estimator and its plan's margins, e.g. ``solver[hessian; margins 0.75,0.5]`` or
+``solver[loss; no margin]``; ``ga`` and ``random`` folders join the baseline)
 and, from ``--baseline`` (a ``strategies.json`` of the same config, or one GA search's
 ``best.json``), the GA's and random search's curves of best feasible privacy. Reports, per
 run: the best feasible privacy after each fine-tuned candidate (and after 1, 2, 4, ...), how
@@ -66,6 +67,13 @@ def _baseline_runs(path: str) -> dict[str, list[dict]]:
                   "evaluations": baseline["evaluations"], "seconds": baseline["search_seconds"]}]}
 
 
+def _margins(report: dict) -> str:
+  """What a solver search's ``best.json`` says of its plan's margins (a search stored before
+  they existed had none)."""
+  margins = report.get("identity", {}).get("search.solver.margins", [])
+  return f"margins {','.join(f'{m:g}' for m in margins)}" if margins else "no margin"
+
+
 def first_within(curve: list[float], target: float, tolerance: float) -> int | None:
   """1-based number of candidates after which ``curve`` is within ``tolerance`` of
   ``target`` (None: never)."""
@@ -98,7 +106,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(folder, "best.json")) as f:
       report = json.load(f)
     if report.get("solver"):
-      algorithm += f"[{report['solver']['estimator']}]"
+      algorithm += f"[{report['solver']['estimator']}; {_margins(report)}]"
     evaluations = storage.load_evaluations(folder)
     for e in evaluations:
       evaluated[e["key"]] = e
@@ -171,17 +179,19 @@ def _plot(out: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-  colors = {"ga": "tab:blue", "random": "tab:gray", "solver[loss]": "tab:red",
-            "solver[hessian]": "tab:orange", "ga_solver[loss]": "tab:green",
-            "ga_solver[hessian]": "tab:olive"}
+  colors = {"ga": "tab:blue", "random": "tab:gray", "solver[loss": "tab:red",
+            "solver[hessian": "tab:orange", "ga_solver[loss": "tab:green",
+            "ga_solver[hessian": "tab:olive"}
   for algorithm, rows in out["runs"].items():
+    color = colors.get(algorithm.split(";")[0])
+    style = ":" if "no margin" in algorithm else "-"  # a plan without margins
     for i, r in enumerate(rows):
       curve = r["best_feasible_privacy"]
       label = algorithm if i == 0 else None
       if r.get("final_only"):  # its answer after all its fine-tunings
-        ax1.plot([r["evaluations"]], curve, "s", color=colors.get(algorithm), label=label)
+        ax1.plot([r["evaluations"]], curve, "s", color=color, label=label)
         continue
-      ax1.step(np.arange(1, len(curve) + 1), curve, where="post", color=colors.get(algorithm),
+      ax1.step(np.arange(1, len(curve) + 1), curve, where="post", color=color, ls=style,
                alpha=0.8, lw=1.4, marker="o", markersize=3, label=label)
   ax1.axhline(out["target_privacy"], color="k", ls=":", lw=1,
               label=f"GA's best ({out['target_privacy']:.3f})")

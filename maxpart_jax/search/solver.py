@@ -13,10 +13,11 @@ Most of what decides a genome is cheap to know before any fine-tuning:
   layer quantized (``"loss"``). All measured once per model (:func:`measure_estimates`) and
   cached beside it (:func:`cached_estimates`).
 
-For every split and IR width, two multiple-choice knapsacks with the edge energy strictly
+For every split and IR width, multiple-choice knapsacks with the edge energy strictly
 below E_b (and the latency below its bound, if set), solved exactly by scipy's HiGHS
-(:func:`multiple_choice_knapsack`): the bits of least predicted loss, and the bits of most
-predicted privacy whose predicted ε stays below ε_b. The answers, most private first among
+(:func:`multiple_choice_knapsack`): the bits of least predicted loss, the bits of most
+predicted privacy whose predicted ε stays below ε_b, and the same below each fraction of
+ε_b in ``margins`` (fallbacks at the split). The answers, most private first among
 those predicted to keep ε < ε_b, are the *plan* (:func:`plan`): the ``solver`` algorithm
 evaluates them in order, the ``solver`` init operator seeds a population with them
 (:mod:`maxpart_jax.search.algorithms`, :mod:`maxpart_jax.search.operators`).
