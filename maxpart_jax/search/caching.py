@@ -69,18 +69,17 @@ class CachedEvaluator:
     if missing:
       on_host = jax.device_get(genomes)  # one copy, not one per candidate
 
-      def keep(first: int, metrics: dict[str, np.ndarray]) -> None:
+      def keep(first: int, metrics: dict[str, np.ndarray], tell: bool = True) -> None:
         for j, i in enumerate(missing[first:first + len(metrics["fitness"])]):
-          done[keys[i]] = {**{m: float(metrics[m][j]) for m in METRICS},
-                           "genome": jax.tree.map(lambda x: x[i], on_host).to_json()}
-
-      def keep_and_tell(first: int, metrics: dict[str, np.ndarray]) -> None:
-        keep(first, metrics)
-        if on_chunk:
+          if keys[i] not in done:
+            done[keys[i]] = {**{m: float(metrics[m][j]) for m in METRICS},
+                             "genome": jax.tree.map(lambda x: x[i], on_host).to_json()}
+        if tell and on_chunk:
           on_chunk(done)
 
+      # The returned metrics fill what an evaluator without on_chunk calls left out.
       keep(0, self.evaluator.evaluate(jax.tree.map(lambda x: x[np.array(missing)], genomes),
-                                      progress=progress, on_chunk=keep_and_tell))
+                                      progress=progress, on_chunk=keep), tell=False)
     for i in todo:  # in the order a straight call evaluates them
       self.cache[keys[i]] = done[keys[i]]
     self.lookups += k  # counted once the call is done: a checkpoint inside it has the old counts
