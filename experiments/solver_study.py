@@ -11,8 +11,11 @@ Reads the finished searches in the ``--runs`` folders (``<algorithm>_seed<s>`` i
 ``experiments.strategy_study`` leaves them; a search that used the solver is labelled with
 its estimator and its plan's margins, e.g. ``solver[hessian; margins 0.75,0.5]`` or
 ``solver[loss; no margin]``; ``ga`` and ``random`` folders join the baseline)
-and, from ``--baseline`` (a ``strategies.json`` of the same config, or one GA search's
-``best.json``), the GA's and random search's curves of best feasible privacy. Reports, per
+and, from ``--baseline`` (files of the same config: a ``strategies.json``, one GA search's
+``best.json``, or an earlier ``solver_study.json``, whose runs all join, marked with the file
+they came from, as do the genomes it evaluated), the GA's and random search's curves of best
+feasible privacy. An earlier study is how runs whose folders are gone stay in the comparison.
+Reports, per
 run: the best feasible privacy after each fine-tuned candidate (and after 1, 2, 4, ...), how
 many candidates it took to come within ``--tolerance`` of the best any GA run reached with
 its whole budget, and the search's time; and how well the solver's estimates rank what was
@@ -34,16 +37,17 @@ from experiments import common
 from maxpart_jax import checkpoint
 from maxpart_jax.genome import Genome
 from maxpart_jax.search import settings, solver, storage
-from maxpart_jax.search.fitness import violations
+from maxpart_jax.search.fitness import FitnessConfig, violations
 from maxpart_jax.studies.strategy_study import curves
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _RUNS = flags.DEFINE_list("runs", ["workdirs/solver_study_quick"],
                           "folders of finished searches (<algorithm>_seed<s> inside)")
-_BASELINE = flags.DEFINE_string(
-    "baseline", "results/pareto/strategies/strategies.json",
-    "a strategies.json with the GA's (and random search's) runs, or one GA search's best.json "
-    "(its final answer only, e.g. a reproduction's), or '' when the --runs folders hold the GA's")
+_BASELINE = flags.DEFINE_list(
+    "baseline", ["results/pareto/strategies/strategies.json"],
+    "strategies.json files with the GA's (and random search's) runs, GA searches' best.json "
+    "(the final answer only, e.g. a reproduction's), earlier solver_study.json files (all their "
+    "runs and genomes), or none when the --runs folders hold the GA's")
 _OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON and plot go")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best counts as reached")
 
@@ -52,26 +56,80 @@ AFTER = (1, 2, 4, 6, 8, 16, 32, 64, 128)
 """Numbers of fine-tunings at which the summary reads every run's best feasible privacy."""
 
 
-def _baseline_runs(path: str) -> dict[str, list[dict]]:
-  """The GA's (and random search's) runs of a ``strategies.json``, or the answer of one GA
-  search's ``best.json``."""
-  with open(path) as f:
-    baseline = json.load(f)
-  if "runs" in baseline:
-    return {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
-                    "evaluations": r["evaluations"], "seconds": r["seconds"]}
-                   for r in baseline["runs"][name]]
-            for name in ("ga", "random") if name in baseline["runs"]}
-  # one search's report: where it ended, not how it got there
-  return {"ga": [{"best_feasible_privacy": [baseline["privacy"]], "final_only": True,
-                  "evaluations": baseline["evaluations"], "seconds": baseline["search_seconds"]}]}
-
-
 def _margins(report: dict) -> str:
   """What a solver search's ``best.json`` says of its plan's margins (a search stored before
   they existed had none)."""
   margins = report.get("identity", {}).get("search.solver.margins", [])
   return f"margins {','.join(f'{m:g}' for m in margins)}" if margins else "no margin"
+
+
+def earlier_runs(path: str) -> tuple[dict[str, list[dict]], dict[str, dict], dict | None]:
+  """The runs a result file holds, the genomes it evaluated (by key) and, for an earlier
+  solver study that did not store its genomes, its ranking.
+
+  A ``strategies.json`` gives its GA and random-search runs, a search's ``best.json`` its
+  final answer, an earlier ``solver_study.json`` every run (each marked ``from``: ``path``).
+  """
+  with open(path) as f:
+    earlier = json.load(f)
+  if "summary" in earlier and "ranking" in earlier:  # a solver study
+    runs = {name: [{**r, "from": r.get("from", path)} for r in rows]
+            for name, rows in earlier["runs"].items()}
+    if "evaluated" in earlier:
+      return runs, {e["key"]: e for e in earlier["evaluated"]}, None
+    ranking = {k: v for k, v in earlier["ranking"].items()
+               if not isinstance(v, list)}  # the figures, not the per-genome arrays
+    for estimator in solver.ESTIMATORS:
+      ranking[estimator] = {k: v for k, v in ranking[estimator].items()
+                            if not isinstance(v, list)}
+    return runs, {}, ranking
+  if "runs" in earlier:
+    return {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
+                    "evaluations": r["evaluations"], "seconds": r["seconds"]}
+                   for r in earlier["runs"][name]]
+            for name in ("ga", "random") if name in earlier["runs"]}, {}, None
+  # one search's report: where it ended, not how it got there
+  return {"ga": [{"best_feasible_privacy": [earlier["privacy"]], "final_only": True,
+                  "evaluations": earlier["evaluations"],
+                  "seconds": earlier["search_seconds"]}]}, {}, None
+
+
+def collect(baselines: list[str], run_dirs: list[str], fitness: FitnessConfig
+            ) -> tuple[dict[str, list[dict]], dict[str, dict], dict[str, dict]]:
+  """Every run of ``baselines`` (:func:`earlier_runs`) and of the finished searches in
+  ``run_dirs``, by algorithm; the distinct genomes they evaluated, by key (a search's own
+  entry wins over an earlier file's); the rankings of earlier studies without genomes."""
+  runs: dict[str, list[dict]] = {}
+  evaluated: dict[str, dict] = {}
+  rankings: dict[str, dict] = {}
+  for path in baselines:
+    found, genomes, ranking = earlier_runs(path)
+    for name, rows in found.items():
+      runs.setdefault(name, []).extend(rows)
+    evaluated.update(genomes)
+    if ranking is not None:
+      rankings[path] = ranking
+  folders = sorted(f for runs_dir in run_dirs for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
+  for folder in folders:
+    algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
+    if not os.path.exists(os.path.join(folder, "best.json")):
+      logging.warning("%s has not finished: left out", folder)
+      continue
+    with open(os.path.join(folder, "best.json")) as f:
+      report = json.load(f)
+    if report.get("solver"):
+      algorithm += f"[{report['solver']['estimator']}; {_margins(report)}]"
+    evaluations = storage.load_evaluations(folder)
+    for e in evaluations:
+      evaluated[e["key"]] = e
+    runs.setdefault(algorithm, []).append({
+        "from": folder,
+        "best_feasible_privacy": curves(evaluations, fitness)["best_feasible_privacy"],
+        "evaluations": len(evaluations), "seconds": report["search_seconds"],
+        "reported_p": report["p"], "reported_privacy": report["privacy"],
+        "feasible": report["feasible"], "test_accuracy": report["test_accuracy"],
+        "float_test_accuracy": report["float_test_accuracy"], "solver": report.get("solver")})
+  return runs, evaluated, rankings
 
 
 def first_within(curve: list[float], target: float, tolerance: float) -> int | None:
@@ -94,28 +152,7 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   config = _CONFIG.value
   fitness = settings.fitness_from_config(config)
-  runs = _baseline_runs(_BASELINE.value) if _BASELINE.value else {}
-  evaluated: dict[str, dict] = {}
-  folders = sorted(f for runs_dir in _RUNS.value
-                   for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
-  for folder in folders:
-    algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
-    if not os.path.exists(os.path.join(folder, "best.json")):
-      logging.warning("%s has not finished: left out", folder)
-      continue
-    with open(os.path.join(folder, "best.json")) as f:
-      report = json.load(f)
-    if report.get("solver"):
-      algorithm += f"[{report['solver']['estimator']}; {_margins(report)}]"
-    evaluations = storage.load_evaluations(folder)
-    for e in evaluations:
-      evaluated[e["key"]] = e
-    runs.setdefault(algorithm, []).append({
-        "best_feasible_privacy": curves(evaluations, fitness)["best_feasible_privacy"],
-        "evaluations": len(evaluations), "seconds": report["search_seconds"],
-        "reported_p": report["p"], "reported_privacy": report["privacy"],
-        "feasible": report["feasible"], "test_accuracy": report["test_accuracy"],
-        "float_test_accuracy": report["float_test_accuracy"], "solver": report.get("solver")})
+  runs, evaluated, earlier_rankings = collect(_BASELINE.value, _RUNS.value, fitness)
   if not runs.get("ga"):
     raise app.UsageError("no GA run to compare with: give --baseline or a ga_seed<s> folder")
   target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
@@ -159,7 +196,8 @@ def main(argv: list[str]) -> None:
                                          "feasible": int(feasible.sum()),
                                          "measured_eps": measured["eps"].tolist(),
                                          **ranking},
-         "runs": runs}
+         "earlier_rankings": earlier_rankings, "runs": runs,
+         "evaluated": list(evaluated.values())}
   os.makedirs(_OUT.value, exist_ok=True)
   checkpoint.write_json(os.path.join(_OUT.value, "solver_study.json"), out)
   _plot(out, os.path.join(_OUT.value, "solver_study.png"))
@@ -172,6 +210,10 @@ def main(argv: list[str]) -> None:
     print(f"{estimator:8s} Spearman eps {r['spearman_eps']:.3f}  privacy "
           f"{r['spearman_privacy']:.3f}  feasibility agrees {r['predicted_feasible_agrees']:.2f} "
           f"({len(genomes)} genomes)")
+  for path, r in earlier_rankings.items():
+    print(f"{path} (its genomes were not stored, so not merged): Spearman eps " +
+          ", ".join(f"{e} {r[e]['spearman_eps']:.3f}" for e in solver.ESTIMATORS) +
+          f" over its {r['genomes']} genomes")
 
 
 def _plot(out: dict, path: str) -> None:

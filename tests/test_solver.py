@@ -362,3 +362,54 @@ def test_solver_settings_are_checked_before_any_work():
   config.fitness.metric = "attack_ssim"
   with pytest.raises(ValueError, match="measured by attacks only"):
     settings.validate_config(config)
+
+
+def test_a_solver_study_merges_earlier_studies_with_the_runs_it_finds(tmp_path):
+  """Runs whose folders are gone stay in the comparison through the study that read them:
+  every run joins, marked with its source; stored genomes merge by key (a search's own entry
+  wins); a study that stored none keeps its ranking figures, not its per-genome arrays."""
+  from experiments import solver_study
+  from experiments.configs import search as search_configs
+  from maxpart_jax.search import settings
+  fitness = settings.fitness_from_config(search_configs.get_config("quick"))
+
+  def entry(key, privacy, eps):
+    return {"key": key, "privacy": privacy, "fitness": privacy, "eps": eps, "energy_mj": 0.01,
+            "latency_ms": 1.0, "accuracy": 0.5, "diverged": 0.0, "failed": 0.0,
+            "collapsed": 0.0, "genome": {"p": 1, "w_bits": [8], "a_bits": [8]},
+            "violations": [] if eps < fitness.eps_bound else ["ε"]}
+
+  old = {"summary": {}, "runs": {
+      "ga": [{"best_feasible_privacy": [0.9], "final_only": True, "evaluations": 57,
+              "seconds": 10.0}],
+      "solver[hessian; no margin]": [{"best_feasible_privacy": [0.0, 1.1], "evaluations": 2,
+                                      "seconds": 3.0}]},
+         "ranking": {"genomes": 330, "feasible": 200, "measured_eps": [0.01, 0.2],
+                     "loss": {"spearman_eps": 0.85, "predicted_eps": [0.02, 0.1]},
+                     "hessian": {"spearman_eps": 0.74, "predicted_eps": [0.01, 0.3]}}}
+  new = {"summary": {}, "ranking": {}, "evaluated": [entry("a", 0.6, 0.0), entry("b", 0.7, 0.0)],
+         "runs": {"random": [{"best_feasible_privacy": [0.6, 0.7], "evaluations": 2,
+                              "seconds": 5.0, "from": "workdirs/x/random_seed0"}]}}
+  paths = [str(tmp_path / "old.json"), str(tmp_path / "new.json")]
+  for path, study in zip(paths, (old, new)):
+    with open(path, "w") as f:
+      json.dump(study, f)
+  folder = tmp_path / "runs" / "ga_seed2"
+  folder.mkdir(parents=True)
+  # "b" again, measured infeasible this time, then "c"
+  with open(folder / "evaluations.json", "w") as f:
+    json.dump([entry("b", 0.95, 0.5), entry("c", 0.8, 0.01)], f)
+  with open(folder / "best.json", "w") as f:
+    json.dump({"search_seconds": 7.0, "p": 3, "privacy": 0.8, "feasible": True,
+               "test_accuracy": 0.5, "float_test_accuracy": 0.51}, f)
+
+  runs, evaluated, rankings = solver_study.collect(paths, [str(tmp_path / "runs")], fitness)
+  assert sorted(runs) == ["ga", "random", "solver[hessian; no margin]"]
+  assert [r["from"] for r in runs["ga"]] == [paths[0], str(folder)]
+  assert runs["ga"][1]["best_feasible_privacy"] == [0.0, 0.8]  # b infeasible, then c
+  assert runs["ga"][1]["evaluations"] == 2 and runs["ga"][1]["seconds"] == 7.0
+  assert runs["solver[hessian; no margin]"][0]["best_feasible_privacy"] == [0.0, 1.1]
+  assert runs["random"][0]["from"] == "workdirs/x/random_seed0"  # the first source is kept
+  assert sorted(evaluated) == ["a", "b", "c"] and evaluated["b"]["privacy"] == 0.95
+  assert rankings == {paths[0]: {"genomes": 330, "feasible": 200, "loss": {"spearman_eps": 0.85},
+                                 "hessian": {"spearman_eps": 0.74}}}
