@@ -25,20 +25,17 @@ the runs evaluated, for both estimators). Writes ``solver_study.json`` and ``sol
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
-from scipy import stats
 
 from experiments import common
 from maxpart_jax import checkpoint
 from maxpart_jax.genome import Genome
-from maxpart_jax.search import settings, solver, storage
-from maxpart_jax.search.fitness import FitnessConfig, violations
-from maxpart_jax.studies.strategy_study import curves
+from maxpart_jax.search import settings, solver
+from maxpart_jax.search.fitness import violations
+from maxpart_jax.studies.solver_study import collect, first_within, spearman
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _RUNS = flags.DEFINE_list("runs", ["workdirs/solver_study_quick"],
@@ -54,97 +51,6 @@ _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best c
 
 AFTER = (1, 2, 4, 6, 8, 16, 32, 64, 128)
 """Numbers of fine-tunings at which the summary reads every run's best feasible privacy."""
-
-
-def _margins(report: dict) -> str:
-  """What a solver search's ``best.json`` says of its plan's margins (a search stored before
-  they existed had none)."""
-  margins = report.get("identity", {}).get("search.solver.margins", [])
-  return f"margins {','.join(f'{m:g}' for m in margins)}" if margins else "no margin"
-
-
-def earlier_runs(path: str) -> tuple[dict[str, list[dict]], dict[str, dict], dict | None]:
-  """The runs a result file holds, the genomes it evaluated (by key) and, for an earlier
-  solver study that did not store its genomes, its ranking.
-
-  A ``strategies.json`` gives its GA and random-search runs, a search's ``best.json`` its
-  final answer, an earlier ``solver_study.json`` every run (each marked ``from``: ``path``).
-  """
-  with open(path) as f:
-    earlier = json.load(f)
-  if "summary" in earlier and "ranking" in earlier:  # a solver study
-    runs = {name: [{**r, "from": r.get("from", path)} for r in rows]
-            for name, rows in earlier["runs"].items()}
-    if "evaluated" in earlier:
-      return runs, {e["key"]: e for e in earlier["evaluated"]}, None
-    ranking = {k: v for k, v in earlier["ranking"].items()
-               if not isinstance(v, list)}  # the figures, not the per-genome arrays
-    for estimator in solver.ESTIMATORS:
-      ranking[estimator] = {k: v for k, v in ranking[estimator].items()
-                            if not isinstance(v, list)}
-    return runs, {}, ranking
-  if "runs" in earlier:
-    return {name: [{"best_feasible_privacy": r["best_feasible_privacy"],
-                    "evaluations": r["evaluations"], "seconds": r["seconds"]}
-                   for r in earlier["runs"][name]]
-            for name in ("ga", "random") if name in earlier["runs"]}, {}, None
-  # one search's report: where it ended, not how it got there
-  return {"ga": [{"best_feasible_privacy": [earlier["privacy"]], "final_only": True,
-                  "evaluations": earlier["evaluations"],
-                  "seconds": earlier["search_seconds"]}]}, {}, None
-
-
-def collect(baselines: list[str], run_dirs: list[str], fitness: FitnessConfig
-            ) -> tuple[dict[str, list[dict]], dict[str, dict], dict[str, dict]]:
-  """Every run of ``baselines`` (:func:`earlier_runs`) and of the finished searches in
-  ``run_dirs``, by algorithm; the distinct genomes they evaluated, by key (a search's own
-  entry wins over an earlier file's); the rankings of earlier studies without genomes."""
-  runs: dict[str, list[dict]] = {}
-  evaluated: dict[str, dict] = {}
-  rankings: dict[str, dict] = {}
-  for path in baselines:
-    found, genomes, ranking = earlier_runs(path)
-    for name, rows in found.items():
-      runs.setdefault(name, []).extend(rows)
-    evaluated.update(genomes)
-    if ranking is not None:
-      rankings[path] = ranking
-  folders = sorted(f for runs_dir in run_dirs for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
-  for folder in folders:
-    algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
-    if not os.path.exists(os.path.join(folder, "best.json")):
-      logging.warning("%s has not finished: left out", folder)
-      continue
-    with open(os.path.join(folder, "best.json")) as f:
-      report = json.load(f)
-    if report.get("solver"):
-      algorithm += f"[{report['solver']['estimator']}; {_margins(report)}]"
-    evaluations = storage.load_evaluations(folder)
-    for e in evaluations:
-      evaluated[e["key"]] = e
-    runs.setdefault(algorithm, []).append({
-        "from": folder,
-        "best_feasible_privacy": curves(evaluations, fitness)["best_feasible_privacy"],
-        "evaluations": len(evaluations), "seconds": report["search_seconds"],
-        "reported_p": report["p"], "reported_privacy": report["privacy"],
-        "feasible": report["feasible"], "test_accuracy": report["test_accuracy"],
-        "float_test_accuracy": report["float_test_accuracy"], "solver": report.get("solver")})
-  return runs, evaluated, rankings
-
-
-def first_within(curve: list[float], target: float, tolerance: float) -> int | None:
-  """1-based number of candidates after which ``curve`` is within ``tolerance`` of
-  ``target`` (None: never)."""
-  hits = [i + 1 for i, v in enumerate(curve) if v >= target - tolerance]
-  return hits[0] if hits else None
-
-
-def spearman(predicted: np.ndarray, measured: np.ndarray) -> float:
-  """Spearman's ρ (NaN for fewer than 3 finite pairs)."""
-  keep = np.isfinite(predicted) & np.isfinite(measured)
-  if keep.sum() < 3:
-    return float("nan")
-  return float(stats.spearmanr(predicted[keep], measured[keep]).statistic)
 
 
 def main(argv: list[str]) -> None:
@@ -246,7 +152,7 @@ def _plot(out: dict, path: str) -> None:
     ax2.scatter(r["predicted_eps"], measured, marker=marker, s=18, alpha=0.7,
                 label=f"{estimator}: Spearman ρ {r['spearman_eps']:.2f}")
   ax2.set(xlabel="predicted ε (before fine-tuning)", ylabel="measured ε",
-          title="accuracy cost: predicted against measured")
+          title=f"accuracy cost: predicted against measured ({out['ranking']['genomes']} genomes)")
   ax2.axhline(out["eps_bound"], color="k", ls=":", lw=1)
   ax2.legend(fontsize=8)
   fig.suptitle(out["config"], fontsize=8)

@@ -368,9 +368,9 @@ def test_a_solver_study_merges_earlier_studies_with_the_runs_it_finds(tmp_path):
   """Runs whose folders are gone stay in the comparison through the study that read them:
   every run joins, marked with its source; stored genomes merge by key (a search's own entry
   wins); a study that stored none keeps its ranking figures, not its per-genome arrays."""
-  from experiments import solver_study
   from experiments.configs import search as search_configs
   from maxpart_jax.search import settings
+  from maxpart_jax.studies import solver_study
   fitness = settings.fitness_from_config(search_configs.get_config("quick"))
 
   def entry(key, privacy, eps):
