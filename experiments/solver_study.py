@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   config = _CONFIG.value
   fitness = settings.fitness_from_config(config)
-  runs, evaluated, earlier_rankings = collect(_BASELINE.value, _RUNS.value, fitness)
+  runs, evaluated, earlier_rankings = collect(_BASELINE.value, _RUNS.value)
   if not runs.get("ga"):
     raise app.UsageError("no GA run to compare with: give --baseline or a ga_seed<s> folder")
   target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])

@@ -403,7 +403,7 @@ def test_a_solver_study_merges_earlier_studies_with_the_runs_it_finds(tmp_path):
     json.dump({"search_seconds": 7.0, "p": 3, "privacy": 0.8, "feasible": True,
                "test_accuracy": 0.5, "float_test_accuracy": 0.51}, f)
 
-  runs, evaluated, rankings = solver_study.collect(paths, [str(tmp_path / "runs")], fitness)
+  runs, evaluated, rankings = solver_study.collect(paths, [str(tmp_path / "runs")])
   assert sorted(runs) == ["ga", "random", "solver[hessian; no margin]"]
   assert [r["from"] for r in runs["ga"]] == [paths[0], str(folder)]
   assert runs["ga"][1]["best_feasible_privacy"] == [0.0, 0.8]  # b infeasible, then c

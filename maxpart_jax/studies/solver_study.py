@@ -12,8 +12,7 @@ import numpy as np
 from scipy import stats
 
 from maxpart_jax.search import solver, storage
-from maxpart_jax.search.fitness import FitnessConfig
-from maxpart_jax.studies.strategy_study import curves
+from maxpart_jax.studies.strategy_study import best_feasible_privacy
 
 
 def _margins(report: dict) -> str:
@@ -54,7 +53,7 @@ def earlier_runs(path: str) -> tuple[dict[str, list[dict]], dict[str, dict], dic
                   "seconds": earlier["search_seconds"]}]}, {}, None
 
 
-def collect(baselines: list[str], run_dirs: list[str], fitness: FitnessConfig
+def collect(baselines: list[str], run_dirs: list[str]
             ) -> tuple[dict[str, list[dict]], dict[str, dict], dict[str, dict]]:
   """Every run of ``baselines`` (:func:`earlier_runs`) and of the finished searches in
   ``run_dirs``, by algorithm; the distinct genomes they evaluated, by key (a search's own
@@ -84,7 +83,7 @@ def collect(baselines: list[str], run_dirs: list[str], fitness: FitnessConfig
       evaluated[e["key"]] = e
     runs.setdefault(algorithm, []).append({
         "from": folder,
-        "best_feasible_privacy": curves(evaluations, fitness)["best_feasible_privacy"],
+        "best_feasible_privacy": best_feasible_privacy(evaluations),
         "evaluations": len(evaluations), "seconds": report["search_seconds"],
         "reported_p": report["p"], "reported_privacy": report["privacy"],
         "feasible": report["feasible"], "test_accuracy": report["test_accuracy"],

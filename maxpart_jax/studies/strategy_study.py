@@ -5,6 +5,7 @@ best feasible privacy over a search's evaluations, their summary and plot."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import ml_collections
 import numpy as np
@@ -42,19 +43,21 @@ def algorithm_config(base: ml_collections.ConfigDict, algorithm: str,
   return config
 
 
+def best_feasible_privacy(evaluations: list[dict]) -> list[float]:
+  """The best privacy among a search's feasible evaluations so far (0: none yet), after each
+  of its distinct evaluations, in the order it made them."""
+  return list(itertools.accumulate(
+      (0.0 if e["violations"] else e["privacy"] for e in evaluations), max, initial=0.0))[1:]
+
+
 def curves(evaluations: list[dict], config: FitnessConfig) -> dict[str, list]:
   """Hypervolume (3 objectives and privacy-energy) and best feasible privacy after each of a
   search's distinct evaluations, in the order it made them."""
-  out = {"hypervolume": [], "hypervolume_pe": [], "best_feasible_privacy": []}
-  best = 0.0
-  for i, e in enumerate(evaluations):
-    if not e["violations"]:
-      best = max(best, e["privacy"])
-    out["best_feasible_privacy"].append(best)
-    seen = evaluations[:i + 1]
-    out["hypervolume"].append(pareto.hypervolume(seen, config))
-    out["hypervolume_pe"].append(pareto.hypervolume(seen, config, ("privacy", "energy_mj")))
-  return out
+  prefixes = [evaluations[:i + 1] for i in range(len(evaluations))]
+  return {"hypervolume": [pareto.hypervolume(seen, config) for seen in prefixes],
+          "hypervolume_pe": [pareto.hypervolume(seen, config, ("privacy", "energy_mj"))
+                             for seen in prefixes],
+          "best_feasible_privacy": best_feasible_privacy(evaluations)}
 
 
 def summarize(runs: list[dict]) -> dict:
