@@ -67,6 +67,51 @@ def test_population_costs_are_each_genomes_hand_computed_costs():
   assert np.all(np.asarray(no_tx.transmission_mj) == 0)
 
 
+def test_a_split_the_stack_cannot_run_at_on_the_searched_model_costs_infinite_energy():
+  """The energy stand-in (×0.5) has 32 channels at splits 1-2 where the searched model (×0.125)
+  has 8: a 16-channel bottleneck runs on the stand-in there but not on the searched model, so
+  those splits cost infinite energy and time (stage 2 could not defend them); the legal splits
+  cost what the stand-in's defended costs are, computed directly."""
+  from conftest import jittered
+  from maxpart_jax.data import Split
+  from maxpart_jax.genome import uniform_genome
+  from maxpart_jax.search.fitness import Evaluator
+  model = get_model("resnet18", width=0.125, stage_sizes=(1, 1, 1, 1))
+  stand_in = get_model("resnet18", width=0.5, stage_sizes=(1, 1, 1, 1)).info
+  stack = defenses.parse_stack("bottleneck:16")
+  device = DeviceConfig(budget_mj=0.01)
+  rng = np.random.default_rng(0)
+  split = Split(rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+                rng.integers(0, 100, 8).astype(np.int32), 100, "cifar100")
+  evaluator = Evaluator(model, jittered(model), split, split, split.float_images(),
+                        FitnessConfig(device=device, compute_dtype="float32", finetune_steps=1,
+                                      batch_size=4),
+                        energy_info=stand_in, stack=stack)
+  splits = range(1, model.info.max_split + 1)
+  genomes = jax.tree.map(lambda *x: jnp.stack(x), *[uniform_genome(model.info, p, 6, 8)
+                                                    for p in splits])
+  energy, latency = evaluator.costs(genomes)
+
+  def runs_on(info, p):
+    try:
+      stack.check(info.blocks[p - 1].out_shape)
+      return True
+    except ValueError:
+      return False
+
+  on_searched = [runs_on(model.info, p) for p in splits]
+  assert all(runs_on(stand_in, p) for p in splits)
+  assert on_searched == [False, False, True, True, True]  # the premise: 8, 8, 16, 32, 64 channels
+  direct_energy, direct_latency = defenses.population_costs(stand_in, genomes, stack, device)
+  for i, legal in enumerate(on_searched):
+    if legal:
+      assert energy[i] == pytest.approx(float(direct_energy.total_mj[i]), rel=1e-6)
+      assert latency[i] == pytest.approx(float(direct_latency.total_ms[i]), rel=1e-6)
+      assert np.isfinite(energy[i])
+    else:
+      assert np.isinf(energy[i]) and np.isinf(latency[i])
+
+
 def test_repair_lowers_the_weights_that_save_most_energy_until_the_genome_fits():
   """By hand, on a split with two quantized layers and energy 1 * w_A + 3 * w_B: from 8/8
   (32), lowering B saves 6 per step and A 2, so B goes 8 -> 6 -> 4 -> 2 (26, 20, 14), then

@@ -1,6 +1,7 @@
 """Fitness evaluation and the search driver: metrics, devices, resume, bad input, divergence."""
 
 import copy
+import glob
 import json
 import os
 import shutil
@@ -560,6 +561,60 @@ def test_search_cli_reports_bad_config(tmp_path):
        "--config.search.sample_size=99", f"--workdir={tmp_path}"],
       capture_output=True, text=True, cwd=REPO)
   assert proc.returncode != 0 and "error: search.sample_size S=99" in proc.stderr
+
+
+# Every search result the repository ships (a folder with its config.json), and the config
+# its README makes it with: `export_split --config=...` must accept it.
+SHIPPED_SEARCHES = sorted(os.path.relpath(os.path.dirname(p), REPO) for p in glob.glob(
+    os.path.join(REPO, "results", "search_*", "**", "config.json"), recursive=True))
+MADE_WITH = {"results/search_quick": ("quick", {}),
+             "results/search_quick_attack": ("quick", {"metric": "attack_ssim"}),
+             "results/search_quick_solver": ("quick_solver", {}),
+             "results/search_quick_defended": ("quick_defended", {})}
+
+
+@pytest.mark.parametrize("folder", SHIPPED_SEARCHES)
+def test_every_shipped_search_reads_with_later_defaults_and_builds_its_export(folder):
+  """Its stored config reads with the settings it predates at their later defaults (a
+  config.json from before search.algorithm raised AttributeError), its identity is computable
+  and is the one stored (if stored) and the one of the config its README names; its reported
+  genome builds the edge program on the shipped weights, as export_split builds it."""
+  from maxpart_jax.deploy import artifact, parity
+  from maxpart_jax.genome import validate_genome
+  workdir = os.path.join(REPO, folder)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = storage.with_later_defaults(json.load(f))
+  settings_identity = storage.settings_identity(config)
+  stored, complete = storage.stored_identity(workdir)
+  assert {k: stored.get(k) for k in settings_identity} == settings_identity
+  assert folder in MADE_WITH, f"say in MADE_WITH which config {folder} is made with"
+  variant, fitness_overrides = MADE_WITH[folder]
+  made_with = search_configs.get_config(variant)
+  made_with.fitness.update(fitness_overrides)
+  assert storage.settings_identity(made_with) == settings_identity
+  model, variables, meta = checkpoint.load_model(os.path.join(REPO, config.model_dir))
+  assert meta["model"] == train.model_spec(config.pretrain)
+  if complete:
+    assert stored["pretrained_weights_sha256"] == checkpoint.variables_sha256(variables)
+  genome, _ = parity.reported_genome(workdir)
+  validate_genome(model.info, genome)
+  spec, arrays = artifact.build_edge(
+      model, variables, genome, meta["model"], dataset=config.pretrain.dataset,
+      per_channel=config.fitness.per_channel, activation_levels=config.fitness.activation_levels)
+  assert spec.split == int(genome.p) and len(arrays) == len(spec.layers)
+
+
+def test_later_defaults_fill_only_what_a_stored_config_lacks():
+  """By hand: a missing section and a missing field get their later defaults, a stored value
+  is kept, and a section stored as something else is named."""
+  config = storage.with_later_defaults({"search": {"pop_size": 8, "algorithm": "nsga2"},
+                                        "fitness": {"attack": {"steps": 7}}})
+  assert config.search.pop_size == 8 and config.search.algorithm == "nsga2"
+  assert config.fitness.attack.steps == 7 and config.fitness.attack.images == 2000
+  assert config.device.loss_rate == 0.0 and config.defense.stack == "none"
+  assert list(config.search.solver.margins) == []
+  with pytest.raises(ValueError, match="the stored config's device is 3, not a section"):
+    storage.with_later_defaults({"device": 3})
 
 
 def test_settings_added_later_keep_older_searches_resumable(fake_data_dir):

@@ -320,11 +320,16 @@ class Evaluator:
     self.energy_info = energy_info or model.info
     check_same_layers(model.info, self.energy_info)
     self.stack = stack
+    # (max_split,): the splits the stack can run at, on the searched model (whose IRs stage 2
+    # defends) and on the energy stand-in (whose layers are charged): they may differ in width.
+    self.stack_legal = (split_costs(model.info, stack).legal
+                        & split_costs(self.energy_info, stack).legal)
     if stack.items:
-      illegal = [int(q) + 1 for q in np.flatnonzero(~split_costs(self.energy_info, stack).legal)]
+      illegal = [int(q) + 1 for q in np.flatnonzero(~self.stack_legal)]
       if illegal:
-        logging.info("defenses %s cannot run at splits %s (their IR is too narrow): those "
-                     "candidates cost infinite energy", stack.spec(), illegal)
+        logging.info("defenses %s cannot run at splits %s (their IR is too narrow on the "
+                     "searched or the energy model): those candidates cost infinite energy",
+                     stack.spec(), illegal)
     self.train, self.val, self.val_batch_size = train, val, val_batch_size
     self.privacy_images = np.asarray(privacy_images, np.float32)
     # Fixed inputs go to the devices once, not once per evaluation.
@@ -418,15 +423,18 @@ class Evaluator:
   def costs(self, genomes: Genome) -> tuple[np.ndarray, np.ndarray]:
     """(K,) edge energy (mJ) and latency (ms) of ``genomes`` on the energy model, with the
     defenses' layers and message when the search has a defense stack
-    (:func:`maxpart_jax.privacy.defenses.population_costs`)."""
-    if self.stack.items:
-      energy, latency = population_costs(self.energy_info, genomes, self.stack,
-                                         self.config.device, self.config.transmission)
-    else:
+    (:func:`maxpart_jax.privacy.defenses.population_costs`); infinite at a split where the
+    stack cannot run on the searched model or the stand-in (:attr:`stack_legal`)."""
+    if not self.stack.items:
       energy = population_energy(self.energy_info, genomes, self.config.device,
                                  self.config.transmission)
       latency = population_latency(self.energy_info, genomes, self.config.device)
-    return np.asarray(energy.total_mj), np.asarray(latency.total_ms)
+      return np.asarray(energy.total_mj), np.asarray(latency.total_ms)
+    energy, latency = population_costs(self.energy_info, genomes, self.stack,
+                                       self.config.device, self.config.transmission)
+    legal = self.stack_legal[np.asarray(genomes.p) - 1]
+    return (np.where(legal, np.asarray(energy.total_mj), np.inf),
+            np.where(legal, np.asarray(latency.total_ms), np.inf))
 
   def policies(self, genomes: Genome) -> Any:
     """Candidate-sharded quantization policies of K genomes."""

@@ -8,6 +8,7 @@ results depend on; a resumed search must depend on the same.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -124,8 +125,9 @@ def stored_identity(workdir: str) -> tuple[dict[str, Any], bool]:
 
   It is read from the search state, else from ``best.json`` (which carries it, so a result
   committed without its state keeps it). A result written before ``best.json`` carried it
-  has only its settings, from ``config.json`` (:func:`settings_identity`; incomplete: the
-  hashes of its data and weights are unknown). A ``WorkdirError`` if there is none of these.
+  has only its settings, from ``config.json`` (:func:`settings_identity`, read through
+  :func:`with_later_defaults`; incomplete: the hashes of its data and weights are unknown).
+  A ``WorkdirError`` if there is none of these.
   """
   for name in (STATE_FILE, PREVIOUS_STATE_FILE):
     try:
@@ -138,9 +140,29 @@ def stored_identity(workdir: str) -> tuple[dict[str, Any], bool]:
     return best["identity"], True
   config = _read_json(os.path.join(workdir, "config.json"))
   if isinstance(config, dict):
-    return settings_identity(ml_collections.ConfigDict(config)), False
+    return settings_identity(with_later_defaults(config)), False
   raise runs.WorkdirError(f"{workdir} holds no search state ({STATE_FILE}), no best.json with "
                           "its identity and no config.json: nothing records its settings")
+
+
+def with_later_defaults(stored: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config as a search stored it (``config.json``), with every setting of
+  :data:`LATER_DEFAULTS` that it predates at its later default: what it ran with.
+
+  Identities are computed from stored configs through this; a ``ValueError`` names a later
+  setting whose section the stored config holds as something other than a section.
+  """
+  config = copy.deepcopy(stored)
+  for name, value in LATER_DEFAULTS.items():
+    *sections, field = name.split(".")
+    node = config
+    for i, section in enumerate(sections):
+      node = node.setdefault(section, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"the stored config's {'.'.join(sections[:i + 1])} is {node!r}, not a "
+                         f"section: it cannot hold the later setting {name}")
+    node.setdefault(field, copy.deepcopy(value))
+  return ml_collections.ConfigDict(config)
 
 
 def _read_json(path: str) -> Any:
