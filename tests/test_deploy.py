@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import struct
+import types
 import zlib
 
 import jax
@@ -342,8 +343,11 @@ def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
   np.testing.assert_allclose(artifact.CloudProgram.load(str(out / "cloud")).logits(payload, scales),
                              model.cloud(variables, ir, int(genome.p)), rtol=1e-4, atol=1e-4)
   manifest = json.loads((out / "edge" / "manifest.json").read_text())
-  for key, value, match in (("version", 1, "version 1"), ("format", "other", "not a maxpart-edge")):
-    target = tmp_path / key
+  for key, value, match in (("version", 1, "version 1"),
+                            # version 3 took 64-bit noise keys (N, 2): its programs are refused
+                            ("version", 3, "version 3; this runtime reads version 4"),
+                            ("format", "other", "not a maxpart-edge")):
+    target = tmp_path / f"{key}_{value}"
     target.mkdir()
     for name in ("weights.npz", "edge.jax"):
       (target / name).write_bytes((out / "edge" / name).read_bytes())
@@ -357,6 +361,62 @@ def test_artifacts_reload_and_refuse_other_versions(exported, tmp_path):
   assert loaded.exported.platforms == ("cpu",)
   assert artifact.CloudProgram.load(str(out / "cloud")).exported.platforms == (
       "cpu", "cuda", "tpu")
+
+
+def test_deployed_noise_draws_128_fresh_bits_per_image_at_every_call(tmp_path, monkeypatch):
+  """Issue 39: the edge drew a call's noise from one 32-bit seed, which a search of seeds
+  finds. Now every image's key is 128 bits of the operating system's entropy at every call:
+  the program gets exactly those words, 4 uint32 per image, and each word changes the noise;
+  no two images or calls share key material; the noise is still strength · rms · N(0, 1)
+  (a float split: the message is the IR plus the noise, against numpy)."""
+  from maxpart_jax.genome import uniform_genome
+  from maxpart_jax.privacy import defenses
+  model = get_model("resnet18", width=0.125, stage_sizes=(1, 1, 1, 1))
+  variables, genome = _jittered(model), uniform_genome(model.info, 1, 32, 32)
+  model_spec = {"name": "resnet18", "width": 0.125, "stage_sizes": [1, 1, 1, 1]}
+  edge, _ = artifact.export_split(model, variables, genome, model_spec, str(tmp_path),
+                                  stack=defenses.parse_stack("noise:0.5"), defense_params=[{}])
+  images = _images(6, seed=3)
+  spec, arrays = artifact.build_edge(model, variables, genome, model_spec)  # undefended
+  with artifact.edge_device():
+    ir = np.asarray(jax.jit(lambda x: artifact.edge_forward(model, spec, x, arrays))(images)[0],
+                    np.float64)
+
+  received, drawn = [], []
+  program = edge.exported
+
+  def spy_call(*args):
+    received.append(np.asarray(args[2]))
+    return program.call(*args)
+
+  def token_bytes(n):
+    drawn.append(np.random.default_rng(len(drawn)).bytes(n))
+    return drawn[-1]
+
+  monkeypatch.setattr(edge, "exported", types.SimpleNamespace(call=spy_call))
+  with monkeypatch.context() as m:
+    m.setattr(artifact.secrets, "token_bytes", token_bytes)
+    first = edge.ir(images)[0]
+    assert [len(d) for d in drawn] == [6 * 16]  # 128 bits per image, drawn once per call
+    np.testing.assert_array_equal(received[0], np.frombuffer(drawn[0], "<u4").reshape(6, 4))
+    m.setattr(artifact.secrets, "token_bytes", lambda n: drawn[0])
+    np.testing.assert_array_equal(edge.ir(images)[0], first)  # the words decide the noise
+    for j in range(4):  # and every word of an image's key changes it
+      flipped = bytearray(drawn[0])
+      flipped[4 * j::16] = bytes(v ^ 1 for v in flipped[4 * j::16])
+      m.setattr(artifact.secrets, "token_bytes", lambda n, f=bytes(flipped): f)
+      assert np.all(np.any(edge.ir(images)[0] != first, axis=(1, 2, 3))), j
+  # the real source: two calls on the same images share no key word and no noise
+  a, b = edge.ir(images)[0], edge.ir(images)[0]
+  keys = np.concatenate(received[-2:])
+  assert keys.shape == (12, 4) and len(np.unique(keys)) == keys.size
+  assert np.all(np.any(a != b, axis=(1, 2, 3)))
+  # an explicit key gives the same draws every time (tests, parity)
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(edge.ir(images, key)[0], edge.ir(images, key)[0])
+  rms = np.sqrt((ir ** 2).mean(axis=(1, 2, 3), keepdims=True))
+  z = (np.stack([first, a, b]) - ir) / (0.5 * rms)
+  assert abs(z.mean()) < 0.015 and z.std() == pytest.approx(1.0, rel=0.02)
 
 
 def _copy_artifacts(out, to):

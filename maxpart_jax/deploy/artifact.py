@@ -10,11 +10,13 @@ Edge artifact (a folder; docs/deploy.md):
   (offset binary), the fixed-point multipliers and the wide biases; per float layer its
   float32 kernel and folded batch norm.
 * ``edge.jax``: the edge program, serialized with ``jax.export`` (StableHLO; batch size
-  symbolic): ``(uint8 images (N, H, W, 3), weights, noise keys (N, 2) uint32) -> (IR codes
+  symbolic): ``(uint8 images (N, H, W, 3), weights, noise keys (N, 4) uint32) -> (IR codes
   or float IR, scales (N,))``. A defended split (:func:`export_split` with a defense
   stack) runs its defenses' device layers after the IR: a bottleneck as one more integer
-  layer (1x1, weights and input at the IR's bits), noise drawn from each image's key, which
-  the device draws and keeps (it never travels: whoever knew it could subtract the noise).
+  layer (1x1, weights and input at the IR's bits), noise drawn from each image's 128-bit key
+  (``threefry4x32``), which the device draws from the operating system's entropy and keeps
+  (it never travels: whoever knew it could subtract the noise). Version 3 took 64-bit keys
+  (N, 2); its artifacts are refused (export them again).
   It is lowered for CPUs whatever machine exports it, and runs on the host CPU: an edge
   device is a CPU-class processor, and XLA's GPU backend has no integer convolutions
   beyond cuDNN's int8 forms (int64 accumulators are out of reach on GPUs and TPUs).
@@ -48,7 +50,7 @@ from maxpart_jax.models.layers import batch_norm
 from maxpart_jax.privacy import defenses as defenses_lib
 from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
 
-EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 3
+EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 4
 UNEXPORTED_ID = "0" * 16
 """The artifact id of an edge built in memory (:func:`build_edge`): no cloud accepts it."""
 EDGE_PLATFORMS, CLOUD_PLATFORMS = ("cpu",), ("cpu", "cuda", "tpu")
@@ -145,6 +147,13 @@ def _read_manifest(directory: str, kind: str) -> dict[str, Any]:
                        f"{expected[:16]}... its manifest lists: the file was changed or comes "
                        "from another export")
   return manifest
+
+
+def fresh_noise_keys(n: int) -> np.ndarray:
+  """``n`` noise keys' words, (n, 4) uint32, from the operating system's entropy: 128 fresh
+  bits per image, so no image of a call shares key material with another image or call."""
+  words = defenses_lib.NOISE_KEY_WORDS
+  return np.frombuffer(secrets.token_bytes(4 * words * n), "<u4").reshape(n, words)
 
 
 def _read_exported(path: str) -> jax_export.Exported:
@@ -363,8 +372,9 @@ class EdgeProgram:
     """``(codes or float IR (N, H, W, C), scales (N,))`` of a batch of uint8 images.
 
     ``key``: where a defended edge draws its noise (image ``i`` from
-    ``defenses.image_keys(key, i, 1)``); by default a fresh key from the operating system's
-    entropy at every call, which stays on the device.
+    ``defenses.image_keys(key, i, 1)``: reproducible, for tests and parity); by default a
+    fresh 128-bit key per image from the operating system's entropy (:func:`fresh_noise_keys`),
+    which stays on the device.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.input_shape:
@@ -373,10 +383,10 @@ class EdgeProgram:
                        f"{images.shape}")
     with edge_device():
       if not self._draws_noise:  # the program takes keys, but only noise reads them
-        keys = np.zeros((len(images), 2), np.uint32)
+        keys = np.zeros((len(images), defenses_lib.NOISE_KEY_WORDS), np.uint32)
+      elif key is None:
+        keys = fresh_noise_keys(len(images))
       else:
-        if key is None:
-          key = jax.random.key(int.from_bytes(secrets.token_bytes(4), "little"))
         keys = jax.random.key_data(defenses_lib.image_keys(key, 0, len(images)))
       payload, scales, overflow = (np.asarray(a) for a in self.exported.call(
           images, self._device_arrays, keys))
@@ -465,10 +475,10 @@ def export_split(model: SplitModel, variables: Variables, genome: Genome, model_
   ir, p = spec.ir, spec.split
   batch = jax_export.symbolic_shape("n")[0]
   images = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.uint8)
-  keys = jax.ShapeDtypeStruct((batch, 2), jnp.uint32)
+  keys = jax.ShapeDtypeStruct((batch, defenses_lib.NOISE_KEY_WORDS), jnp.uint32)
   with edge_device():
-    run = jax.jit(lambda x, arr, k: edge_forward(model, spec, x, arr,
-                                                 jax.random.wrap_key_data(k)))
+    run = jax.jit(lambda x, arr, k: edge_forward(
+        model, spec, x, arr, jax.random.wrap_key_data(k, impl=defenses_lib.NOISE_KEY_IMPL)))
     edge = jax_export.export(run, platforms=EDGE_PLATFORMS)(
         images, jax.tree.map(jnp.asarray, arrays), keys)
   payload_type = jnp.float32 if ir.bits >= FLOAT_BITS else jnp.int32

@@ -56,6 +56,28 @@ DCOR_EPS = 1e-9
 """Added under every square root of the distance correlation: its gradient at zero
 (constant features, a dead message) would be NaN otherwise."""
 NOISE_EPS = 1e-12
+NOISE_KEY_IMPL, NOISE_KEY_WORDS = "threefry4x32", 4
+"""The PRNG of an image's noise key: Threefry-4x32-20 (Salmon et al. 2011), whose key is 4
+uint32 words, 128 bits. A ``threefry2x32`` key holds 64 bits; one seeded from 32 bits was
+found by trying seeds (issue 39), and whoever finds the key subtracts the noise."""
+# What drawing noise costs the device, per element of the IR (docs/method.md §13). The
+# convention: one 32-bit integer or float operation (a multiply-add being one, as CPUs fuse
+# it) counts as one MAC at the IR's bits, as every layer a defense adds is charged. Not a
+# bound either way: at 8 bits a MAC costs 0.875 pJ, a 32-bit integer add 0.1 pJ and a 32-bit
+# float multiply 3.7 pJ (Horowitz 2014).
+NOISE_OPS_PER_ELEMENT = (
+    1  # the RMS: the element squared and accumulated
+    + 152  # Threefry-4x32-20, one block per element: 40 mixes of add, rotate, xor; 4 + 5 * 5
+    #        key-injection adds; 3 xors folding the 4 output words into one (a rotation is one
+    #        instruction on a CPU; XLA writes it as two shifts and an or)
+    + 56  # N(0, 1) as jax.random.normal draws it, sqrt(2) erfinv(u): 5 to make u uniform on
+    #       (-1, 1) of the bits (shift, or, subtract, multiply-add, max); 50 for XLA's
+    #       single-precision erfinv (w = -log1p(-x^2): 3, and 20 for log1p's polynomial; the
+    #       branch at w = 5 with a square root: 5; its 9 coefficients selected per element; 8
+    #       multiply-adds; the product with x; the edge case at |x| = 1: 4); 1 times sqrt(2)
+    + 1)  # the scale-and-add: message = ir + (strength * rms) * z, one multiply-add
+NOISE_OPS_PER_IMAGE = 4
+"""The RMS's mean (a division), the epsilon, the square root and ``strength * rms``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +170,14 @@ def _free(ir_shape: tuple[int, int, int], strength: float) -> tuple[int, int]:
 
 
 def image_keys(key: jax.Array, start: int, n: int) -> jax.Array:
-  """The noise keys of images ``start..start+n-1``: ``fold_in(key, i)``, whatever the
-  batching (the fine-tuning, the attacks and the exported edge program draw alike)."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + n))
+  """The noise keys of images ``start..start+n-1``, whatever the batching (the messages,
+  the attacks, the parity check and the exported edge program draw alike): image ``i``'s is
+  the :data:`NOISE_KEY_IMPL` key of the 128 bits ``bits(fold_in(key, i))``. A function of
+  ``key``, for reproducible runs; a deployed edge draws its keys from the operating system
+  (:func:`maxpart_jax.deploy.artifact.fresh_noise_keys`)."""
+  words = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), (NOISE_KEY_WORDS,),
+                                             jnp.uint32))(jnp.arange(start, start + n))
+  return jax.random.wrap_key_data(words, impl=NOISE_KEY_IMPL)
 
 
 def distance_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -186,8 +213,9 @@ def _noise_send(params: Params, ir: jax.Array, key: jax.Array, strength: float) 
 
 
 def _noise_cost(ir_shape: tuple[int, int, int], strength: float) -> tuple[int, int]:
+  """The draw, the RMS and the addition in MAC-equivalents (:data:`NOISE_OPS_PER_ELEMENT`)."""
   del strength
-  return int(np.prod(ir_shape)), 0  # one add per element, charged as a MAC (an upper bound)
+  return int(np.prod(ir_shape)) * NOISE_OPS_PER_ELEMENT + NOISE_OPS_PER_IMAGE, 0
 
 
 def _bottleneck_init(key: jax.Array, irs: jax.Array, strength: float) -> Params:
