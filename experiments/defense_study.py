@@ -39,12 +39,16 @@ def main(argv: list[str]) -> None:
     result = defense_study.run(_CONFIG.value, _WORKDIR.value, _OUT.value)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
-  print(f"float test top-1 {100 * result['float_test_accuracy']:.2f} %")
+  print(f"float top-1: val {100 * result['float_val_accuracy']:.2f} %, test "
+        f"{100 * result['float_test_accuracy']:.2f} % (held out)")
   for r in result["rows"]:
-    print(f"{r['row']:40s} top-1 {100 * r['test_accuracy']:5.2f} %  energy {r['energy_mj']:.4f} mJ"
-          f"  decoder SSIM {r['decoder']['ssim']:.3f}  white-box SSIM {r['whitebox']['ssim']:.3f}"
-          f"  {'feasible' if r['feasible'] else 'infeasible'}")
-
+    sel = r["selection"]
+    print(f"{r['row']:42s} val top-1 {100 * r['val_accuracy']:5.2f} %  energy "
+          f"{r['energy_mj']:.4f} mJ  selection SSIM decoder {sel['decoder']['ssim']:.3f} "
+          f"white-box {sel['whitebox']['ssim']:.3f}  {'feasible' if r['feasible'] else 'infeasible'}"
+          f"  | held out: test top-1 {100 * r['test_accuracy']:5.2f} %, decoder "
+          f"{r['decoder']['ssim']:.3f}, white-box {r['whitebox']['ssim']:.3f}")
+  print(f"selected (on validation and training victims): {result['selected']}")
 
 if __name__ == "__main__":
   app.run(main, flags_parser=common.parse_flags)

@@ -2,6 +2,7 @@
 finalists it fine-tunes and attacks, the answer it picks, and its resume."""
 
 import copy
+import hashlib
 import json
 
 import jax
@@ -170,6 +171,72 @@ def test_a_bad_defense_config_is_refused_before_any_work(override, message):
     validate_config(config)
 
 
+def _hashes(images) -> set[str]:
+  return {hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in images}
+
+
+def _record_stage2_images(monkeypatch) -> dict:
+  """Spies on stage 2's fine-tuning and attacks: the images and keys each one is given."""
+  seen = {}
+  finetune, attack, whitebox = (defended.finetune, defended.adaptive_decoder_attack,
+                                defended.whitebox_attack)
+
+  def spy_finetune(d, train_split, ft, *a, **k):
+    seen.setdefault("finetune", []).append((train_split.float_images(), ft))
+    return finetune(d, train_split, ft, *a, **k)
+
+  def spy_attack(d, aux, victims, key, *a, **k):
+    seen.setdefault("decoder", []).append((aux, victims, key))
+    return attack(d, aux, victims, key, *a, **k)
+
+  def spy_whitebox(d, victims, *a, **k):
+    seen.setdefault("whitebox", []).append(victims)
+    return whitebox(d, victims, *a, **k)
+
+  monkeypatch.setattr(defended, "finetune", spy_finetune)
+  monkeypatch.setattr(defended, "adaptive_decoder_attack", spy_attack)
+  monkeypatch.setattr(defended, "whitebox_attack", spy_whitebox)
+  return seen
+
+
+def _check_disjoint_roles(config, seen) -> None:
+  """Fine-tuning images, the attacker's images, the selection victims and the test victims
+  pairwise disjoint for every finalist; test victims drawn from the test split, the
+  attacker's images from the validation split; the attacker's key none of the fine-tuning's."""
+  from maxpart_jax import data
+  kw = dict(dataset="cifar100", data_dir=config.data_dir,
+            val_fraction=config.pretrain.val_fraction, seed=config.pretrain.data_seed)
+  val, test = (_hashes(data.load_split(s, **kw).float_images()) for s in ("val", "test"))
+  n = config.defense.victims
+  assert len(seen["finetune"]) == len(seen["decoder"]) == config.defense.finalists
+  for (train_images, ft), (aux, victims, key) in zip(seen["finetune"], seen["decoder"]):
+    roles = {"fine-tuning": _hashes(train_images), "attacker": _hashes(aux),
+             "selection victims": _hashes(victims[:n]), "test victims": _hashes(victims[n:])}
+    assert len(roles["selection victims"]) == len(roles["test victims"]) == n
+    names = sorted(roles)
+    for i, a in enumerate(names):
+      for b in names[i + 1:]:
+        assert not roles[a] & roles[b], f"{a} and {b} share images"
+    assert roles["test victims"] <= test and roles["attacker"] <= val
+    fine_tuning_keys = [jax.random.key(ft.seed), defended.inner_decoder_key(ft)]
+    for k in fine_tuning_keys:
+      assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(k))
+  wb = config.defense.whitebox_victims
+  for (_, victims, _), wb_victims in zip(seen["decoder"], seen["whitebox"]):
+    assert _hashes(wb_victims) == _hashes(victims[:wb]) | _hashes(victims[n:n + wb])
+
+
+def test_the_answer_is_the_most_private_feasible_finalist_by_its_selection_numbers():
+  """Feasibility (validation ε, energy) first, then privacy on the selection victims; the
+  test numbers, which would choose otherwise here, are never read."""
+  def row(key, feasible, privacy, test_privacy):
+    return {"key": key, "feasible": feasible, "selection": {"privacy": privacy},
+            "test": {"privacy": test_privacy}}
+  rows = [row("a", True, 0.6, 0.9), row("b", False, 0.9, 0.9), row("c", True, 0.7, 0.1)]
+  assert defense_stage.choose_answer(rows)["key"] == "c"
+  assert defense_stage.choose_answer([rows[1]]) is None
+
+
 def test_the_defended_search_charges_the_stack_picks_by_attack_and_resumes(smoke, tmp_path,
                                                                              monkeypatch):
   config = copy.deepcopy(smoke)
@@ -177,7 +244,9 @@ def test_the_defended_search_charges_the_stack_picks_by_attack_and_resumes(smoke
   config.defense.finalists = 2
   config.fitness.eps_bound = 0.5  # fake data: let the finalists be feasible
   workdir = str(tmp_path / "search")
+  seen = _record_stage2_images(monkeypatch)
   report = defense_stage.run_defended_search(config, workdir)
+  _check_disjoint_roles(config, seen)
 
   # Stage 1 charged every candidate the stack's layers and message, on the energy model (every
   # IR of the smoke model has at least 2 channels: the stack runs at every split).
@@ -211,6 +280,9 @@ def test_the_defended_search_charges_the_stack_picks_by_attack_and_resumes(smoke
   ok = [r for r in rows if r["feasible"]]
   assert ok, "the test needs a feasible finalist"
   assert report["answer"]["key"] == max(ok, key=lambda r: r["selection"]["privacy"])["key"]
+  # the answer is chosen without a test number: rows stripped of them choose the same
+  blind = [{k: v for k, v in r.items() if not k.startswith("test")} for r in rows]
+  assert defense_stage.choose_answer(blind)["key"] == report["answer"]["key"]
 
   # The answer's weights are kept: loaded, they give the reported test top-1; lost, the
   # deterministic fine-tuning makes them again.

@@ -2,7 +2,6 @@
 independent computation, its energy, and its effect on an attacker who retrains for it."""
 
 import dataclasses
-import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,10 +153,31 @@ def test_the_bottleneck_runs_on_the_device_at_the_ir_bits(tiny):
   assert len(np.unique(got[0])) <= 2 ** 4 - 1  # 4-bit signed codes (paper levels)
 
 
+def _noise_macs(h, w, c):
+  """By hand (docs/method.md §13), per element: 1 for the RMS (square, accumulate); the
+  Threefry-4x32-20 block of its random bits, 20 rounds of 2 mixes of 3 operations (add,
+  rotate, xor), 4 + 5 * 5 key-injection adds and 3 xors folding 4 words into one; 56 for
+  sqrt(2) erfinv(u) (5 for u, 50 for erfinv, 1 for sqrt(2)); 1 for the scale-and-add. Per
+  image 4: the mean's division, the epsilon, the root and strength * rms."""
+  threefry = 20 * 2 * 3 + (4 + 5 * 5) + 3
+  return h * w * c * (1 + threefry + (5 + 50 + 1) + 1) + 4
+
+
+def test_noise_charges_the_draw_the_rms_and_the_addition():
+  """A 2x3x4 IR: 24 elements of 210 operations and 4 per image (it was 24: the addition
+  alone), whatever the strength."""
+  noise = defenses.get_defense("noise")
+  assert _noise_macs(2, 3, 4) == 24 * 210 + 4
+  for strength in (0.0, 1.0, 7.5):
+    assert noise.edge_layer((2, 3, 4), strength) == (24 * 210 + 4, 0)
+  assert defenses.parse_stack("noise:1").edge_layers((2, 3, 4)) == [
+      {"defense": "noise", "macs": 24 * 210 + 4, "params": 0, "in_elems": 24}]
+
+
 def test_defended_energy_charges_the_defense_layers_and_the_message(tiny):
   """Hand computation at split 4 (h x w x c IR, 6 bits): a bottleneck to k channels adds a
   1x1 layer of h w c k MACs, c k + k parameters and h w c inputs at the IR's bits,
-  and sends h w k values; noise adds one operation per IR element and sends the whole IR."""
+  and sends h w k values; noise charges its operations as MACs and sends the whole IR."""
   model, _ = tiny
   info = model.info
   genome = Genome(p=jnp.int32(4), w_bits=jnp.full((info.num_layers,), 4, jnp.int32),
@@ -168,7 +188,7 @@ def test_defended_energy_charges_the_defense_layers_and_the_message(tiny):
   bits = 6.0
   mac = device.mac_pj_per_bit * bits + device.mac_pj_offset
   for spec, macs, params, sent in (("bottleneck:3", h * w * c * 3, c * 3 + 3, h * w * 3),
-                                   ("noise:1", h * w * c, 0, h * w * c),
+                                   ("noise:1", _noise_macs(h, w, c), 0, h * w * c),
                                    ("adversarial:10,dcor:1", 0, 0, h * w * c)):
     stack = defenses.parse_stack(spec)
     e = defenses.defended_energy(info, genome, stack, device)
@@ -213,7 +233,9 @@ def test_the_adaptive_attacker_is_not_the_inner_decoder(tiny):
   for config, key, message in (
       (attacks.DecoderConfig(steps=199, width=16), jax.random.key(1), "at least 4x"),
       (attacks.DecoderConfig(steps=200, width=8), jax.random.key(1), "no smaller width"),
-      (attacks.DecoderConfig(steps=200, width=16), jax.random.key(7), "seed")):
+      (attacks.DecoderConfig(steps=200, width=16), jax.random.key(7), "seed"),
+      (attacks.DecoderConfig(steps=200, width=16), defended.inner_decoder_key(inner),
+       "inner decoder's key")):
     with pytest.raises(ValueError, match=message):
       defended.adaptive_decoder_attack(d, images, images, key, config, inner)
   c = defense_configs.get_config("quick")
@@ -394,59 +416,3 @@ def test_the_study_refuses_bad_rows_before_any_work(tiny, rows, genomes, message
   config.recipes = {"long": {"steps": 5}}
   with pytest.raises(ValueError, match=message):
     defense_study.parse_rows(model, config)
-
-
-def test_the_study_resumes_row_by_row_and_refuses_a_changed_genome(fake_data_dir, tmp_path,
-                                                                   monkeypatch):
-  """The study's bookkeeping, with the training and the attacks replaced by a stub that
-  records its calls: rows are stored as they finish, a rerun runs only the new rows, a row
-  whose genome changed is refused, and the outputs list the config's rows in its order."""
-  from maxpart_jax.studies import defense_study
-  calls = []
-
-  def stub(model, variables, genome, stack, sets, config, key, float_accuracy, finetune):
-    calls.append(stack.spec() + ("@" if finetune != config.finetune.to_dict() else ""))
-    n = config.grid_images
-    row = {"p": int(genome.p), "defenses": stack.spec(), "genome": genome.to_json(),
-           "finetune": finetune,
-           "test_accuracy": 0.5, "test_eps": 0.01, "energy_mj": 0.01,
-           "privacy_mse": float(len(calls)),
-           "inner_decoder_mse": 0.1 * len(calls), "decoder": {"ssim": 1.0 / len(calls)},
-           "whitebox": {"ssim": 0.5}}
-    return row, {"decoder": sets["victims"][:n], "whitebox": sets["victims"][:n]}
-
-  monkeypatch.setattr(defense_study, "measure_row", stub)
-  config = defense_configs.get_config("smoke")
-  config.data_dir, config.aux_images, config.victim_images = fake_data_dir, 16, 8
-  config.genomes = {"quick": "uniform:4:8:8"}
-  config.rows = ("quick/none", "quick/noise:1")
-  workdir, out = str(tmp_path / "work"), str(tmp_path / "out")
-  defense_study.run(config, workdir, out)
-  assert calls == ["none", "noise:1"]
-  config.rows = ("quick/dcor:2", "quick/none", "quick/noise:1")
-  result = defense_study.run(config, workdir, out)
-  assert calls == ["none", "noise:1", "dcor:2"]
-  assert [r["row"] for r in result["rows"]] == ["quick/dcor:2", "quick/none", "quick/noise:1"]
-  # the proxies' Spearman rho against the decoder SSIM: P rises with the calls, SSIM falls
-  assert result["proxies"]["privacy_mse"]["rho"] == pytest.approx(-1.0)
-  with open(tmp_path / "out" / "study.json") as f:
-    assert json.load(f)["rows"] == result["rows"]
-  # every row is also charged against the reproduction's budget: the paper-size model,
-  # computation only (the undefended row: Eq. 8 on that model)
-  full = get_model("resnet18", width=1.0).info
-  genome = uniform_genome(full, 4, 8, 8)
-  other = result["rows"][1]["other_budgets"]["reproduction"]
-  assert other["energy_mj"] == pytest.approx(
-      float(edge_energy(full, genome, DeviceConfig(), transmission=False).total_mj), rel=1e-6)
-  assert other["feasible"] == (other["energy_mj"] < 0.35)
-  # a recipe's row joins the study; a stored recipe changed is refused like a changed genome
-  config.recipes = {"cloud": {"cloud_steps": 3}}
-  config.rows = ("quick/none", "quick/none@cloud")
-  result = defense_study.run(config, workdir, out)
-  assert calls[3:] == ["none@"] and result["rows"][1]["finetune"]["cloud_steps"] == 3
-  config.recipes = {"cloud": {"cloud_steps": 4}}
-  with pytest.raises(ValueError, match="row 'quick/none@cloud' in .* was fine-tuned with other"):
-    defense_study.run(config, workdir, out)
-  config.genomes = {"quick": "uniform:4:4:8"}
-  with pytest.raises(ValueError, match="row 'quick/none' in .* was made with another genome"):
-    defense_study.run(config, workdir, out)

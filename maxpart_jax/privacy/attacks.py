@@ -39,6 +39,8 @@ from maxpart_jax.quant import QuantPolicy
 
 MAX_PSNR = 100.0
 """PSNR of a perfect reconstruction (MSE 0 would give infinity)."""
+PROGRESS_LINES = 10
+"""Log lines of an attack's loop given a progress name (:func:`iterate`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +184,7 @@ def _loss(recon: jax.Array, images: jax.Array, ssim_weight: float) -> jax.Array:
 
 
 def iterate(step: Callable, static: tuple, carry: Any, xs: Any, consts: tuple = (),
-            fused: bool | None = None) -> tuple[Any, Any]:
+            fused: bool | None = None, progress: str = "") -> tuple[Any, Any]:
   """``lax.scan(lambda c, x: step(*static, c, x, *consts), carry, xs)``, compiled.
 
   ``step`` is a module-level function and ``static`` its hashable leading arguments, so
@@ -190,16 +192,30 @@ def iterate(step: Callable, static: tuple, carry: Any, xs: Any, consts: tuple = 
   loop; otherwise one compiled call per step, which is much faster on CPUs, where XLA runs
   convolutions inside loops slowly (21x for a decoder's training step, measured;
   :func:`maxpart_jax.train.resolve_pipeline`). ``None``: fused on GPUs and TPUs only. Both
-  give the same values up to float rounding.
+  give the same values up to float rounding. ``progress``: a name to log a line with the
+  ETA under about every tenth of the steps (fused: the loop then runs in that many parts).
   """
   if fused is None:
     fused = train.resolve_pipeline("auto") == "fused"
-  if fused:
-    return _all_steps(step, static, carry, xs, consts)
+  n = len(jax.tree.leaves(xs)[0])
+  every = max(1, -(-n // PROGRESS_LINES)) if progress else n
+  log = train.Progress(n, every=every, name=progress, unit="step")
   outs = []
-  for i in range(len(jax.tree.leaves(xs)[0])):
+  if fused:
+    for lo in range(0, n, every):
+      carry, out = _all_steps(step, static, carry,
+                              jax.tree.map(lambda a: a[lo:lo + every], xs), consts)
+      outs.append(out)
+      if progress:
+        jax.block_until_ready(carry)
+        log(min(lo + every, n))
+    return carry, jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
+  for i in range(n):
     carry, out = _one_step(step, static, carry, jax.tree.map(lambda a: a[i], xs), consts)
     outs.append(out)
+    if progress and ((i + 1) % every == 0 or i + 1 == n):
+      jax.block_until_ready(carry)
+      log(i + 1)
   return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
@@ -241,15 +257,15 @@ def _decoder_step(config, image_shape, carry, key, irs, mean, std, images):
 
 
 def train_decoders(key: jax.Array, irs: jax.Array, images: jax.Array,
-                   config: DecoderConfig = DecoderConfig(),
-                   fused: bool | None = None) -> tuple[TrainedDecoder, jax.Array]:
+                   config: DecoderConfig = DecoderConfig(), fused: bool | None = None,
+                   progress: str = "") -> tuple[TrainedDecoder, jax.Array]:
   """Fits one decoder per stack of IRs to (IR, image) pairs, all under ``jax.vmap``.
 
   Args:
     key: decides the initialization and the batches, the same for every decoder.
     irs: (G, N, h, w, c) the IRs of the N auxiliary images under G deployments.
     images: (N, H, W, 3) the auxiliary images in [0, 1].
-    fused: see :func:`iterate`.
+    fused, progress: see :func:`iterate`.
 
   Returns:
     The G decoders (leaves with a leading G axis) and their (G, steps) training losses.
@@ -262,7 +278,7 @@ def train_decoders(key: jax.Array, irs: jax.Array, images: jax.Array,
   carry = _init_decoders(config, image_shape, init_key, irs)
   (params, _), losses = iterate(_decoder_step, (config, image_shape), carry,
                                 jax.random.split(batch_key, config.steps),
-                                (irs, ir_mean, ir_std, images), fused)
+                                (irs, ir_mean, ir_std, images), fused, progress)
   return TrainedDecoder(params, ir_mean, ir_std, image_shape, config.width), losses.T
 
 

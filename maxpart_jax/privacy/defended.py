@@ -364,6 +364,11 @@ def _cloud_step(config: FinetuneConfig, carry, batch, teacher):
   return (d, opt_state), {"loss": loss, "ce": ce, "accuracy": acc, "finite": finite}
 
 
+def inner_decoder_key(config: FinetuneConfig) -> jax.Array:
+  """The key the inner decoder of a fine-tuning with ``config`` is initialized from."""
+  return jax.random.split(jax.random.key(config.seed))[0]
+
+
 class FinetuneDiverged(ValueError):
   """The defended fine-tuning produced a non-finite loss or weights."""
 
@@ -371,15 +376,15 @@ class FinetuneDiverged(ValueError):
 def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig = FinetuneConfig(),
              log_every: int = 100) -> tuple[DefendedSplit, dict[str, Any]]:
   """Fine-tunes a defended deployment: ``steps`` joint steps, then ``cloud_steps`` of the
-  cloud alone. Returns it and the per-step history (``cloud_*`` for the cloud steps; the
-  inner decoder's final parameters under ``"decoder"``, for the tests that tell it apart from
-  the adaptive attacker's). Raises :class:`FinetuneDiverged` on a non-finite step."""
+  cloud alone. Returns it and the per-step history (``cloud_*`` for the cloud steps). Raises
+  :class:`FinetuneDiverged` on a non-finite step. The inner decoder starts from
+  ``inner_decoder_key(config)``, which no attacker may share."""
   image_shape = tuple(d.model.input_shape)
   net_tx, dec_tx, cloud_tx = _optimizers(config)
   teacher = d.variables if config.distill else None  # the float model it starts from
-  init_key, noise_key = jax.random.split(jax.random.key(config.seed))
+  noise_key = jax.random.split(jax.random.key(config.seed))[1]
   decoder = attacks.Decoder(image_shape, config.decoder_width).init(
-      init_key, jnp.zeros((1, *d.message_shape)))
+      inner_decoder_key(config), jnp.zeros((1, *d.message_shape)))
   rng = np.random.default_rng(config.seed)
   history: dict[str, list[float]] = {}
   total = config.steps + config.cloud_steps
@@ -413,12 +418,12 @@ def finetune(d: DefendedSplit, train_split: data.Split, config: FinetuneConfig =
   for i in range(config.steps):
     carry, metrics = _train_step(joint, image_shape, carry, batch(i), teacher)
     record(i, metrics, "")
-  d, decoder = carry[0], carry[2]
+  d = carry[0]
   carry = (d, cloud_tx.init((d.variables["params"], d.defense_params)))
   for i in range(config.steps, total):
     carry, metrics = _cloud_step(config, carry, batch(i), teacher)
     record(i, metrics, "cloud_")
-  return carry[0], {**history, "decoder": decoder}
+  return carry[0], history
 
 
 # ------------------------------------------------------------------------------ attacks
@@ -440,17 +445,25 @@ def adaptive_decoder_attack(d: DefendedSplit, aux_images: np.ndarray, victim_ima
 
   With ``inner`` (the fine-tuning's config), refuses an attacker weaker than the rules
   of docs/method.md §13: fewer than ``ATTACKER_STEPS_FACTOR`` times the inner decoder's
-  steps, a narrower decoder, or the inner decoder's own seed.
+  steps, a narrower decoder, or a key the fine-tuning used (its seed, the inner decoder's
+  initialization, its noise) for the attacker's own key, training key or initialization.
   """
   if inner is not None and d.stack.adversarial_weight:
     check_attacker(config, inner)
-  if inner is not None and np.array_equal(jax.random.key_data(key),
-                                          jax.random.key_data(jax.random.key(inner.seed))):
-    raise ValueError("the adaptive attacker must not reuse the fine-tuning's seed")
   aux_key, victim_key, train_key = jax.random.split(key, 3)
+  if inner is not None:
+    fine_tuning = jax.random.key(inner.seed)
+    used = {tuple(np.asarray(jax.random.key_data(k)).tolist())
+            for k in (fine_tuning, *jax.random.split(fine_tuning))}
+    mine = {tuple(np.asarray(jax.random.key_data(k)).tolist())
+            for k in (key, train_key, *jax.random.split(train_key))}
+    if used & mine:
+      raise ValueError("the adaptive attacker must not reuse the fine-tuning's seed or the "
+                       "inner decoder's key")
   aux = messages(d, aux_images, aux_key)
   victims = messages(d, victim_images, victim_key)
-  decoders, losses = attacks.train_decoders(train_key, aux[None], jnp.asarray(aux_images), config)
+  decoders, losses = attacks.train_decoders(train_key, aux[None], jnp.asarray(aux_images), config,
+                                            progress="adaptive decoder")
   recon = attacks.decode(decoders, victims[None])[0]
   return attacks.summary(recon, victim_images, losses=np.asarray(losses[0]))
 
@@ -468,7 +481,8 @@ def whitebox_attack(d: DefendedSplit, victim_images: np.ndarray, key: jax.Array,
   scale = jnp.mean(targets ** 2, axis=tuple(range(1, len(shape)))) + 1e-12
   carry = (x0, optax.adam(config.learning_rate).init(x0))
   (x, _), losses = attacks.iterate(_whitebox_step, (config,), carry,
-                                   jax.random.split(step_key, config.steps), (d, targets, scale))
+                                   jax.random.split(step_key, config.steps), (d, targets, scale),
+                                   progress="white-box attack")
   return attacks.summary(x, victim_images, losses=np.asarray(losses))
 
 

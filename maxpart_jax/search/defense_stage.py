@@ -263,8 +263,7 @@ def _finalists_stage(config: ml_collections.ConfigDict, workdir: str, evaluator:
   wanted = [e["key"] for e in chosen]
   rows = sorted((r for r in state["rows"] if r["key"] in wanted),
                 key=lambda r: wanted.index(r["key"]))
-  feasible = [r for r in rows if r["feasible"]]
-  answer = max(feasible, key=lambda r: r["selection"]["privacy"]) if feasible else None
+  answer = choose_answer(rows)
   report = {
       "stack": stack.spec(), "feasible": answer is not None,
       "answer": answer, "finalists": rows,
@@ -284,6 +283,14 @@ def _finalists_stage(config: ml_collections.ConfigDict, workdir: str, evaluator:
   _grid(rows, state["recon"], sets["test_victims"][:config.defense.grid_images],
         os.path.join(workdir, GRID_FILE))
   return report
+
+
+def choose_answer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """The most private feasible finalist by its selection numbers (``1 − max`` of both
+  attacks' SSIM on the held-out training victims; feasibility from the validation ε and the
+  defended energy), the first on a tie; None if none is feasible. It reads no test number."""
+  feasible = [r for r in rows if r["feasible"]]
+  return max(feasible, key=lambda r: r["selection"]["privacy"]) if feasible else None
 
 
 def _finalist_keys(config: ml_collections.ConfigDict, split: int) -> list[jax.Array]:

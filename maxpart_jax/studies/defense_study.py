@@ -1,15 +1,20 @@
 """The defended-split study: each row is a genome and a defense stack, fine-tuned, then
 measured against an adaptive attacker (docs/method.md §13, ``results/defenses/``).
 
-Per row: test top-1 through the defended deployment, the edge energy with the defense's
-layers and the message's transmission, the bits sent, the paper's P (mse) of the message,
-the adaptive decoder's and the white-box attack's SSIM / PSNR, and whether the row meets the
-budget and the accuracy bound (against the float model's test top-1). Rows are stored as
-they finish; a rerun resumes and refuses a workdir made with other settings.
+Per row: validation and test top-1 through the defended deployment, the edge energy with the
+defense's layers and the message's transmission, the bits sent, the paper's P (mse) of the
+message, the adaptive decoder's and the white-box attack's SSIM / PSNR on two victim sets,
+and whether the row meets the budget and the accuracy bound. **Selection never sees test
+data**: feasibility is judged on validation top-1 against the float model's, and
+:func:`select` picks the most private feasible row on training images held out of the
+fine-tuning (the selection victims); test top-1 and the test victims' attacks are reported
+beside them, held out. Rows are stored as they finish; a rerun resumes and refuses a workdir
+made with other settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -81,17 +86,27 @@ def parse_rows(model, config: ml_collections.ConfigDict
 
 
 def image_sets(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The fine-tuning split, the attacker's images (val), the victims and the test split."""
+  """The study's images, pairwise disjoint in their roles: the fine-tuning split (``train``
+  without the selection victims), the attacker's images and the validation split (``val``:
+  top-1 for selection), the selection victims (training images held out of the fine-tuning),
+  and the held-out test split and its victims, which nothing is chosen on."""
   kw = dict(dataset=config.dataset, data_dir=config.data_dir or None)
   train_split, val, test = (data.load_split(s, **kw) for s in ("train", "val", "test"))
-  if config.aux_images > len(val) or config.victim_images > len(test):
-    raise ValueError(f"at most {len(val)} attacker images (the val split) and {len(test)} "
-                     f"victims, got {config.aux_images} and {config.victim_images}")
+  if (config.aux_images > len(val) or config.victim_images > len(test)
+      or config.selection_victims > len(train_split) // 2):
+    raise ValueError(f"at most {len(val)} attacker images (the val split), {len(test)} test "
+                     f"victims and {len(train_split) // 2} selection victims, got "
+                     f"{config.aux_images}, {config.victim_images} and {config.selection_victims}")
   rng = np.random.default_rng(config.seed)
   aux = val.float_images()[np.sort(rng.permutation(len(val))[:config.aux_images])]
   victims = test.float_images()[np.sort(rng.permutation(len(test))[:config.victim_images])]
-  init = train_split.float_images()[rng.permutation(len(train_split))[:config.init_images]]
-  return {"train": train_split, "test": test, "aux": aux, "victims": victims, "init": init}
+  order = rng.permutation(len(train_split))
+  held, kept = np.sort(order[:config.selection_victims]), order[config.selection_victims:]
+  fine_tuning = dataclasses.replace(train_split, images=train_split.images[np.sort(kept)],
+                                    labels=train_split.labels[np.sort(kept)])
+  init = train_split.float_images()[kept[:config.init_images]]
+  return {"train": fine_tuning, "val": val, "test": test, "aux": aux, "victims": victims,
+          "selection_victims": train_split.float_images()[held], "init": init}
 
 
 def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +119,7 @@ def study_identity(config: ml_collections.ConfigDict, sets: dict[str, Any]) -> d
   with open(os.path.join(config.model_dir, "model.json"), "rb") as f:
     identity["model_sha256"] = hashlib.sha256(f.read()).hexdigest()
   identity["data"] = data.content_hash(config.dataset, config.data_dir or None)
-  for what in ("aux", "victims", "init"):
+  for what in ("aux", "victims", "selection_victims", "init"):
     identity[f"{what}_sha256"] = hashlib.sha256(sets[what].tobytes()).hexdigest()
   return json.loads(json.dumps(identity))
 
@@ -125,49 +140,85 @@ def _fine_tuned(model, variables, genome: Genome, stack: defenses.Stack, sets: d
   return d, history, ft
 
 
+def _attack_scores(attack: dict[str, Any], lo: int, hi: int) -> dict[str, float]:
+  return {"ssim": float(attack["ssim_per_image"][lo:hi].mean()),
+          "psnr": float(attack["psnr_per_image"][lo:hi].mean())}
+
+
 def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: dict[str, Any],
-                config: ml_collections.ConfigDict, key: jax.Array, float_accuracy: float,
+                config: ml_collections.ConfigDict, key: jax.Array, float_accuracy: dict[str, float],
                 finetune: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Fine-tunes one defended deployment (``finetune``: its settings) and attacks it; the row
-  and its reconstructions."""
+  and its reconstructions of the test victims.
+
+  The numbers that choose (``selection``): validation top-1 and its loss against the float
+  model's validation top-1 (``val_eps``), both attacks on the selection victims. The numbers
+  that report (``test``, held out): test top-1 and both attacks on the test victims. One
+  adaptive decoder decodes both victim sets; the white-box attack inverts the first
+  ``whitebox_images`` of each."""
   init_key, eval_key, attack_key, wb_key = jax.random.split(key, 4)
   start = time.time()
   d, history, ft = _fine_tuned(model, variables, genome, stack, sets, config, init_key, finetune)
   finetune_s = time.time() - start
+  val_accuracy = defended.accuracy(d, sets["val"], eval_key)
   accuracy = defended.accuracy(d, sets["test"], eval_key)
   victims = sets["victims"]
   msgs = defended.messages(d, victims, eval_key)
   p_mse = float(privacy.mean_privacy(victims, msgs, "mse"))
+  n_sel, n_wb = len(sets["selection_victims"]), config.whitebox_images
   t = time.time()
-  dec = defended.adaptive_decoder_attack(d, sets["aux"], victims, attack_key,
-                                         attacks.DecoderConfig(**config.decoder), ft)
+  dec = defended.adaptive_decoder_attack(
+      d, sets["aux"], np.concatenate([sets["selection_victims"], victims]), attack_key,
+      attacks.DecoderConfig(**config.decoder), ft)
   decoder_s = time.time() - t
   t = time.time()
-  wb = defended.whitebox_attack(d, victims[:config.whitebox_images], wb_key,
-                                attacks.WhiteboxConfig(**config.whitebox))
+  wb = defended.whitebox_attack(
+      d, np.concatenate([sets["selection_victims"][:n_wb], victims[:n_wb]]), wb_key,
+      attacks.WhiteboxConfig(**config.whitebox))
   whitebox_s = time.time() - t
   device = DeviceConfig(budget_mj=config.budget_mj)
   energy = defenses.defended_energy(model.info, genome, stack, device, config.transmission)
-  eps = float_accuracy - accuracy
+  val_eps = float_accuracy["val"] - val_accuracy
+  sel_dec, sel_wb = _attack_scores(dec, 0, n_sel), _attack_scores(wb, 0, n_wb)
   row = {
       "p": int(genome.p), "block": model.info.blocks[int(genome.p) - 1].label,
       "defenses": stack.spec(), "genome": genome.to_json(), "finetune": finetune,
-      "test_accuracy": accuracy, "test_eps": eps,
+      "val_accuracy": val_accuracy, "val_eps": val_eps,
+      "test_accuracy": accuracy, "test_eps": float_accuracy["test"] - accuracy,
       "energy_mj": float(energy.total_mj), "compute_mj": float(energy.compute_mj),
       "transmission_mj": float(energy.transmission_mj),
       "message_shape": list(d.message_shape),
       "message_bits": float(defenses.message_bits(model.info, genome, stack)),
       "privacy_mse": p_mse,
-      "decoder": {"ssim": dec["ssim"], "psnr": dec["psnr"], "final_loss": float(dec["losses"][-1]),
-                  "seconds": round(decoder_s, 1)},
-      "whitebox": {"ssim": wb["ssim"], "psnr": wb["psnr"], "seconds": round(whitebox_s, 1)},
+      "selection": {"decoder": sel_dec, "whitebox": sel_wb,
+                    "privacy": 1.0 - max(sel_dec["ssim"], sel_wb["ssim"])},
+      "decoder": {**_attack_scores(dec, n_sel, len(dec["ssim_per_image"])),
+                  "final_loss": float(dec["losses"][-1]), "seconds": round(decoder_s, 1)},
+      "whitebox": {**_attack_scores(wb, n_wb, 2 * n_wb), "seconds": round(whitebox_s, 1)},
       "inner_decoder_mse": float(np.mean(history["decoder_mse"][-50:])),
       "finetune_final_ce": float(np.mean(history["ce"][-50:])),
       "finetune_seconds": round(finetune_s, 1),
-      "feasible": bool(float(energy.total_mj) < config.budget_mj and eps <= config.eps_bound),
+      "feasible": feasible(float(energy.total_mj), val_eps, config),
   }
   n = config.grid_images
-  return row, {"decoder": dec["reconstructions"][:n], "whitebox": wb["reconstructions"][:n]}
+  return row, {"decoder": dec["reconstructions"][n_sel:n_sel + n],
+               "whitebox": wb["reconstructions"][n_wb:n_wb + n]}
+
+
+def feasible(energy_mj: float, val_eps: float, config: ml_collections.ConfigDict) -> bool:
+  """The search's bounds (docs/method.md): energy below the budget, the validation accuracy
+  loss within ``eps_bound``."""
+  return bool(energy_mj < config.budget_mj and val_eps <= config.eps_bound)
+
+
+def select(rows: list[dict[str, Any]]) -> str | None:
+  """The row a user of the study would deploy: the most private feasible row by the
+  selection numbers (``1 − max`` of both attacks' SSIM on the selection victims; validation
+  top-1 breaks a tie), never by a test number. None if no row is feasible."""
+  ok = [r for r in rows if r["feasible"]]
+  if not ok:
+    return None
+  return max(ok, key=lambda r: (r["selection"]["privacy"], r["val_accuracy"]))["row"]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any]:
@@ -179,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
   rows_plan = parse_rows(model, config)
   sets = image_sets(config)
   identity = study_identity(config, sets)
-  float_accuracy = train.evaluate(model, variables, sets["test"])
+  float_accuracy = {s: train.evaluate(model, variables, sets[s]) for s in ("val", "test")}
   with runs.workdir_lock(workdir):
     state = load_rows(workdir, identity, "defense study")
     stored = {row["row"]: row for row in state["rows"]}
@@ -200,9 +251,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
       state["rows"].append({"row": name, "genome_name": genome_name, **row})
       state["recon"].update({f"{k}|{name}": v for k, v in recon.items()})
       save_rows(workdir, state)
-      logging.info("%s: top-1 %.2f %%, energy %.4f mJ, decoder SSIM %.3f, white-box SSIM %.3f",
-                   name, 100 * row["test_accuracy"], row["energy_mj"], row["decoder"]["ssim"],
-                   row["whitebox"]["ssim"])
+      logging.info("%s: val top-1 %.2f %%, energy %.4f mJ, selection victims: decoder SSIM "
+                   "%.3f, white-box SSIM %.3f", name, 100 * row["val_accuracy"],
+                   row["energy_mj"], row["selection"]["decoder"]["ssim"],
+                   row["selection"]["whitebox"]["ssim"])
       progress(i + 1)
     wanted = [r[0] for r in rows_plan]
     budgets = {name: (settings.info_from_spec(b.energy_model.to_dict()), b)
@@ -210,8 +262,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, 
     rows = [{**r, "other_budgets": other_budgets(r, budgets, config.eps_bound)}
             for r in state["rows"] if r["row"] in wanted]
     rows.sort(key=lambda r: wanted.index(r["row"]))
-    result = {"config": config.to_dict(), "float_test_accuracy": float_accuracy, "rows": rows,
-              "proxies": proxy_correlations(rows), "environment": runs.environment()}
+    result = {"config": config.to_dict(), "float_val_accuracy": float_accuracy["val"],
+              "float_test_accuracy": float_accuracy["test"], "rows": rows,
+              "selected": select(rows), "proxies": proxy_correlations(rows),
+              "environment": runs.environment()}
     os.makedirs(out, exist_ok=True)
     checkpoint.write_json(os.path.join(out, "study.json"), result)
     _plots(result, state["recon"], sets["victims"][:config.grid_images], config, out)
@@ -222,7 +276,7 @@ def other_budgets(row: dict[str, Any], budgets: dict[str, tuple[Any, Any]],
                   eps_bound: float) -> dict[str, Any]:
   """The row's energy and feasibility under each of ``budgets`` (``{name: (energy model's
   info, the config's budget entry)}``): its genome and stack charged on that energy model,
-  the row's accuracy loss against the same bound (the model is the same)."""
+  the row's validation accuracy loss against the same bound (the model is the same)."""
   out = {}
   for name, (info, b) in budgets.items():
     energy = defenses.defended_energy(info, Genome.from_json(row["genome"]),
@@ -230,7 +284,7 @@ def other_budgets(row: dict[str, Any], budgets: dict[str, tuple[Any, Any]],
                                       DeviceConfig(budget_mj=b.budget_mj), b.transmission)
     out[name] = {"energy_mj": float(energy.total_mj), "budget_mj": b.budget_mj,
                  "feasible": bool(float(energy.total_mj) < b.budget_mj
-                                  and row["test_eps"] <= eps_bound)}
+                                  and row["val_eps"] <= eps_bound)}
   return out
 
 
@@ -271,11 +325,12 @@ P of the message, and the inner decoder's reconstruction MSE at the end of the f
 
 
 def proxy_correlations(rows: list[dict[str, Any]]) -> dict[str, Any]:
-  """Spearman's rho (and p) of each proxy against the adaptive decoder's SSIM over the rows;
-  a proxy fit for a search needs rho <= -0.9 (higher proxy, worse reconstructions)."""
+  """Spearman's rho (and p) of each proxy against the adaptive decoder's SSIM on the selection
+  victims over the rows; a proxy fit for a search needs rho <= -0.9 (higher proxy, worse
+  reconstructions)."""
   if len(rows) < 3:
     return {}
-  ssim = [r["decoder"]["ssim"] for r in rows]
+  ssim = [r["selection"]["decoder"]["ssim"] for r in rows]
   out = {}
   for proxy in PROXIES:
     rho, p = stats.spearmanr([r[proxy] for r in rows], ssim)
@@ -285,20 +340,28 @@ def proxy_correlations(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.ndarray,
            config: ml_collections.ConfigDict, out: str) -> None:
+  """``privacy_accuracy.png``: what chose (validation top-1, selection victims) beside what is
+  held out (test top-1, test victims); ``grid.png``: test victims and their reconstructions."""
   rows = result["rows"]
-  floor = result["float_test_accuracy"] - config.eps_bound
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
-  for ax, attack in zip(axes, ("decoder", "whitebox")):
+  panels = (("val", lambda r: r["selection"], "selection (validation top-1, training victims)"),
+            ("test", lambda r: r, "held out (test top-1, test victims)"))
+  for ax, (split, scores, title) in zip(axes, panels):
     for r in rows:
+      x = 100 * r[f"{split}_accuracy"]
+      color = "C0" if r["defenses"] == "none" else "C3"
       ok = r["energy_mj"] < config.budget_mj
-      ax.scatter(100 * r["test_accuracy"], r[attack]["ssim"], marker="o" if ok else "x",
-                 color="C0" if r["defenses"] == "none" else "C3")
-      ax.annotate(r["row"], (100 * r["test_accuracy"], r[attack]["ssim"]), fontsize=6,
-                  xytext=(3, 3), textcoords="offset points")
+      ax.scatter(x, scores(r)["decoder"]["ssim"], marker="o" if ok else "x", color=color)
+      ax.scatter(x, scores(r)["whitebox"]["ssim"], marker="v", facecolors="none",
+                 edgecolors=color, s=18)
+      label = r["row"] + (" (selected)" if r["row"] == result["selected"] else "")
+      ax.annotate(label, (x, scores(r)["decoder"]["ssim"]), fontsize=6, xytext=(3, 3),
+                  textcoords="offset points")
+    floor = result[f"float_{split}_accuracy"] - config.eps_bound
     ax.axvline(100 * floor, color="gray", ls="--", lw=0.8, label="accuracy bound")
     ax.axhline(0.3, color="gray", ls=":", lw=0.8, label="SSIM 0.3")
-    ax.set(xlabel="test top-1 (%)", ylabel=f"{attack} SSIM (adaptive)",
-           title=f"{attack} attack vs accuracy (x: over the energy budget)")
+    ax.set(xlabel=f"{split} top-1 (%)", ylabel="SSIM (dots: adaptive decoder, ▽: white-box)",
+           title=f"{title}; x: over the energy budget")
     ax.legend(fontsize=7)
   fig.savefig(os.path.join(out, "privacy_accuracy.png"), dpi=110)
   plt.close(fig)
@@ -310,5 +373,5 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
       if images is not None:
         lines.append((f"{attack}\n{r['row']}\nSSIM {r[attack]['ssim']:.2f}", images))
   reconstruction_grid(lines, os.path.join(out, "grid.png"),
-                      "victims and their reconstructions by adaptive attackers", label_size=5,
-                      label_width=2.2)
+                      "test victims and their reconstructions by adaptive attackers",
+                      label_size=5, label_width=2.2)
