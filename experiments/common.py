@@ -61,7 +61,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     f = flags.FLAGS
     try:  # before anything touches JAX
       distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
-                             auto=f.distributed, heartbeat_timeout_s=f.heartbeat_timeout)
+                             auto=f.distributed, heartbeat_timeout_s=f.heartbeat_timeout,
+                             supervise=True)
     except ValueError as e:
       sys.exit(f"error: {e}")
   return rest
@@ -89,7 +90,9 @@ def run_in_workdir(config: ml_collections.ConfigDict, workdir: str, job: Callabl
   """Validates ``config``, holds ``workdir``, records the config there and runs ``job``.
 
   A ``ValueError`` (bad config, data, checkpoint or workdir; another run holding it)
-  ends the process with its one-line message and a non-zero exit code.
+  ends the process with its one-line message and exit code 1; an error that says another
+  process of the job stopped ends it as every survivor ends
+  (:func:`maxpart_jax.distributed.exit_lost_peer`).
   """
   try:
     if validate:
@@ -97,8 +100,12 @@ def run_in_workdir(config: ml_collections.ConfigDict, workdir: str, job: Callabl
     with runs.workdir_lock(workdir):
       record_config(config, workdir)
       return job()
-  except ValueError as e:
-    sys.exit(f"error: {distributed.lost_peer(e) or e}")
+  except Exception as e:  # pylint: disable=broad-except  (a lost peer raises several kinds)
+    if distributed.lost_peer(e):
+      distributed.exit_lost_peer(e)
+    if isinstance(e, ValueError):
+      sys.exit(f"error: {e}")
+    raise
 
 
 def quiet_logs() -> None:

@@ -15,6 +15,7 @@ import json
 import logging as py_logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maxpart_jax import distributed
 from maxpart_jax.models import SplitModel, Variables, model_from_spec
 from maxpart_jax.runs import unique_tmp
 
@@ -44,26 +46,56 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int | None, Any]:
-  """``(step, state)`` of the newest checkpoint that loads, or ``(None, like)`` if there is none.
+def restore_latest(mngr: ocp.CheckpointManager, like: Any,
+                   steps: Sequence[int] | None = None) -> tuple[int | None, Any]:
+  """``(step, state)`` of the newest of ``steps`` (default: the manager's) that loads, or
+  ``(None, like)`` if there are none.
 
   A step that does not load (corrupt or incomplete files) is logged and the one before it
-  is tried; if none loads, a ``ValueError`` names the folder.
+  is tried; if none loads, a ``ValueError`` names the folder. In a job of several processes
+  ``steps`` must be the leader's, the same in every process; each process reads each step
+  itself and they agree on the outcome: a step the leader cannot load is passed over by
+  all, and one that it loads but another process cannot (a folder that is not the leader's)
+  stops every process with a ``ValueError`` that names the requirement of one shared folder.
   """
-  steps = sorted(mngr.all_steps(), reverse=True)
+  steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  reader = _local_reader(mngr.directory) if jax.process_count() > 1 else mngr
   errors = []
   for step in steps:
     try:
-      return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      state, error = reader.restore(step, args=ocp.args.StandardRestore(abstract)), None
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-      logging.warning("checkpoint step %d in %s does not load (%s); trying an earlier one",
-                      step, mngr.directory, errors[-1])
+      state, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    loaded = distributed.everyone(error is None)
+    if all(loaded):
+      return step, state
+    if loaded[0]:  # the leader's checkpoint, missing or unreadable in another process
+      failed = [i for i, ok in enumerate(loaded) if not ok]
+      raise ValueError(f"process(es) {failed} of this job cannot load checkpoint step {step} "
+                       f"in {mngr.directory}, which process 0 resumes from"
+                       f"{f' ({error})' if error else ''}: {distributed.SHARED_FOLDER}")
+    errors.append(f"step {step}: {error or 'loads in this process but not in process 0'}")
+    logging.warning("checkpoint step %d in %s does not load (%s); trying an earlier one",
+                    step, mngr.directory, errors[-1])
   if steps:
     raise ValueError(f"no checkpoint in {mngr.directory} loads ({'; '.join(errors)}); delete "
                      "that folder to start the run again from the beginning")
   return None, like
+
+
+def _this_process_alone() -> ocp.options.MultiprocessingOptions:
+  """Orbax options to read in this process alone, with no barrier with the others: a
+  process whose read fails still meets them at the next collective (an agreement)."""
+  this = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=this, active_processes={this})
+
+
+def _local_reader(directory: Any) -> ocp.CheckpointManager:
+  """A manager that reads ``directory`` in this process alone (and never writes there)."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False,
+      multiprocessing_options=_this_process_alone()))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -147,7 +179,8 @@ def load_model(directory: str) -> tuple[SplitModel, Variables, dict[str, Any]]:
     meta = json.load(f)
   model = model_from_spec(meta["model"])
   expected = jax.eval_shape(model.init, jax.random.key(0))
-  with ocp.StandardCheckpointer() as ckpt:
+  # Each process reads alone (a job's processes agree on the outcome afterwards).
+  with ocp.StandardCheckpointer(multiprocessing_options=_this_process_alone()) as ckpt:
     stored = ckpt.metadata(os.path.join(directory, "variables"))
     stored = getattr(stored, "item_metadata", stored)
     check_variables_match(model, expected, stored, directory)

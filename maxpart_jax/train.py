@@ -492,13 +492,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   history: dict[str, Any] = {"identity": identity, "epochs": [], "train_seconds": 0.0,
                              "checkpoints": {}}
   sums, seen = np.zeros(2), 0  # train loss and accuracy summed over the epoch's steps so far
-  resuming = mngr.latest_step() is not None
-  if resuming:  # the leader's history, in every process
-    stored = distributed.broadcast(_read_history(history_path) if leader else None)
+  # The leader's folder decides whether and from which step every process resumes (another
+  # process's view may lag or be another folder: restore_latest stops the job if it lacks
+  # the step), and the leader's history is every process's.
+  steps = distributed.from_leader(lambda: list(mngr.all_steps()), "list the checkpoints")
+  if steps:
+    stored = distributed.from_leader(lambda: _read_history(history_path),
+                                     "read the pre-training history")
     runs.check_identity(stored and stored.get("identity"), identity, workdir, "pre-training")
   # A resumed run needs only the state's structure (restore_latest loads or raises), placed
   # like the state it restores (replicated over the data-parallel mesh).
-  if resuming:
+  if steps:
     like = jax.eval_shape(new_state)
     if replicated is not None:
       like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -507,7 +511,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     like = new_state()
     if replicated is not None:
       like = jax.device_put(distributed.for_global_put(like), replicated)
-  restored, state = checkpoint.restore_latest(mngr, like)
+  restored, state = checkpoint.restore_latest(mngr, like, steps)
   if restored is not None:
     history = _history_at(stored, restored)
     at = history["checkpoints"][str(restored)]

@@ -20,6 +20,7 @@ from maxpart_jax import checkpoint, distributed
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5
 STOP_BOUND_S = 90  # heartbeat timeout, the coordination service's shutdown, a loaded machine
+START_BOUND_S = 300  # a job's start (imports, data, compilation) on a loaded machine
 
 
 def _free_port() -> int:
@@ -48,26 +49,68 @@ def _pretrain_command(data_dir, workdir) -> list[str]:
           f"--config.data_dir={data_dir}", "--config.devices=all", f"--workdir={workdir}"]
 
 
-def _launch(smoke, workdir, processes: int, devices: int, script: str = "search"
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+  """Kills what a failed (or hung) test left running."""
+  yield
+  while _LAUNCHED:
+    p = _LAUNCHED.pop()
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _launch(smoke, workdir, processes: int, devices: int, script: str = "search",
+            extra: tuple[str, ...] = (), follower_extra: tuple[str, ...] = ()
             ) -> list[subprocess.Popen]:
   """``processes`` processes with ``devices`` CPU devices each, joined as one job
-  (``smoke``: the search config, or for ``script="train"`` the fake data's folder)."""
+  (``smoke``: the search config, or for ``script="train"`` the fake data's folder), with
+  ``extra`` flags, and ``follower_extra`` after them in the processes other than 0 (a later
+  flag overrides an earlier one). Process i logs to ``<workdir>.<i>.log`` beside ``workdir``."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   command = (_pretrain_command(smoke, workdir) if script == "train"
-             else _command(smoke, workdir, script))
+             else _command(smoke, workdir, script)) + list(extra)
   if processes > 1:
     port = _free_port()
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
                 f"--heartbeat_timeout={HEARTBEAT_S}"]
-  logs = pathlib.Path(workdir).parent
-  return [subprocess.Popen(command + ([f"--process_id={i}"] if processes > 1 else []), cwd=REPO,
-                           env=env, stdout=open(logs / f"{pathlib.Path(workdir).name}.{i}.log", "a"),
-                           stderr=subprocess.STDOUT) for i in range(processes)]
+  logs, procs = pathlib.Path(workdir).parent, []
+  for i in range(processes):
+    with open(logs / f"{pathlib.Path(workdir).name}.{i}.log", "a") as log:  # the child keeps it
+      procs.append(subprocess.Popen(
+          command + ([f"--process_id={i}"] if processes > 1 else [])
+          + (list(follower_extra) if i else []),
+          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  _LAUNCHED.extend(procs)
+  return procs
 
 
 def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
   return [p.wait(timeout=timeout) for p in procs]
+
+
+def _wait_for(procs: list[subprocess.Popen], logs: list[pathlib.Path], line: str,
+              timeout: float = START_BOUND_S) -> None:
+  """Waits until every log holds ``line`` (every process still running)."""
+  deadline = time.time() + timeout
+  while not all(log.exists() and line in log.read_text() for log in logs):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), (
+        f"the job did not reach {line!r}: " + logs[0].read_text()[-3000:])
+    time.sleep(0.2)
+
+
+def _last_line(log: pathlib.Path) -> str:
+  return log.read_text().rstrip().splitlines()[-1]
+
+
+def _assert_stopped_for_a_lost_peer(code: int, log: pathlib.Path) -> None:
+  """The survivor of a lost process: the project's message last, and its exit code."""
+  assert code == distributed.LOST_PEER_EXIT_CODE, log.read_text()[-3000:]
+  assert _last_line(log) == distributed.LOST_PEER_MESSAGE
 
 
 def _results(workdir) -> dict:
@@ -114,9 +157,8 @@ def test_a_lost_process_stops_the_job_and_the_rerun_reproduces_like_one_process(
   procs[1].send_signal(signal.SIGKILL)
   killed = time.time()
   code = procs[0].wait(timeout=STOP_BOUND_S + 60)
-  assert code != 0 and time.time() - killed < STOP_BOUND_S
-  log = (tmp_path / "reproduce.0.log").read_text()
-  assert "another process of this job stopped" in log or "distributed service" in log
+  assert time.time() - killed < STOP_BOUND_S
+  _assert_stopped_for_a_lost_peer(code, tmp_path / "reproduce.0.log")
 
   codes = _wait(_launch(smoke, workdir, 2, 2, "reproduce"))
   assert codes == [0, 0], (tmp_path / "reproduce.0.log").read_text()[-3000:]
@@ -134,18 +176,28 @@ def test_a_lost_process_stops_the_job_and_the_rerun_reproduces_like_one_process(
   assert report["claims"] == one_process["report"]["claims"]
 
 
+@pytest.fixture(scope="module")
+def pretrained(fake_data_dir, tmp_path_factory) -> pathlib.Path:
+  """The smoke pre-training (2 epochs of 3 steps, checkpoints at steps 3 and 6) in one
+  process over 4 devices (``one``) and in two processes of 2 devices each (``two``): the
+  folder holding both workdirs. Copy a workdir before changing anything in it."""
+  root = tmp_path_factory.mktemp("pretrain")
+  for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
+    codes = _wait(_launch(fake_data_dir, root / name, processes, devices, "train"))
+    assert codes == [0] * processes, (root / f"{name}.0.log").read_text()[-3000:]
+  return root
+
+
 @pytest.mark.slow
 def test_two_processes_pretrain_like_one_over_the_same_devices_and_resume(fake_data_dir,
-                                                                         tmp_path):
+                                                                         pretrained, tmp_path):
   """Data parallelism across processes: each process makes its rows of every batch, the
   gradients and batch statistics are summed over both, the result is one process's over
   the same 4 devices to float rounding; without its last checkpoint the job resumes to the
   very same model."""
   runs = {}
-  for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
-    workdir = tmp_path / name
-    codes = _wait(_launch(fake_data_dir, workdir, processes, devices, "train"))
-    assert codes == [0] * processes, (tmp_path / f"{name}.0.log").read_text()[-3000:]
+  for name in ("one", "two"):
+    workdir = pretrained / name
     with open(workdir / "history.json") as f:
       history = json.load(f)
     with open(workdir / "results.json") as f:
@@ -167,6 +219,7 @@ def test_two_processes_pretrain_like_one_over_the_same_devices_and_resume(fake_d
 
   # The job stopped after its first epoch's checkpoint: the same command resumes there.
   workdir = tmp_path / "two"
+  shutil.copytree(pretrained / "two", workdir)
   shutil.rmtree(workdir / "checkpoints" / "6")
   shutil.rmtree(workdir / "model")
   assert _wait(_launch(fake_data_dir, workdir, 2, 2, "train")) == [0, 0]
@@ -175,6 +228,68 @@ def test_two_processes_pretrain_like_one_over_the_same_devices_and_resume(fake_d
   assert resumed[2]["variables_sha256"] == two_model[2]["variables_sha256"]
   with open(workdir / "history.json") as f:
     assert json.load(f)["epochs"] == two_history["epochs"]
+
+
+@pytest.mark.slow
+def test_a_follower_that_does_not_see_the_leaders_checkpoint_stops_the_job(fake_data_dir,
+                                                                          pretrained, tmp_path):
+  """Processes whose workdirs are not one shared folder: the follower's copy lacks the
+  leader's newest checkpoint. The leader's step decides for both; the follower cannot load
+  it, and both stop at once, naming the requirement, instead of hanging or training on
+  from different steps (the follower used to resume from its own newest step, 3)."""
+  leader, follower = tmp_path / "two", tmp_path / "follower"
+  shutil.copytree(pretrained / "two", leader)
+  shutil.copytree(leader, follower)
+  shutil.rmtree(follower / "checkpoints" / "6")
+  procs = _launch(fake_data_dir, leader, 2, 2, "train", follower_extra=(f"--workdir={follower}",))
+  codes = _wait(procs, timeout=START_BOUND_S)
+  assert codes == [1, 1], (tmp_path / "two.1.log").read_text()[-3000:]
+  for i in range(2):
+    line = _last_line(tmp_path / f"two.{i}.log")
+    assert line.startswith("error: process(es) [1] of this job cannot load checkpoint step 6 "
+                           f"in {(follower if i else leader) / 'checkpoints'}, which process 0 "
+                           "resumes from"), line
+    assert line.endswith(f": {distributed.SHARED_FOLDER}"), line
+
+
+def test_a_follower_without_the_leaders_model_stops_the_search(smoke, tmp_path):
+  """The leader finds the pre-trained model; the follower's model_dir (not the leader's
+  folder) is empty: both stop at once, the follower naming the requirement, instead of the
+  follower pre-training alone while the leader searches (a hang)."""
+  elsewhere = tmp_path / "elsewhere" / "model"
+  elsewhere.mkdir(parents=True)
+  procs = _launch(smoke, tmp_path / "search", 2, 2,
+                  follower_extra=(f"--config.model_dir={elsewhere}",))
+  codes = _wait(procs, timeout=START_BOUND_S)
+  assert codes == [1, 1], (tmp_path / "search.1.log").read_text()[-3000:]
+  follower = _last_line(tmp_path / "search.1.log")
+  assert follower.startswith(f"error: process 1 of this job cannot load the pre-trained model at "
+                             f"{elsewhere} that process 0 loads ("), follower
+  assert follower.endswith(f": {distributed.SHARED_FOLDER}"), follower
+  assert _last_line(tmp_path / "search.0.log") == (
+      f"error: process(es) [1] of this job could not load the pre-trained model at "
+      f"{smoke.model_dir} (their log says why); every process stops")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [1, 0], ids=["follower", "leader"])
+def test_the_survivor_of_a_lost_process_says_so_with_its_exit_code(fake_data_dir, tmp_path,
+                                                                  killed):
+  """Whichever process is killed once the job has started, the survivor ends within the
+  bound with the project's message as its last line and exit code 75 (it used to be killed
+  by SIGABRT, with or without the message): a lost follower reaches the leader through its
+  next collective or, after the heartbeat timeout, the coordination service it runs; a lost
+  leader takes that service along, which aborts the follower at once (the supervisor's
+  path)."""
+  workdir = tmp_path / "train"
+  procs = _launch(fake_data_dir, workdir, 2, 2, "train", extra=("--config.num_epochs=100",))
+  logs = [tmp_path / f"train.{i}.log" for i in range(2)]
+  _wait_for(procs, logs, "the whole config is in")
+  procs[killed].kill()
+  killed_at = time.time()
+  code = procs[1 - killed].wait(timeout=STOP_BOUND_S + 60)
+  assert time.time() - killed_at < STOP_BOUND_S
+  _assert_stopped_for_a_lost_peer(code, logs[1 - killed])
 
 
 def test_one_process_joins_nothing_and_half_a_job_is_refused():

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 
-from maxpart_jax import checkpoint, data
+from maxpart_jax import checkpoint, data, distributed
 from maxpart_jax.search.settings import (check_data_sizes, energy_info_from_config,
                                        stack_from_config,
                                        fitness_from_config, validate_config)
@@ -18,8 +20,15 @@ from maxpart_jax.train import model_spec, split_spec
 
 
 def load_or_pretrain(config: ml_collections.ConfigDict):
-  """The pre-trained model of ``config.model_dir``; pre-trains it first if there is none."""
-  if not os.path.exists(os.path.join(config.model_dir, "model.json")):
+  """The pre-trained model of ``config.model_dir``; pre-trains it first if there is none.
+
+  In a job of several processes the leader decides whether the model is there; every process
+  then loads it, and a process that cannot, or finds other weights than the leader's, stops
+  every process (its ``model_dir`` is not the leader's).
+  """
+  spec_path = os.path.join(config.model_dir, "model.json")
+  if not distributed.from_leader(lambda: os.path.exists(spec_path),
+                                 f"look for the pre-trained model at {config.model_dir}"):
     from maxpart_jax.train import train_and_evaluate
     if os.path.basename(os.path.normpath(config.model_dir)) != "model":
       raise ValueError(f"no pre-trained model at {config.model_dir}; pre-training writes "
@@ -28,7 +37,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
     logging.info("no pre-trained model at %s: pre-training it first (%s)", config.model_dir,
                  workdir)
     train_and_evaluate(config.pretrain, workdir)
-  model, variables, meta = checkpoint.load_model(config.model_dir)
+  model, variables, meta = _load_everywhere(config.model_dir)
   if meta["dataset"] != config.pretrain.dataset:
     raise ValueError(f"the model at {config.model_dir} was pre-trained on {meta['dataset']}, but "
                      f"config.pretrain.dataset is {config.pretrain.dataset}")
@@ -49,6 +58,28 @@ def load_or_pretrain(config: ml_collections.ConfigDict):
                      "images would include training images. Use the stored settings "
                      "(--config.pretrain.val_fraction / data_seed) or another model_dir")
   return model, variables, meta
+
+
+def _load_everywhere(model_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+  """:func:`checkpoint.load_model` in every process: the leader's weights in all, or an
+  error in all (:func:`distributed.agree`)."""
+  loaded, error = None, None
+  try:
+    loaded = checkpoint.load_model(model_dir)
+  except (OSError, ValueError) as e:
+    error = e
+  sha = loaded[2].get("variables_sha256") if loaded else None
+  leader = distributed.broadcast({"loaded": loaded is not None, "sha": sha})
+  if not distributed.is_leader() and leader["loaded"]:
+    where = f"process {jax.process_index()} of this job"
+    if error:
+      error = ValueError(f"{where} cannot load the pre-trained model at {model_dir} that "
+                         f"process 0 loads ({error}): {distributed.SHARED_FOLDER}")
+    elif sha != leader["sha"]:
+      error = ValueError(f"{where} finds other weights at {model_dir} than process 0 (another "
+                         f"variables_sha256): {distributed.SHARED_FOLDER}")
+  distributed.agree(error, f"load the pre-trained model at {model_dir}")
+  return loaded
 
 
 def build_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
