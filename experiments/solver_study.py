@@ -18,9 +18,11 @@ feasible privacy. An earlier study is how runs whose folders are gone stay in th
 Reports, per
 run: the best feasible privacy after each fine-tuned candidate (and after 1, 2, 4, ...), how
 many candidates it took to come within ``--tolerance`` of the best any GA run reached with
-its whole budget, and the search's time; and how well the solver's estimates rank what was
-measured (Spearman ρ of predicted against measured ε and privacy, over every distinct genome
-the runs evaluated, for both estimators). Writes ``solver_study.json`` and ``solver_study.png``.
+its whole budget, how many it fine-tuned (for the solver, beside its plan's length: what it
+would have fine-tuned without its early stop), and the search's time; and how well the
+solver's estimates rank what was measured (Spearman ρ of predicted against measured ε and
+privacy, over every distinct genome the runs evaluated, for both estimators). Writes
+``solver_study.json`` and ``solver_study.png``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from maxpart_jax import checkpoint
 from maxpart_jax.genome import Genome
 from maxpart_jax.search import settings, solver
 from maxpart_jax.search.fitness import violations
-from maxpart_jax.studies.solver_study import collect, first_within, spearman
+from maxpart_jax.studies.solver_study import collect, spearman, summarize
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _RUNS = flags.DEFINE_list("runs", ["workdirs/solver_study_quick"],
@@ -49,10 +51,6 @@ _OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best counts as reached")
 
 
-AFTER = (1, 2, 4, 6, 8, 16, 32, 64, 128)
-"""Numbers of fine-tunings at which the summary reads every run's best feasible privacy."""
-
-
 def main(argv: list[str]) -> None:
   del argv
   common.quiet_logs()
@@ -62,19 +60,7 @@ def main(argv: list[str]) -> None:
   if not runs.get("ga"):
     raise app.UsageError("no GA run to compare with: give --baseline or a ga_seed<s> folder")
   target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
-  summary = {}
-  for algorithm, rows in runs.items():
-    full = [r["best_feasible_privacy"] for r in rows if not r.get("final_only")]
-    reached = [None if r.get("final_only") else
-               first_within(r["best_feasible_privacy"], target, _TOLERANCE.value) for r in rows]
-    summary[algorithm] = {
-        "seeds": len(rows), "final_best_feasible_privacy": [r["best_feasible_privacy"][-1]
-                                                            for r in rows],
-        "fine_tunings_to_reach": reached, "fine_tunings": [r["evaluations"] for r in rows],
-        "search_seconds": [r["seconds"] for r in rows],
-        # the best feasible privacy after n fine-tunings (0: none feasible yet), each run
-        "after": {n: [c[min(n, len(c)) - 1] for c in full] for n in AFTER
-                  if full and n <= max(len(c) for c in full)}}
+  summary = summarize(runs, target, _TOLERANCE.value)
 
   # How well the estimates rank the measured genomes (every distinct one the runs evaluated).
   from maxpart_jax.search import build  # pylint: disable=import-outside-toplevel
@@ -108,9 +94,11 @@ def main(argv: list[str]) -> None:
   checkpoint.write_json(os.path.join(_OUT.value, "solver_study.json"), out)
   _plot(out, os.path.join(_OUT.value, "solver_study.png"))
   for algorithm, row in summary.items():
+    planned = (f" (plans of {row['plan_candidates']} without the early stop)"
+               if any(n is not None for n in row["plan_candidates"]) else "")
     print(f"{algorithm:9s} best feasible P {row['final_best_feasible_privacy']}  fine-tunings to "
           f"within {_TOLERANCE.value} of {target:.4f}: {row['fine_tunings_to_reach']} of "
-          f"{row['fine_tunings']}  search s {[round(s) for s in row['search_seconds']]}")
+          f"{row['fine_tunings']}{planned}  search s {[round(s) for s in row['search_seconds']]}")
   for estimator in solver.ESTIMATORS:
     r = ranking[estimator]
     print(f"{estimator:8s} Spearman eps {r['spearman_eps']:.3f}  privacy "

@@ -21,8 +21,9 @@ the driver logs.
 ``random``  random search: K fresh genomes from the ``init`` operator per step, the baseline
             any search must beat
 ``solver``  the solver's plan (:mod:`maxpart_jax.search.solver`), K candidates at a time in
-            its order, skipping those predicted less private than the best feasible one
-            measured; it stops when none is left (``done``)
+            its order, skipping those that cannot beat the best feasible one measured even
+            with the largest under-prediction seen so far added (:func:`solver_bound`); it
+            stops when none is left (``done``)
 ==========  ==================================================================================
 
 An algorithm may also have ``done(state, space) -> bool``: the driver then stops before
@@ -40,17 +41,23 @@ from flax import struct
 
 from maxpart_jax.genome import Genome
 from maxpart_jax.search import evolution, nsga2
+from maxpart_jax.search.fitness import FAILED_VIOLATION
 from maxpart_jax.search.operators import SearchSpace
 
 
 @struct.dataclass
 class SolverState:
-  """The ``solver`` algorithm's state: which candidates of the plan were tried, the best.
+  """The ``solver`` algorithm's state: which candidates of the plan were tried, what they
+  measured, the best. Saved with the search after every step, so a resumed search
+  recomputes the same bound (:func:`solver_bound`) from it.
 
   Attributes:
     population: the first K candidates (the first batch).
     fitness: (K,) their fitness.
     tried: (M,) which of the plan's M candidates were evaluated (or skipped).
+    asked: (K,) the plan indices of the batch being evaluated.
+    measured: (M,) the measured privacy of each evaluated candidate that did not fail (NaN:
+      not evaluated, or failed).
     best_feasible: the highest privacy of a feasible evaluated candidate (-inf: none yet).
     best, best_fitness, births, step: as every algorithm's.
   """
@@ -58,6 +65,8 @@ class SolverState:
   population: Genome
   fitness: jax.Array
   tried: jax.Array
+  asked: jax.Array
+  measured: jax.Array
   best_feasible: jax.Array
   best: Genome
   best_fitness: jax.Array
@@ -118,19 +127,27 @@ def solver_init(key: jax.Array, space: SearchSpace, strategy: evolution.Strategy
   del key
   seeds, _ = _plan(space)
   m, k = seeds.p.shape[0], strategy.num_tournaments
-  population = jax.tree.map(lambda x: x[jnp.minimum(jnp.arange(k), m - 1)], seeds)
+  asked = jnp.minimum(jnp.arange(k), m - 1)
+  population = jax.tree.map(lambda x: x[asked], seeds)
   return SolverState(population=population, fitness=jnp.full((k,), -jnp.inf),
-                     tried=jnp.arange(m) < k, best_feasible=jnp.array(-jnp.inf),
+                     tried=jnp.arange(m) < k, asked=asked,
+                     measured=jnp.full((m,), jnp.nan, jnp.float32),
+                     best_feasible=jnp.array(-jnp.inf),
                      best=jax.tree.map(lambda x: x[0], population),
                      best_fitness=jnp.array(-jnp.inf), births=jnp.int32(k), step=jnp.int32(0))
 
 
 def _solver_seen(state: SolverState, genomes: Genome, results: dict) -> SolverState:
+  """Records the results of the batch ``state.asked`` (``genomes``)."""
   fitness = jnp.asarray(results["fitness"], jnp.float32)
-  feasible = jnp.where(jnp.asarray(results["violation"]) == 0,
-                       jnp.asarray(results["privacy"], jnp.float32), -jnp.inf)
+  privacy = jnp.asarray(results["privacy"], jnp.float32)
+  violation = jnp.asarray(results["violation"])
+  feasible = jnp.where(violation == 0, privacy, -jnp.inf)
+  # A failed candidate's privacy (a diverged or collapsed edge) says nothing of the estimates.
+  measured = jnp.where(violation < FAILED_VIOLATION, privacy, jnp.nan)
   best, best_fitness = evolution.keep_best(state.best, state.best_fitness, genomes, fitness)
   return state.replace(best=best, best_fitness=best_fitness,
+                       measured=state.measured.at[state.asked].set(measured),
                        best_feasible=jnp.maximum(state.best_feasible, jnp.max(feasible)))
 
 
@@ -140,11 +157,20 @@ def solver_tell_initial(state: SolverState, results: dict) -> SolverState:
   return state.replace(fitness=jnp.asarray(results["fitness"], jnp.float32))
 
 
+def solver_bound(state: SolverState, space: SearchSpace) -> jax.Array:
+  """(M,) the calibrated upper bound on each candidate's privacy: its prediction plus the
+  largest under-prediction measured so far in this search (``max(measured − predicted)``
+  over the evaluated candidates that did not fail, at least 0). Predictions err both ways;
+  this bound holds for every candidate evaluated so far."""
+  _, predicted = _plan(space)
+  under = jnp.where(jnp.isnan(state.measured), -jnp.inf, state.measured - predicted)
+  return predicted + jnp.maximum(jnp.max(under), 0.0)
+
+
 def _eligible(state: SolverState, space: SearchSpace) -> jax.Array:
-  """(M,) the candidates not tried yet that are predicted more private than the best
-  feasible one measured (those predicted less private cannot beat it)."""
-  _, privacy = _plan(space)
-  return ~state.tried & (privacy > state.best_feasible)
+  """(M,) the candidates not tried yet whose calibrated bound (:func:`solver_bound`) is
+  above the best feasible privacy measured (the others are not expected to beat it)."""
+  return ~state.tried & (solver_bound(state, space) > state.best_feasible)
 
 
 def solver_ask(key: jax.Array, state: SolverState, space: SearchSpace,
@@ -159,18 +185,19 @@ def solver_ask(key: jax.Array, state: SolverState, space: SearchSpace,
   idx = order[jnp.minimum(jnp.arange(strategy.num_tournaments), m - 1)]
   idx = jnp.where(eligible[idx], idx, idx[0])
   return (jax.tree.map(lambda x: x[idx], seeds),
-          state.replace(tried=state.tried.at[idx].set(True)))
+          state.replace(tried=state.tried.at[idx].set(True), asked=idx))
 
 
 def solver_tell(state: SolverState, children: Genome, results: dict,
                 strategy: evolution.Strategy) -> SolverState:
-  """Keeps the best by fitness and the best feasible privacy."""
+  """Keeps the best by fitness, the best feasible privacy and what each candidate measured."""
   state = _solver_seen(state, children, results)
   return state.replace(births=state.births + strategy.num_tournaments, step=state.step + 1)
 
 
 def solver_done(state: SolverState, space: SearchSpace) -> jax.Array:
-  """No candidate left that could beat the best feasible one (as predicted)."""
+  """No candidate left whose calibrated bound (:func:`solver_bound`) beats the best feasible
+  privacy measured."""
   return ~jnp.any(_eligible(state, space))
 
 

@@ -170,7 +170,8 @@ def info_from_spec(spec: dict[str, Any]) -> ModelInfo:
 
 
 def check_data_sizes(config: ml_collections.ConfigDict, train: data.Split, val: data.Split) -> None:
-  """Raises ``ValueError`` naming the field that asks for more images than the split holds."""
+  """Raises ``ValueError`` naming the field that asks for more images than the split holds
+  (a search by the solver needs twice ``val_images``: :func:`solver.estimates_images`)."""
   for name, value, split, what in (
       ("privacy_images", config.privacy_images, val, "validation"),
       ("val_images", config.val_images, val, "validation"),
@@ -178,3 +179,9 @@ def check_data_sizes(config: ml_collections.ConfigDict, train: data.Split, val: 
     if value > len(split):
       raise ValueError(f"{name}={value} is more than the {len(split)} {what} images of this "
                        f"split (pretrain.val_fraction={config.pretrain.val_fraction}); lower it")
+  if solver.needs_plan(config) and 2 * config.val_images > len(val):
+    raise ValueError(f"the solver measures its estimates on {config.val_images} hold-out images "
+                     f"apart from the val_images={config.val_images} that ε is judged on, but "
+                     f"this split holds out {len(val)} (pretrain.val_fraction="
+                     f"{config.pretrain.val_fraction}); lower val_images to at most "
+                     f"{len(val) // 2}")

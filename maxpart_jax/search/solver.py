@@ -11,15 +11,17 @@ Most of what decides a genome is cheap to know before any fine-tuning:
   ``½ Tr(H_l) / n_l · ‖Q_b(W_l) − W_l‖²``) plus the measured cost of quantizing the layer's
   inputs (``estimator="hessian"``), or the measured validation loss increase with only that
   layer quantized (``"loss"``). All measured once per model (:func:`measure_estimates`) and
-  cached beside it (:func:`cached_estimates`).
+  cached beside it (:func:`cached_estimates`), on hold-out images apart from those ε is
+  judged on (:func:`estimate_split`).
 
 For every split and IR width, multiple-choice knapsacks with the edge energy strictly
-below E_b (and the latency below its bound, if set), solved exactly by scipy's HiGHS
-(:func:`multiple_choice_knapsack`): the bits of least predicted loss, the bits of most
-predicted privacy whose predicted ε stays below ε_b, and the same below each fraction of
-ε_b in ``margins`` (fallbacks at the split). The answers, most private first among
-those predicted to keep ε < ε_b, are the *plan* (:func:`plan`): the ``solver`` algorithm
-evaluates them in order, the ``solver`` init operator seeds a population with them
+below E_b (and the latency below its bound, if set), solved to proven optimality by scipy's
+HiGHS (:func:`multiple_choice_knapsack`): the bits of least predicted loss, the bits of most
+predicted privacy whose predicted ε is strictly below ε_b (the search's feasibility,
+ε < ε_b), and the same strictly below each fraction of ε_b in ``margins`` (fallbacks at
+the split). The answers, most private first among those predicted to keep ε < ε_b, are
+the *plan* (:func:`plan`): the ``solver`` algorithm evaluates them in order, the
+``solver`` init operator seeds a population with them
 (:mod:`maxpart_jax.search.algorithms`, :mod:`maxpart_jax.search.operators`).
 
 A loss converts to an accuracy drop by one slope fitted over the single-layer measurements
@@ -56,7 +58,7 @@ from maxpart_jax.privacy import METRICS
 from maxpart_jax.privacy.profile import block_profile
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, quantize_weights
 from maxpart_jax.search.fitness import privacy_all_splits
-from maxpart_jax.train import cross_entropy
+from maxpart_jax.train import Progress, cross_entropy
 
 ESTIMATORS = ("loss", "hessian")
 """How a layer's accuracy cost is predicted: the measured loss increase with that layer alone
@@ -173,30 +175,42 @@ def _policy_groups(policies: list[QuantPolicy], group: int):
     yield i, jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
 
 
+def _groups(count: int, group: int = 8) -> int:
+  """How many groups of ``group`` policies :func:`_policy_groups` makes of ``count``."""
+  return -(-count // group)
+
+
 def _score_policies(model: SplitModel, variables: Variables, policies: list[QuantPolicy],
                     x: np.ndarray, labels: np.ndarray, batch_size: int = 500,
-                    group: int = 8) -> np.ndarray:
-  """(P, 2): mean loss and accuracy of each policy over the images."""
+                    group: int = 8, progress: Progress | None = None) -> np.ndarray:
+  """(P, 2): mean loss and accuracy of each policy over the images; ``progress`` is told
+  how many groups are done after each."""
   out = np.zeros((len(policies), 2))
-  for i, stacked in _policy_groups(policies, group):
+  for done, (i, stacked) in enumerate(_policy_groups(policies, group), 1):
     total = sum(np.asarray(_loss_and_correct(model, variables, stacked, jnp.asarray(x[s]),
                                              jnp.asarray(labels[s])))
                 for s in (slice(j, j + batch_size) for j in range(0, len(x), batch_size)))
     out[i:i + group] = (total / len(x))[:len(policies) - i]
+    if progress:
+      progress(done)
   return out
 
 
 def _privacy_by_split(model: SplitModel, metric: str, normalization: str, variables: Variables,
                       policies: list[QuantPolicy], images: np.ndarray, dataset: str,
-                      group: int = 8) -> np.ndarray:
+                      group: int = 8, progress: Callable[[], None] | None = None) -> np.ndarray:
   """(P, max_split): the mean privacy of the IR after every block for each policy (the
-  search's own program, :func:`maxpart_jax.search.fitness.privacy_all_splits`)."""
+  search's own program, :func:`maxpart_jax.search.fitness.privacy_all_splits`);
+  ``progress()`` after each group."""
   x = jnp.asarray(data.normalize(np.asarray(images, np.float32), dataset))
   images = jnp.asarray(images, jnp.float32)
   copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (group, *v.shape)), variables)
-  out = [np.asarray(privacy_all_splits(model, metric, normalization, copies, stacked, x,
-                                       images))[..., 0]
-         for _, stacked in _policy_groups(policies, group)]
+  out = []
+  for _, stacked in _policy_groups(policies, group):
+    out.append(np.asarray(privacy_all_splits(model, metric, normalization, copies, stacked, x,
+                                             images))[..., 0])
+    if progress:
+      progress()
   return np.concatenate(out)[:len(policies)]
 
 
@@ -211,11 +225,21 @@ def _layer_params(params: Any, layer_name: str) -> dict[str, Any]:
   return params
 
 
+def rademacher_probe(seed: int, index: int | jax.Array, like: Sequence[jax.Array]
+                     ) -> list[jax.Array]:
+  """Probe ``index`` of :func:`hessian_traces` with ``seed``: one array of independent ±1
+  entries (each with probability ½) per array of ``like``, of its shape and dtype."""
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), len(like))
+  return [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, like)]
+
+
 def hessian_traces(model: SplitModel, variables: Variables, layer_names: list[str],
-                   x: np.ndarray, labels: np.ndarray, probes: int, seed: int = 0) -> np.ndarray:
+                   x: np.ndarray, labels: np.ndarray, probes: int, seed: int = 0,
+                   progress: Progress | None = None) -> np.ndarray:
   """Hutchinson estimates of ``Tr(H_l)`` for the kernels of ``layer_names``: the mean over
-  Rademacher probes ``v`` of ``v_lᵀ (H v)_l``, all layers from the same Hessian-vector
-  products (the float model's inference-mode loss on the images)."""
+  the Rademacher probes ``v`` (:func:`rademacher_probe` ``0..probes-1``) of
+  ``v_lᵀ (H v)_l``, all layers from the same Hessian-vector products (the float model's
+  inference-mode loss on the images); ``progress`` is told how many probes are done."""
   kernels = [kernel_of(variables, n) for n in layer_names]
 
   def loss(ks, x, labels):
@@ -226,16 +250,18 @@ def hessian_traces(model: SplitModel, variables: Variables, layer_names: list[st
     return cross_entropy(logits, labels)
 
   @jax.jit
-  def probe(key, x, labels):
-    keys = jax.random.split(key, len(kernels))
-    v = [jax.random.rademacher(k, kern.shape, kern.dtype) for k, kern in zip(keys, kernels)]
+  def probe(index, x, labels):
+    v = rademacher_probe(seed, index, kernels)
     _, hv = jax.jvp(lambda ks: jax.grad(loss)(ks, x, labels), (kernels,), (v,))
     return jnp.stack([jnp.sum(a * b) for a, b in zip(v, hv)])
 
-  key = jax.random.key(seed)
   x, labels = jnp.asarray(x), jnp.asarray(labels)
-  return np.mean([np.asarray(probe(jax.random.fold_in(key, i), x, labels))
-                  for i in range(probes)], axis=0)
+  total = np.zeros(len(kernels))
+  for i in range(probes):
+    total += np.asarray(probe(jnp.int32(i), x, labels))
+    if progress:
+      progress(i + 1)
+  return total / probes
 
 
 def measure_estimates(model: SplitModel, variables: Variables, split: data.Split,
@@ -244,8 +270,9 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
                       activation_levels: str = "paper", metric: str = "mse",
                       normalization: str = "zscore", hessian_images: int = 256,
                       hessian_probes: int = 16, seed: int = 0) -> Estimates:
-  """Measures :class:`Estimates` of ``model`` on ``split`` (the images ε is measured on) and
-  the privacy images (floats in [0, 1])."""
+  """Measures :class:`Estimates` of ``model``: losses on ``split`` (in a search, hold-out
+  images apart from those ε is judged on: :func:`estimate_split`), privacy on the privacy
+  images (floats in [0, 1]). Logs its progress, with an ETA, part by part."""
   info = model.info
   x = data.normalize(split.images, split.dataset)
   labels = np.asarray(split.labels, np.int32)
@@ -265,7 +292,15 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
       index[("ir", p, a)] = len(policies)
       # per_channel too: the static fields of stacked policies must match
       policies.append(QuantPolicy.ir_only(info.num_layers, p, a, activation_levels, per_channel))
-  scores = _score_policies(model, variables, policies, x, labels)
+  gains = len(edge) * len(w_choices) * len(a_choices)  # single-layer privacy measurements
+  logging.info("solver estimates: the losses of %d single-layer and IR policies on %d images, "
+               "%d Hessian probes on %d, then the privacy of %d IR widths and %d single-layer "
+               "policies on %d privacy images", len(policies), len(x), hessian_probes,
+               min(hessian_images, len(x)), len(a_choices) + 1, gains, len(privacy_images))
+  part = lambda name, total, unit, every=1: Progress(total, every=every,
+                                                    name=f"solver estimates, {name}", unit=unit)
+  scores = _score_policies(model, variables, policies, x, labels,
+                           progress=part("losses: policy group", _groups(len(policies)), "group"))
   float_loss, float_accuracy = scores[0]
   shape = (info.num_layers, len(w_choices), len(a_choices))
   loss, acc_drop = np.zeros(shape), np.zeros(shape)
@@ -284,8 +319,10 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
   names = [l.name for l in edge]
   take = min(hessian_images, len(x))
   traces = np.zeros(info.num_layers)
-  traces[[l.id for l in edge]] = hessian_traces(model, variables, names, x[:take],
-                                                labels[:take], hessian_probes, seed)
+  traces[[l.id for l in edge]] = hessian_traces(
+      model, variables, names, x[:take], labels[:take], hessian_probes, seed,
+      progress=part("Hessian traces: probe", hessian_probes, "probe",
+                    every=max(1, hessian_probes // 8)))
   weight_error = np.zeros((info.num_layers, len(w_choices)))
   weight_count = np.zeros(info.num_layers)
   for l in edge:
@@ -297,15 +334,22 @@ def measure_estimates(model: SplitModel, variables: Variables, split: data.Split
   seconds["hessian"] = time.time() - t
 
   t = time.time()
-  profile = lambda **kw: np.array([row["privacy"] for row in block_profile(
-      model, variables, privacy_images, dataset=split.dataset, metric=metric,
-      normalization=normalization, activation_levels=activation_levels, **kw)["blocks"]])
+  tell = part("privacy: profile or policy group", len(a_choices) + 1 + _groups(gains), "call")
+  done = itertools.count(1)
+
+  def profile(**kw) -> np.ndarray:
+    out = np.array([row["privacy"] for row in block_profile(
+        model, variables, privacy_images, dataset=split.dataset, metric=metric,
+        normalization=normalization, activation_levels=activation_levels, **kw)["blocks"]])
+    tell(next(done))
+    return out
+
   privacy = np.stack([profile(ir_bits=a) for a in a_choices], axis=1)
   privacy_float = profile()
   by_split = _privacy_by_split(
       model, metric, normalization, variables,
       [single(l.id, w, a) for l in edge for w, a in itertools.product(w_choices, a_choices)],
-      privacy_images, split.dataset)
+      privacy_images, split.dataset, progress=lambda: tell(next(done)))
   gain = np.zeros((info.num_layers, len(w_choices), len(a_choices), info.max_split))
   rows = iter(by_split)
   for l in edge:
@@ -337,7 +381,9 @@ def multiple_choice_knapsack(cost: np.ndarray, weights: np.ndarray,
 
   Returns:
     ``(choice (n,), total cost)``. Solved as a 0-1 integer program by HiGHS
-    (``scipy.optimize.milp``), which proves optimality.
+    (``scipy.optimize.milp``) with a relative MIP gap of 0 (its default, 1e-4, may stop at
+    a worse choice): optimal up to HiGHS's absolute gap (1e-6, in the cost's units) and its
+    feasibility tolerance (1e-7 over a capacity, which :func:`plan` checks exactly).
   """
   cost = np.asarray(cost, np.float64)
   n, m = cost.shape
@@ -354,7 +400,8 @@ def multiple_choice_knapsack(cost: np.ndarray, weights: np.ndarray,
                  optimize.LinearConstraint(weights.reshape(len(weights), -1), -np.inf,
                                            np.asarray(capacity, np.float64))]
   result = optimize.milp(c, constraints=constraints, integrality=np.ones(n * m),
-                         bounds=optimize.Bounds(0, allowed.ravel().astype(np.float64)))
+                         bounds=optimize.Bounds(0, allowed.ravel().astype(np.float64)),
+                         options={"mip_rel_gap": 0.0})
   if result.status != 0 or result.x is None:
     return None
   choice = np.argmax(result.x.reshape(n, m), axis=1)
@@ -366,8 +413,9 @@ class Candidate:
   """One solved split: its genome, which knapsack chose it, and what the estimates predict.
 
   ``objective``: ``least_loss`` (the bits of least predicted loss under the budget),
-  ``most_private`` (the bits of highest predicted privacy whose predicted ε stays below
-  ε_b) or ``most_private_<f>`` (the same below the fraction ``f`` of ε_b: a margin).
+  ``most_private`` (the bits of highest predicted privacy whose predicted ε is below ε_b)
+  or ``most_private_<f>`` (the same below the fraction ``f`` of ε_b: a margin); below
+  means strictly, as a measured ε must be (:func:`maxpart_jax.search.fitness.violations`).
   """
 
   genome: dict[str, Any]
@@ -389,12 +437,13 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
          ) -> list[Candidate]:
   """Knapsacks for every split and IR width, under E_b (and the latency bound): the bits of
   least predicted loss, the bits of most predicted privacy among those whose predicted ε
-  stays below ε_b (weights of fewer bits hide more of the image), and for each fraction
-  ``f`` in ``margins`` the most private bits whose predicted ε stays below ``f`` ε_b (an
-  answer to fall back on at the same split when the first lands on the bound or the
-  estimate is optimistic). Ranked most private first among those predicted to keep
-  ε < ε_b, then the rest by predicted ε; equal genomes appear once; splits whose edge
-  cannot fit the budget are left out.
+  (:func:`predict`) is below ε_b (weights of fewer bits hide more of the image), and for
+  each fraction ``f`` in ``margins`` the most private bits whose predicted ε is below
+  ``f`` ε_b (an answer to fall back on at the same split when the first lands on the bound
+  or the estimate is optimistic). Every bound is strict, as in the search's feasibility
+  (E < E_b, ε < ε_b). Ranked most private first among those predicted to keep ε < ε_b,
+  then the rest by predicted ε; equal genomes appear once; splits whose edge cannot fit
+  the budget are left out.
 
   ``costs(genomes) -> (energy mJ, latency ms)``: the exact cost model the search charges
   (:meth:`maxpart_jax.search.fitness.Evaluator.costs`, defenses included); every returned
@@ -425,19 +474,34 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
         allowed[list(edge).index(last)] = a_of == a_ir
       elif j_ir:  # the IR is float whatever a_ir says: one candidate for the split
         continue
+      genome_of = lambda choice: _genome(info, p, edge, choice, w_of, a_of, max(w_choices),
+                                         max(a_choices))
       chosen = np.argmax(allowed, axis=1)
-      reference = _genome(info, p, edge, chosen, w_of, a_of, max(w_choices), max(a_choices))
-      ref_energy, ref_latency = (float(v[0]) for v in costs(stack_genomes([reference])))
+      ref_energy, ref_latency = (float(v[0]) for v in costs(stack_genomes([genome_of(chosen)])))
       resources = [energy_table[edge]]
       capacity = [device.budget_mj - (ref_energy - energy_table[edge, chosen].sum())]
       if device.latency_bound_ms > 0:
         resources.append(latency_table[edge])
         capacity.append(device.latency_bound_ms - (ref_latency - latency_table[edge, chosen].sum()))
-      solve = lambda cost, extra=(), room=(): _solve_strictly_below(
+
+      def answer(choice: np.ndarray, eps_below: float = np.inf
+                 ) -> tuple[Genome, float, float] | None:
+        """The genome of ``choice`` with its energy and latency, if the exact cost model
+        puts it below the bounds and its predicted ε is below ``eps_below``."""
+        genome = genome_of(choice)
+        energy, latency = (float(v[0]) for v in costs(stack_genomes([genome])))
+        if not (energy < device.budget_mj and (device.latency_bound_ms <= 0
+                                               or latency < device.latency_bound_ms)):
+          return None
+        if eps_below < np.inf and not predict(info, estimates, stack_genomes([genome]),
+                                              estimator)["eps"][0] < eps_below:
+          return None
+        return genome, energy, latency
+
+      solve = lambda cost, accept, extra=(), room=(): _solve_strictly_below(
           np.where(allowed, cost, np.inf), np.stack([*resources, *extra]),
-          np.array([*capacity, *room]), len(resources), info, p, edge, w_of, a_of, w_choices,
-          a_choices, costs, device)
-      least = solve(cost_table[edge])
+          np.array([*capacity, *room]), accept)
+      least = solve(cost_table[edge], answer)
       if least is None:
         continue
       solved = {"least_loss": least}
@@ -445,8 +509,9 @@ def plan(info: ModelInfo, estimates: Estimates, costs: Callable[[Genome], tuple[
       ir_loss = estimates.ir_loss[p - 1, ir_row] if ir_row is not None else 0.0
       gain = np.stack([estimates.privacy_gain[:, i, j, p - 1] for i, j in options], axis=1)
       for fraction in (1.0, *margins):
-        loss_room = (fraction * eps_bound / slope if slope > 0 else np.inf) - ir_loss
-        private = solve(-gain[edge], [cost_table[edge]], [loss_room])
+        bound = fraction * eps_bound  # predicted ε = slope · (edge layers' loss + the IR's)
+        loss_room = ([cost_table[edge]], [bound / slope - ir_loss]) if slope > 0 else ((), ())
+        private = solve(-gain[edge], lambda choice: answer(choice, bound), *loss_room)
         if private is not None:
           solved["most_private" if fraction == 1.0 else f"most_private_{fraction:g}"] = private
       for objective, (genome, energy, latency) in solved.items():
@@ -494,23 +559,20 @@ def predict(info: ModelInfo, estimates: Estimates, genomes: Genome,
   return {"loss": loss, "eps": estimates.accuracy_per_loss * loss, "privacy": privacy}
 
 
-def _solve_strictly_below(cost, resources, capacity, budgets, info, p, edge, w_of, a_of,
-                          w_choices, a_choices, costs, device
+def _solve_strictly_below(cost: np.ndarray, resources: np.ndarray, capacity: np.ndarray,
+                          accept: Callable[[np.ndarray], tuple[Genome, float, float] | None]
                           ) -> tuple[Genome, float, float] | None:
-  """``(genome, energy, latency)`` of the knapsack, its first ``budgets`` capacities (energy,
-  latency) shrunk until the exact cost model puts the answer strictly below E_b (and the
-  latency bound): float sums may round over them."""
+  """``accept(choice)`` of the knapsack's choice, every capacity shrunk a little more each
+  time ``accept`` refuses it (``None``): the bounds are strict, and float sums and HiGHS's
+  feasibility tolerance may land on them or just over. ``None`` if no choice fits."""
   for margin in (1e-9, 1e-6, 1e-4, 1e-2):
-    room = capacity.copy()
-    room[:budgets] -= margin * np.abs(room[:budgets]) + 1e-15
-    solved = multiple_choice_knapsack(cost, resources, room)
+    solved = multiple_choice_knapsack(cost, resources,
+                                      capacity - margin * np.abs(capacity) - 1e-15)
     if solved is None:
       return None
-    genome = _genome(info, p, edge, solved[0], w_of, a_of, max(w_choices), max(a_choices))
-    energy, latency = (float(v[0]) for v in costs(stack_genomes([genome])))
-    if energy < device.budget_mj and (device.latency_bound_ms <= 0
-                                      or latency < device.latency_bound_ms):
-      return genome, energy, latency
+    accepted = accept(solved[0])
+    if accepted is not None:
+      return accepted
   return None
 
 
@@ -552,7 +614,11 @@ def cached_estimates(model_dir: str, model_meta: dict[str, Any], measure: Callab
                      split: data.Split, privacy_images: np.ndarray,
                      settings: dict[str, Any]) -> tuple[Estimates, bool]:
   """The estimates stored in ``<model_dir>/estimates/<key>.json``, or ``measure()`` stored
-  there (by the leader; the others receive them). Returns ``(estimates, measured now)``."""
+  there (by the leader; the others receive them). Returns ``(estimates, measured now)``.
+
+  Estimates stored under another key (other weights, images or settings, e.g. those of an
+  earlier version measured on the ε images) are never used; a log line says how they differ.
+  """
   key = estimates_key(model_meta, split, privacy_images, settings)
   path = os.path.join(model_dir, "estimates", f"{key}.json")
   stored = None
@@ -562,6 +628,9 @@ def cached_estimates(model_dir: str, model_meta: dict[str, Any], measure: Callab
   stored = distributed.broadcast(stored)
   if stored is not None:
     return Estimates.from_json(stored["estimates"]), False
+  if distributed.is_leader():
+    logging.info("solver estimates: none stored for these weights, images and settings in %s%s",
+                 os.path.dirname(path), _why_not_reused(os.path.dirname(path), settings))
   t = time.time()
   estimates = measure()
   logging.info("solver estimates measured in %.0f s (%s); stored in %s", time.time() - t,
@@ -570,6 +639,37 @@ def cached_estimates(model_dir: str, model_meta: dict[str, Any], measure: Callab
     os.makedirs(os.path.dirname(path), exist_ok=True)
     checkpoint.write_json(path, {"settings": settings, "estimates": estimates.to_json()})
   return estimates, True
+
+
+def _why_not_reused(folder: str, settings: dict[str, Any]) -> str:
+  """What sets the estimates stored in ``folder`` apart from ``settings`` (empty: none)."""
+  reasons = []
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    try:
+      with open(os.path.join(folder, name)) as f:
+        other = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    diff = [f"{k} {other.get(k)} (now {v})" for k, v in settings.items()
+            if json.dumps(other.get(k)) != json.dumps(v)]
+    reasons.append(f"{name}: " + (", ".join(diff) if diff else "other weights or images"))
+  return f"; those stored there are not reused ({'; '.join(reasons)}): measuring" if reasons else ""
+
+
+def estimate_split(holdout: data.Split, eps_images: np.ndarray, n: int, seed: int) -> data.Split:
+  """``n`` images of ``holdout`` (drawn with ``seed``) none of which is one of ``eps_images``
+  (compared by content): the estimates are measured apart from the images ε is judged on,
+  so that the knapsacks' choice does not fit the noise of those. A ``ValueError`` if fewer
+  remain."""
+  taken = {np.ascontiguousarray(image).tobytes() for image in eps_images}
+  rest = np.array([np.ascontiguousarray(image).tobytes() not in taken
+                   for image in holdout.images])
+  if rest.sum() < n:
+    raise ValueError(f"the solver measures its estimates on {n} hold-out images apart from the "
+                     f"{len(eps_images)} that ε is judged on, but only {rest.sum()} of the "
+                     f"{len(holdout)} held out are apart from them: lower val_images")
+  rest = dataclasses.replace(holdout, images=holdout.images[rest], labels=holdout.labels[rest])
+  return rest.take(n, seed=seed)
 
 
 # --- in a search -----------------------------------------------------------------
@@ -596,6 +696,10 @@ def validate_solver(config: ml_collections.ConfigDict) -> None:
   if not all(0 < f < 1 for f in s.margins):
     raise ValueError("search.solver.margins are fractions of ε_b strictly between 0 and 1, "
                      f"got {tuple(s.margins)}")
+  if config.val_images < 1:
+    raise ValueError("the solver measures its estimates on as many hold-out images as ε is "
+                     "judged on, apart from them; val_images=0 judges ε on the whole hold-out: "
+                     "set val_images to at most half of it")
   if config.fitness.metric not in METRICS:
     raise ValueError(f"the solver predicts privacy with the profile's metrics {METRICS}; "
                      f"fitness.metric={config.fitness.metric!r} is measured by attacks only: use "
@@ -626,30 +730,43 @@ class Plan:
                                  "plan": [dataclasses.asdict(c) for c in self.candidates]})
 
 
+def estimates_images(config: ml_collections.ConfigDict, evaluator: Any) -> data.Split:
+  """The images a search config's estimates are measured on: as many as the evaluator
+  judges ε on, from the rest of ``config.pretrain``'s hold-out (:func:`estimate_split`)."""
+  holdout = data.load_split("val", dataset=config.pretrain.dataset,
+                            data_dir=config.data_dir or None,
+                            val_fraction=config.pretrain.val_fraction,
+                            seed=config.pretrain.data_seed)
+  return estimate_split(holdout, evaluator.val.images, len(evaluator.val),
+                        seed=config.search.seed + 2)  # + 1 draws the privacy images
+
+
 def estimates_from_config(config: ml_collections.ConfigDict, evaluator: Any
                           ) -> tuple[Estimates, bool]:
   """The estimates of a search config's model, cached beside ``config.model_dir`` (measured
-  on the evaluator's validation and privacy images first if missing); also whether they
-  were measured now."""
+  first if missing, on :func:`estimates_images` and the evaluator's privacy images); also
+  whether they were measured now."""
   f, s = evaluator.config, config.search.solver
+  split = estimates_images(config, evaluator)
   w_choices = tuple(int(b) for b in config.search.w_bits)
   a_choices = tuple(int(b) for b in config.search.a_bits)
   settings = {"w_choices": w_choices, "a_choices": a_choices, "per_channel": f.per_channel,
               "activation_levels": f.activation_levels, "metric": f.metric,
               "normalization": f.normalization, "hessian_probes": s.hessian_probes,
               "hessian_images": s.hessian_images, "seed": f.seed, "float_model": True,
-              "version": 2}  # 2: with the layers' privacy gains
+              # 2: with the layers' privacy gains; 3: on images apart from the ε images
+              "version": 3}
   meta = {"variables_sha256": checkpoint.variables_sha256(evaluator.variables)}
   float_model = evaluator.model.with_numerics(Numerics())  # estimates in float32 everywhere
   return cached_estimates(
       config.model_dir, meta,
-      lambda: measure_estimates(float_model, evaluator.variables, evaluator.val,
+      lambda: measure_estimates(float_model, evaluator.variables, split,
                                 evaluator.privacy_images, w_choices, a_choices,
                                 per_channel=f.per_channel, activation_levels=f.activation_levels,
                                 metric=f.metric, normalization=f.normalization,
                                 hessian_images=s.hessian_images, hessian_probes=s.hessian_probes,
                                 seed=f.seed),
-      evaluator.val, evaluator.privacy_images, settings)
+      split, evaluator.privacy_images, settings)
 
 
 def plan_from_config(config: ml_collections.ConfigDict, evaluator: Any) -> Plan:

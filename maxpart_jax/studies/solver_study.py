@@ -91,6 +91,42 @@ def collect(baselines: list[str], run_dirs: list[str]
   return runs, evaluated, rankings
 
 
+AFTER = (1, 2, 4, 6, 8, 16, 32, 64, 128)
+"""Numbers of fine-tunings at which the summary reads every run's best feasible privacy."""
+
+
+def plan_candidates(algorithm: str, row: dict) -> int | None:
+  """How many fine-tunings a run of the ``solver`` algorithm would have spent without its
+  early stop: its plan's length (``search.iterations`` also stops it); None for other runs
+  and for runs stored without their plan's summary."""
+  if not algorithm.startswith("solver") or not row.get("solver"):
+    return None
+  return row["solver"]["candidates"]
+
+
+def summarize(runs: dict[str, list[dict]], target: float, tolerance: float) -> dict[str, dict]:
+  """Per algorithm, over its runs: the final best feasible privacy, how many fine-tunings
+  each took to come within ``tolerance`` of ``target``, how many it spent (and, for the
+  solver, how many its plan holds: :func:`plan_candidates`), its time, and its best
+  feasible privacy after each of :data:`AFTER` fine-tunings."""
+  summary = {}
+  for algorithm, rows in runs.items():
+    full = [r["best_feasible_privacy"] for r in rows if not r.get("final_only")]
+    summary[algorithm] = {
+        "seeds": len(rows), "final_best_feasible_privacy": [r["best_feasible_privacy"][-1]
+                                                            for r in rows],
+        "fine_tunings_to_reach": [None if r.get("final_only") else
+                                  first_within(r["best_feasible_privacy"], target, tolerance)
+                                  for r in rows],
+        "fine_tunings": [r["evaluations"] for r in rows],
+        "plan_candidates": [plan_candidates(algorithm, r) for r in rows],
+        "search_seconds": [r["seconds"] for r in rows],
+        # the best feasible privacy after n fine-tunings (0: none feasible yet), each run
+        "after": {n: [c[min(n, len(c)) - 1] for c in full] for n in AFTER
+                  if full and n <= max(len(c) for c in full)}}
+  return summary
+
+
 def first_within(curve: list[float], target: float, tolerance: float) -> int | None:
   """1-based number of candidates after which ``curve`` is within ``tolerance`` of
   ``target`` (None: never)."""
