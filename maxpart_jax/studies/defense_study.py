@@ -344,8 +344,8 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
   held out (test top-1, test victims); ``grid.png``: test victims and their reconstructions."""
   rows = result["rows"]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
-  panels = (("val", lambda r: r["selection"], "selection (validation top-1, training victims)"),
-            ("test", lambda r: r, "held out (test top-1, test victims)"))
+  panels = (("val", lambda r: r["selection"], "chosen on: val top-1, training victims"),
+            ("test", lambda r: r, "held out: test top-1, test victims"))
   for ax, (split, scores, title) in zip(axes, panels):
     for r in rows:
       x = 100 * r[f"{split}_accuracy"]
@@ -361,7 +361,8 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
     ax.axvline(100 * floor, color="gray", ls="--", lw=0.8, label="accuracy bound")
     ax.axhline(0.3, color="gray", ls=":", lw=0.8, label="SSIM 0.3")
     ax.set(xlabel=f"{split} top-1 (%)", ylabel="SSIM (dots: adaptive decoder, ▽: white-box)",
-           title=f"{title}; x: over the energy budget")
+           title=f"{title} (x: over budget)")
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
   fig.savefig(os.path.join(out, "privacy_accuracy.png"), dpi=110)
   plt.close(fig)
