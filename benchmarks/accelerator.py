@@ -39,7 +39,7 @@ from experiments.configs import train as train_configs
 from maxpart_jax import checkpoint, data, runs, train
 from maxpart_jax.models import get_model
 from maxpart_jax.models.layers import Numerics
-from maxpart_jax.search import settings
+from maxpart_jax.jobs import pretrain, settings
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig
 from maxpart_jax.search.operators import get_operator
 
@@ -141,7 +141,7 @@ def time_pretraining(model, train_split: data.Split, numerics: Numerics, pipelin
   per_epoch = data.steps_per_epoch(len(train_split), config.batch_size, drop_remainder=True)
   model = model.with_numerics(numerics)
   pipeline = train.resolve_pipeline(pipeline)
-  tx = train.make_optimizer(config, per_epoch * config.num_epochs)
+  tx = pretrain.make_optimizer(config, per_epoch * config.num_epochs)
   state = train.TrainState.create(model.init(jax.random.key(0)), tx)
   run_steps = train.StepRunner(functools.partial(train.train_step, model, tx), train_split,
                                pipeline)

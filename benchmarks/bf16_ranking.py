@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from scipy import stats
 
 from maxpart_jax import checkpoint, runs
-from maxpart_jax.search import build, settings
+from maxpart_jax.jobs import build, settings
 from maxpart_jax.search.operators import get_operator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "search config")

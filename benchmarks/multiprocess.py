@@ -46,7 +46,7 @@ def _worker() -> None:
   import jax
   from experiments.configs import search as search_configs
   from maxpart_jax.models import get_model
-  from maxpart_jax.search import settings
+  from maxpart_jax.jobs import settings
   from maxpart_jax.search.fitness import Evaluator, FitnessConfig
   from maxpart_jax.search.operators import get_operator
 

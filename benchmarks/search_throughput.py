@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from experiments.configs import search as search_configs
 from maxpart_jax import checkpoint, data, runs
 from maxpart_jax.models import get_model
-from maxpart_jax.search import caching, driver, evolution, settings
+from maxpart_jax.search import evolution
+from maxpart_jax.jobs import caching, driver, settings
 from maxpart_jax.search.fitness import Evaluator, FitnessConfig
 from maxpart_jax.search.operators import get_operator
 

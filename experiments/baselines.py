@@ -16,7 +16,7 @@ from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.search import build, settings
+from maxpart_jax.jobs import build, settings
 from maxpart_jax.studies import baselines, reporting
 from maxpart_jax.studies.reproduce import analytic_table
 

@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 
 def define_join_flags() -> None:
-  """The flags that join several processes into one job (README "Several hosts"), for the
+  """The flags that join several processes into one job (docs/scaling.md, "Several hosts"), for the
   scripts that can run so; :func:`parse_flags` joins before anything touches JAX."""
   flags.DEFINE_bool("distributed", False, "join a multi-process job found by "
                     "jax.distributed.initialize (TPU pod slices, SLURM, Open MPI)")
@@ -148,7 +148,7 @@ def study_evaluator(evaluators: dict, config: ml_collections.ConfigDict):
   """The evaluator for one search of a multi-seed study, from ``evaluators`` (filled as
   needed): one per K (``search.num_tournaments``), built for ``search.seed = 0`` so that
   searches of every seed score their candidates on the same images."""
-  from maxpart_jax.search import build
+  from maxpart_jax.jobs import build
   k = config.search.num_tournaments
   if k not in evaluators:
     first = copy.deepcopy(config)

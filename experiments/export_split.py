@@ -22,9 +22,9 @@ from experiments import common
 from maxpart_jax import runs
 from maxpart_jax.checkpoint import write_json
 from maxpart_jax.deploy import parity
-from maxpart_jax.privacy import defended
-from maxpart_jax.search import defense_stage
-from maxpart_jax.search.settings import stack_from_config
+from maxpart_jax.deploy import defended as deploy_defended
+from maxpart_jax.jobs import defense_stage, export
+from maxpart_jax.jobs.settings import stack_from_config
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick",
                                "the search config the workdir was made with")
@@ -36,16 +36,16 @@ _PARITY = flags.DEFINE_integer("parity_images", 10000, "test images to check par
 def _defended_answer() -> tuple:
   """A defended search's answer, exported with its defenses, and how to measure its parity."""
   d, genome, made = defense_stage.load_answer(_CONFIG.value, _WORKDIR.value)
-  edge, cloud = defended.export(d, genome, made["model_spec"], _OUT.value)
+  edge, cloud = deploy_defended.export(d, genome, made["model_spec"], _OUT.value)
   key = jax.random.key(_CONFIG.value.search.seed + 6)
   return (edge, cloud, f" with {d.stack.spec()}", made["test"],
           made["report"]["answer"]["test_accuracy"],
-          lambda images, labels: defended.export_parity(d, edge, cloud, images, key, labels))
+          lambda images, labels: deploy_defended.export_parity(d, edge, cloud, images, key, labels))
 
 
 def _searched_answer() -> tuple:
   """A search's answer, exported, and how to measure its parity."""
-  edge, cloud, made = parity.export_searched(_CONFIG.value, _WORKDIR.value, _OUT.value)
+  edge, cloud, made = export.export_searched(_CONFIG.value, _WORKDIR.value, _OUT.value)
   return (edge, cloud, "", made["test"], made["report"]["test_accuracy"],
           lambda images, labels: parity.parity(made["model"], made["variables"], made["genome"],
                                                edge, cloud, images, labels))

@@ -40,7 +40,8 @@ from maxpart_jax.energy import population_energy
 from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.models import get_model
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.search import evolution, settings
+from maxpart_jax.search import evolution
+from maxpart_jax.jobs import settings
 from maxpart_jax.search.fitness import FitnessConfig, combine
 
 _OUT = flags.DEFINE_string("out", "results/search_k", "where k_study.json and the plot go")

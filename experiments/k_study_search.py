@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments import common, k_compare
 from maxpart_jax import checkpoint, runs
-from maxpart_jax.search import driver
+from maxpart_jax.jobs import driver
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/k_study_quick", "one folder per search")

@@ -24,7 +24,7 @@ import ml_collections
 
 from experiments import common
 from maxpart_jax import checkpoint, runs
-from maxpart_jax.search import settings
+from maxpart_jax.jobs import settings
 from maxpart_jax.studies.link_study import best_per_link, measured_pool, plot, table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a reproduction's workdir", required=True)

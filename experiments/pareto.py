@@ -20,7 +20,8 @@ from absl import app, flags
 from experiments import common
 from maxpart_jax import checkpoint
 from maxpart_jax.energy import DeviceConfig
-from maxpart_jax.search import pareto, storage
+from maxpart_jax.search import pareto
+from maxpart_jax.jobs import storage
 from maxpart_jax.search.fitness import FitnessConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a search's workdir", required=True)

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 
 from experiments import common
 from maxpart_jax import checkpoint, runs
-from maxpart_jax.search.privacy_terms import compare, markdown
+from maxpart_jax.jobs.privacy_terms import compare, markdown
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")
 _SEARCHES = flags.DEFINE_list("searches", ["results/search_quick", "results/search_quick_attack"],

@@ -9,14 +9,14 @@ uniform, 8-bit conv/fc, 8-bit at the searched split) with the search's own
 fine-tuning and privacy images, and writes ``report.md``, ``report.json``,
 ``fig10_fitness.png``, ``fig11_energy.png``, ``fig12_policy.png`` and
 ``table4_strategies.png`` to ``--workdir``. Restarting the same command resumes. Several
-processes run it as one with the join flags of ``experiments.search`` (README "Several hosts").
+processes run it as one with the join flags of ``experiments.search`` (docs/scaling.md, "Several hosts").
 """
 
 from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.search.settings import validate_config
+from maxpart_jax.jobs.settings import validate_config
 from maxpart_jax.studies.reproduce import run_reproduction
 
 _CONFIG = common.define_config("experiments/configs/reproduce.py:cpu_resnet18",

@@ -10,10 +10,10 @@ by fitness beside it when that one breaks them), ``history.json``/``.csv``,
 
 Several processes (hosts) run one search when each is started with the same command plus
 ``--distributed`` (TPU pod slices, SLURM, Open MPI) or ``--coordinator_address=host:port
---num_processes=n --process_id=i`` (README "Several hosts"); process 0 writes the workdir.
+--num_processes=n --process_id=i`` (docs/scaling.md, "Several hosts"); process 0 writes the workdir.
 
 With ``config.defense.stack`` set (``search.py:quick_defended``), a defended search
-(:mod:`maxpart_jax.search.defense_stage`): the search with the stack's costs, then its
+(:mod:`maxpart_jax.jobs.defense_stage`): the search with the stack's costs, then its
 finalists fine-tuned with the stack and attacked adaptively; also writes ``defended.json``
 and ``defended_grid.png``.
 """
@@ -22,9 +22,9 @@ from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.search.driver import run_search
-from maxpart_jax.search.defense_stage import defended_summary, run_defended_search
-from maxpart_jax.search.settings import stack_from_config, validate_config
+from maxpart_jax.jobs.driver import run_search
+from maxpart_jax.jobs.defense_stage import defended_summary, run_defended_search
+from maxpart_jax.jobs.settings import stack_from_config, validate_config
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick",
                                "search config file and variant")

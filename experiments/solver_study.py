@@ -14,7 +14,8 @@ its estimator and its plan's margins, e.g. ``solver[hessian; margins 0.75,0.5]``
 and, from ``--baseline`` (files of the same config: a ``strategies.json``, one GA search's
 ``best.json``, or an earlier ``solver_study.json``, whose runs all join, marked with the file
 they came from, as do the genomes it evaluated), the GA's and random search's curves of best
-feasible privacy. An earlier study is how runs whose folders are gone stay in the comparison.
+feasible privacy. An earlier study is how runs whose folders are gone stay in the comparison;
+with ``--supersede`` the ``--runs`` searches replace its runs of the same label (a rerun).
 Reports, per
 run: the best feasible privacy after each fine-tuned candidate (and after 1, 2, 4, ...), how
 many candidates it took to come within ``--tolerance`` of the best any GA run reached with
@@ -35,7 +36,8 @@ import numpy as np
 from experiments import common
 from maxpart_jax import checkpoint
 from maxpart_jax.genome import Genome
-from maxpart_jax.search import settings, solver
+from maxpart_jax.search import solver
+from maxpart_jax.jobs import planning, settings
 from maxpart_jax.search.fitness import violations
 from maxpart_jax.studies.solver_study import collect, spearman, summarize
 
@@ -49,6 +51,9 @@ _BASELINE = flags.DEFINE_list(
     "runs and genomes), or none when the --runs folders hold the GA's")
 _OUT = flags.DEFINE_string("out", "results/search_solver/quick", "where the JSON and plot go")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "how close to the GA's best counts as reached")
+_SUPERSEDE = flags.DEFINE_bool(
+    "supersede", False, "the --runs searches replace the --baseline files' runs of the same "
+    "algorithm label (a rerun of those rows) instead of joining them")
 
 
 def main(argv: list[str]) -> None:
@@ -56,16 +61,16 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   config = _CONFIG.value
   fitness = settings.fitness_from_config(config)
-  runs, evaluated, earlier_rankings = collect(_BASELINE.value, _RUNS.value)
+  runs, evaluated, earlier_rankings = collect(_BASELINE.value, _RUNS.value, _SUPERSEDE.value)
   if not runs.get("ga"):
     raise app.UsageError("no GA run to compare with: give --baseline or a ga_seed<s> folder")
   target = max(r["best_feasible_privacy"][-1] for r in runs["ga"])
   summary = summarize(runs, target, _TOLERANCE.value)
 
   # How well the estimates rank the measured genomes (every distinct one the runs evaluated).
-  from maxpart_jax.search import build  # pylint: disable=import-outside-toplevel
+  from maxpart_jax.jobs import build  # pylint: disable=import-outside-toplevel
   evaluator = build.build_evaluator(config)
-  estimates, _ = solver.estimates_from_config(config, evaluator)
+  estimates, _ = planning.estimates_from_config(config, evaluator)
   genomes = [Genome.from_json(e["genome"]) for e in evaluated.values()]
   stacked = solver.stack_genomes(genomes)
   measured = {m: np.array([e[m] for e in evaluated.values()], np.float64)

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from experiments import common
 from maxpart_jax import checkpoint
-from maxpart_jax.search import driver, settings, storage
+from maxpart_jax.jobs import driver, settings, storage
 from maxpart_jax.studies.strategy_study import algorithm_config, curves, plot, summarize
 
 _CONFIG = common.define_config("experiments/configs/search.py:quick", "search config and variant")

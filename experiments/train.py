@@ -8,14 +8,14 @@ Writes the model for the search to ``<workdir>/model``, plus ``results.json``
 Several processes (hosts) train as one data-parallel job: run the same command on every
 process with ``--distributed`` (TPU pod slices, SLURM, Open MPI) or
 ``--coordinator_address=host:port --num_processes=N --process_id=i``; the workdir must be a
-folder every process sees (README "Several hosts").
+folder every process sees (docs/scaling.md, "Several hosts").
 """
 
 from absl import app, flags
 
 from experiments import common
 
-from maxpart_jax.train import train_and_evaluate, validate_train_config
+from maxpart_jax.jobs.pretrain import train_and_evaluate, validate_train_config
 
 _CONFIG = common.define_config("experiments/configs/train.py:cpu",
                                "training config file and variant")

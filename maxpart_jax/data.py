@@ -80,6 +80,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from maxpart_jax.registry import Registry
+
 ENV_DATA_DIR = "MAXPART_DATA_DIR"
 SPLITS = ("train", "val", "test", "train_full")
 IMAGE_SHAPE = (32, 32, 3)
@@ -101,22 +103,13 @@ class DatasetInfo:
   tfds_name: str
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "cifar100":
-        DatasetInfo(
-            num_classes=100,
-            mean=(0.5071, 0.4865, 0.4409),
-            std=(0.2673, 0.2564, 0.2762),
-            tfds_name="cifar100",
-        ),
-    "cifar10":
-        DatasetInfo(
-            num_classes=10,
-            mean=(0.4914, 0.4822, 0.4465),
-            std=(0.2470, 0.2435, 0.2616),
-            tfds_name="cifar10",
-        ),
-}
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+"""The datasets by name (their tfds name, classes and channel statistics); a new one
+registers here."""
+DATASETS.register("cifar100", DatasetInfo(num_classes=100, mean=(0.5071, 0.4865, 0.4409),
+                                          std=(0.2673, 0.2564, 0.2762), tfds_name="cifar100"))
+DATASETS.register("cifar10", DatasetInfo(num_classes=10, mean=(0.4914, 0.4822, 0.4465),
+                                         std=(0.2470, 0.2435, 0.2616), tfds_name="cifar10"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +147,7 @@ class Split:
 
 def dataset_info(dataset: str) -> DatasetInfo:
   """The ``DatasetInfo`` of ``dataset``; an unknown name raises a ``ValueError`` listing all."""
-  if dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}")
-  return DATASETS[dataset]
+  return DATASETS.get(dataset)
 
 
 def load_split(

@@ -114,15 +114,31 @@ class Energy:
     return self.compute_mj + self.transmission_mj
 
 
+def layer_costs(macs: jax.Array, params: jax.Array, in_elems: jax.Array, w_bits: jax.Array,
+                a_bits: jax.Array, device: DeviceConfig = DeviceConfig()
+                ) -> tuple[jax.Array, jax.Array]:
+  """Energy (pJ, Eq. 8) and compute time (s) of layers with these MACs, parameters and input
+  elements at these weight and activation bits.
+
+  The one per-layer cost of the project: the edge's layers (:func:`layer_energy_pj`,
+  :func:`edge_latency`), a defense stack's device layers
+  (:func:`maxpart_jax.privacy.defenses.population_costs`) and the solver's tables are all
+  charged through it, so a change to the energy model is a change here.
+  """
+  w = jnp.asarray(w_bits, jnp.float32)
+  a = jnp.asarray(a_bits, jnp.float32)
+  macs = jnp.asarray(macs, jnp.float32)
+  mac = device.mac_pj_per_bit * w + device.mac_pj_offset
+  energy = (macs * mac + jnp.asarray(in_elems, jnp.float32) * device.mem_pj_per_bit * a
+            + jnp.asarray(params, jnp.float32) * device.mem_pj_per_bit * w)
+  return energy, macs * mac_seconds(jnp.maximum(w, a), device)
+
+
 def layer_energy_pj(info: ModelInfo, w_bits: jax.Array, a_bits: jax.Array,
                     device: DeviceConfig = DeviceConfig()) -> jax.Array:
   """(L,) energy of every layer at the given bits, whether on the edge or not (Eq. 8)."""
-  w = jnp.asarray(w_bits, jnp.float32)
-  a = jnp.asarray(a_bits, jnp.float32)
-  mac = device.mac_pj_per_bit * w + device.mac_pj_offset
-  return (jnp.asarray(info.layer_macs, jnp.float32) * mac
-          + jnp.asarray(info.layer_in_elems, jnp.float32) * device.mem_pj_per_bit * a
-          + jnp.asarray(info.layer_params, jnp.float32) * device.mem_pj_per_bit * w)
+  return layer_costs(info.layer_macs, info.layer_params, info.layer_in_elems, w_bits, a_bits,
+                     device)[0]
 
 
 def link_bits(payload_bits: jax.Array, device: DeviceConfig = DeviceConfig()
@@ -197,7 +213,7 @@ def edge_latency(info: ModelInfo, genome: Genome, device: DeviceConfig = DeviceC
   """
   w, a, _ = effective_bits(info, genome)
   on_edge = jnp.asarray(info.layer_block) < genome.p
-  seconds = jnp.asarray(info.layer_macs, jnp.float32) * mac_seconds(jnp.maximum(w, a), device)
+  _, seconds = layer_costs(info.layer_macs, info.layer_params, info.layer_in_elems, w, a, device)
   _, tx_ms = link_cost(ir_payload_bits(info, genome), device)
   return Latency(jnp.sum(jnp.where(on_edge, seconds, 0.0)) * 1e3, tx_ms)
 

@@ -33,7 +33,7 @@ def environment() -> dict[str, Any]:
   """What a result was computed with, for its JSON: the versions of :data:`VERSIONED`,
   Python, the CPU (model and widest vector extension), JAX's devices, and ``XLA_FLAGS``.
   The same machine and versions repeat a result bit for bit; another CPU or another version
-  can change its last digits (README, "Results on other machines")."""
+  can change its last digits (docs/scaling.md, "Results on other machines")."""
   import jax  # pylint: disable=import-outside-toplevel  (this module loads before jax)
   model, flags = None, set()
   if os.path.exists("/proc/cpuinfo"):

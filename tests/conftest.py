@@ -9,7 +9,7 @@ import tempfile
 os.environ["XLA_FLAGS"] = " ".join(
     filter(None, [os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true"]))
 
-# The suite runs in two worker processes (pytest-xdist, README): on a GPU each would otherwise
+# The suite runs in two worker processes (pytest-xdist, docs/testing.md): on a GPU each would otherwise
 # reserve 75 % of its memory at start.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -84,7 +84,7 @@ def fake_data_dir(tmp_path_factory) -> str:
 def smoke(fake_data_dir, tmp_path_factory):
   """The smoke search config on fake data, with its model pre-trained once per session."""
   from experiments.configs import search as search_configs
-  from maxpart_jax.search import build
+  from maxpart_jax.jobs import build
   config = search_configs.get_config("smoke")
   config.data_dir = fake_data_dir
   config.pretrain.steps_per_epoch = 0  # the whole fake split: a model that has learned a bit
@@ -100,7 +100,7 @@ def smoke(fake_data_dir, tmp_path_factory):
 def smoke_search(smoke, tmp_path_factory):
   """The finished smoke search, run once per session: (its report, its workdir). Copy the
   workdir before changing anything in it."""
-  from maxpart_jax.search import driver
+  from maxpart_jax.jobs import driver
   workdir = tmp_path_factory.mktemp("smoke_search")
   return driver.run_search(smoke, str(workdir)), workdir
 

@@ -7,7 +7,7 @@ and per line of the test that made it, the largest ratio ``|actual − expected|
 over the compared elements (0: equal). At the end it writes them to the JSON file and lists
 the comparisons that passed within a factor :data:`MARGIN` of their tolerance: an ``==``
 check above 1/3 of it, or a ``!=`` check below 3 times it. Such a test passes by a margin
-that another CPU's rounding can take away (README, "Tests on other CPUs"). Comparisons
+that another CPU's rounding can take away (docs/testing.md, "Tests on other CPUs"). Comparisons
 written as plain ``assert a < b`` are not seen; keep their margins in their comments.
 """
 

@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import secrets
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 from jax import export as jax_export
@@ -49,6 +49,7 @@ from maxpart_jax.models import SplitModel, Variables, model_from_spec
 from maxpart_jax.models.layers import batch_norm
 from maxpart_jax.privacy import defenses as defenses_lib
 from maxpart_jax.quant import FLOAT_BITS, check_activation_levels
+from maxpart_jax.registry import Registry
 
 EDGE_FORMAT, CLOUD_FORMAT, FORMAT_VERSION = "maxpart-edge", "maxpart-cloud", 4
 UNEXPORTED_ID = "0" * 16
@@ -187,69 +188,142 @@ def _edge_layers(model: SplitModel, variables: Variables, genome: Genome, per_ch
   return specs, arrays
 
 
+@dataclasses.dataclass
+class DeviceWork:
+  """What a defense's integer form reads while the edge program runs it: the edge's spec,
+  the images' noise keys (or None), the defenses' integer layers by name, the overflow
+  recorder, and whether the value is still the IR itself (no device work before)."""
+
+  spec: EdgeSpec
+  keys: jax.Array | None
+  layers: dict[str, tuple[integer.LayerSpec, dict[str, jax.Array]]]
+  clipped_where: Callable[[jax.Array], None]
+  on_ir: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerDefense:
+  """A defense's device work in the integer edge program (:data:`INTEGER_DEFENSES`).
+
+  Attributes:
+    layers: ``(index, strength, params, split, ir_bits, activation_levels) -> (specs,
+      arrays)``: its integer layers, built at export from its trained parameters.
+    run: ``(work, x, index, strength) -> x``: its work on the wide value ``x``, as the
+      float defense does it (:class:`DeviceWork`).
+    on_ir_only: it must act on the IR itself, before any other device work.
+    draws_noise: it reads the images' noise keys.
+  """
+
+  layers: Callable[..., tuple[list[integer.LayerSpec], list[dict[str, Any]]]]
+  run: Callable[[DeviceWork, jax.Array, int, float], jax.Array]
+  on_ir_only: bool = False
+  draws_noise: bool = False
+
+
+def _no_layers(*args: Any) -> tuple[list, list]:
+  del args
+  return [], []
+
+
+def _bottleneck_layers(index: int, strength: float, params: Any, split: int, ir_bits: int,
+                       activation_levels: str) -> tuple[list[integer.LayerSpec], list[dict]]:
+  """A 1x1 integer layer: weights per tensor and input at the IR's bits, its bias exact in
+  the wide format."""
+  del strength
+  kernel = np.asarray(params["encode"]["kernel"], np.float32)
+  channels = kernel.shape[-1]
+  spec = integer.LayerSpec(
+      name=f"defense{index}/bottleneck", layer_id=-1 - index, block=split, kernel=1, stride=1,
+      groups=1, w_bits=ir_bits, a_bits=ir_bits, signed_input=False,
+      activation_levels=activation_levels, per_channel=False)
+  # no batch norm: the folding's scale is exactly 1 (var 1, epsilon 0) and its shift the bias
+  spec, arr = integer.layer_arrays(
+      spec, kernel[None, None], {"scale": np.ones(channels), "bias": params["encode"]["bias"]},
+      {"mean": np.zeros(channels), "var": np.ones(channels)}, 0.0)
+  return [spec], [arr]
+
+
+def _bottleneck_run(work: DeviceWork, x: jax.Array, index: int, strength: float) -> jax.Array:
+  """The bottleneck quantizes its input (the IR) at the IR's bits."""
+  del index, strength
+  layer, arr = work.layers["bottleneck"]
+  x, clipped = (integer.integer_layer if layer.integer else integer.float_layer)(x, arr, layer)
+  work.clipped_where(clipped)
+  return x
+
+
+def _noise_run(work: DeviceWork, x: jax.Array, index: int, strength: float) -> jax.Array:
+  """``strength · rms · N(0, 1)`` per image, drawn from the image's key split once per
+  defense (as ``Stack.send`` splits it), added to the quantized IR or to the work before."""
+  stack, ir = work.spec.stack, work.spec.ir
+  if work.keys is None:
+    raise ValueError(f"{stack.spec()!r} draws noise on the device: pass one key per image")
+  per_defense = jax.vmap(lambda k: jax.random.split(k, len(stack.items)))(work.keys)
+  if work.on_ir and ir.bits < FLOAT_BITS:  # the quantized IR, as the fake quantizer hands it on
+    codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
+    value = dequantize(codes, integer.to_float(m), dataclasses.replace(ir, signed=False))
+  else:
+    value = integer.to_float(x)
+  noise = stack.defenses[index][0]
+  noisy = jax.vmap(lambda v, k: noise.send({}, v[None], k, strength)[0])(
+      value, per_defense[:, index])
+  x, clipped = integer.saturate(integer.to_wide(noisy))
+  work.clipped_where(clipped)
+  return x
+
+
+INTEGER_DEFENSES: Registry[IntegerDefense] = Registry("defense with an integer form")
+"""The device work of each defense that has some, by the defense's name; a defense whose
+``edge_layer`` costs something must register here (or export refuses it by name)."""
+INTEGER_DEFENSES.register("bottleneck", IntegerDefense(_bottleneck_layers, _bottleneck_run,
+                                                       on_ir_only=True))
+INTEGER_DEFENSES.register("noise", IntegerDefense(_no_layers, _noise_run, draws_noise=True))
+
+
+def integer_form(defense: defenses_lib.Defense, ir_shape: tuple[int, int, int],
+                 strength: float) -> IntegerDefense | None:
+  """The integer form of ``defense`` (None: it does nothing on the device); ``ValueError``
+  naming the registry for a defense with device work and no integer form."""
+  if defense.name in INTEGER_DEFENSES:
+    return INTEGER_DEFENSES[defense.name]
+  if defense.edge_layer(ir_shape, strength) != (0, 0):
+    raise ValueError(f"defense {defense.name!r} works on the device but has no integer form "
+                     "in the edge program: register one in "
+                     "maxpart_jax.deploy.artifact.INTEGER_DEFENSES")
+  return None
+
+
 def _defense_layers(ir_shape: tuple[int, int, int], split: int, ir_bits: int,
                     stack: defenses_lib.Stack, defense_params: list, activation_levels: str
                     ) -> tuple[list[integer.LayerSpec], list[dict[str, Any]]]:
-  """Specs and arrays of the defenses' integer layers (a bottleneck: 1x1, weights per tensor
-  and input at the IR's bits, its bias exact in the wide format). ``ValueError`` for a
-  defense that has device work but no integer form here, or a bottleneck whose input is not
-  the IR."""
+  """Specs and arrays of the defenses' integer layers. ``ValueError`` for a defense that has
+  device work but no integer form, or one that must act on the IR placed after another."""
   specs, arrays, on_ir = [], [], True
   for i, ((defense, strength), params) in enumerate(zip(stack.defenses, defense_params)):
-    if defense.name == "bottleneck":
-      if not on_ir:
-        raise ValueError(f"{stack.spec()!r}: the edge program runs a bottleneck only on the IR "
-                         "itself (put it first among the defenses that act on the device)")
-      kernel = np.asarray(params["encode"]["kernel"], np.float32)
-      channels = kernel.shape[-1]
-      spec = integer.LayerSpec(
-          name=f"defense{i}/bottleneck", layer_id=-1 - i, block=split, kernel=1, stride=1, groups=1,
-          w_bits=ir_bits, a_bits=ir_bits, signed_input=False, activation_levels=activation_levels,
-          per_channel=False)
-      # no batch norm: the folding's scale is exactly 1 (var 1, epsilon 0) and its shift the bias
-      spec, arr = integer.layer_arrays(
-          spec, kernel[None, None], {"scale": np.ones(channels), "bias": params["encode"]["bias"]},
-          {"mean": np.zeros(channels), "var": np.ones(channels)}, 0.0)
-      specs.append(spec)
-      arrays.append(arr)
-      on_ir = False
-    elif defense.name == "noise":
-      on_ir = False
-    elif defense.edge_layer(ir_shape, strength) != (0, 0):
-      raise ValueError(f"defense {defense.name!r} works on the device but has no integer form "
-                       "in the edge program")
+    form = integer_form(defense, ir_shape, strength)
+    if form is None:
+      continue
+    if form.on_ir_only and not on_ir:
+      raise ValueError(f"{stack.spec()!r}: the edge program runs a {defense.name} only on the "
+                       "IR itself (put it first among the defenses that act on the device)")
+    more_specs, more_arrays = form.layers(i, strength, params, split, ir_bits, activation_levels)
+    specs += more_specs
+    arrays += more_arrays
+    on_ir = False
   return specs, arrays
 
 
-def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array,
+def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array | None,
                      layers: dict[str, tuple[integer.LayerSpec, dict[str, jax.Array]]],
-                     clipped_where: Any) -> jax.Array:
-  """The defenses' device work on the wide IR ``x``, as :mod:`maxpart_jax.privacy.defended`
-  does it in float: a bottleneck quantizes its input (the IR) at the IR's bits; noise adds
-  ``strength · rms · N(0, 1)`` per image, drawn from the image's key split once per defense
-  (as ``Stack.send`` splits it), to the quantized IR or to the bottleneck's output."""
-  stack, ir = spec.stack, spec.ir
-  on_ir = True
-  for i, (defense, strength) in enumerate(stack.defenses):
-    if defense.name == "bottleneck":
-      layer, arr = layers["bottleneck"]
-      x, clipped = (integer.integer_layer if layer.integer else integer.float_layer)(x, arr, layer)
-      clipped_where(clipped)
-      on_ir = False
-    elif defense.name == "noise":
-      if keys is None:
-        raise ValueError(f"{stack.spec()!r} draws noise on the device: pass one key per image")
-      per_defense = jax.vmap(lambda k: jax.random.split(k, len(stack.items)))(keys)
-      if on_ir and ir.bits < FLOAT_BITS:  # the quantized IR, as the fake quantizer hands it on
-        codes, m = integer.activation_codes(x, ir.bits, False, ir.activation_levels)
-        value = dequantize(codes, integer.to_float(m), dataclasses.replace(ir, signed=False))
-      else:
-        value = integer.to_float(x)
-      noisy = jax.vmap(lambda v, k: defenses_lib.get_defense("noise").send(
-          {}, v[None], k, strength)[0])(value, per_defense[:, i])
-      x, clipped = integer.saturate(integer.to_wide(noisy))
-      clipped_where(clipped)
-      on_ir = False
+                     clipped_where: Callable[[jax.Array], None]) -> jax.Array:
+  """The defenses' device work on the wide IR ``x``, in the stack's order, as
+  :mod:`maxpart_jax.privacy.defended` does it in float."""
+  work = DeviceWork(spec, keys, layers, clipped_where)
+  for i, (defense, strength) in enumerate(spec.stack.defenses):
+    form = INTEGER_DEFENSES.get(defense.name) if defense.name in INTEGER_DEFENSES else None
+    if form is not None:
+      x = form.run(work, x, i, strength)
+      work.on_ir = False
   return x
 
 
@@ -351,7 +425,8 @@ class EdgeProgram:
                exported: jax_export.Exported):
     self.spec, self.arrays, self.exported = spec, arrays, exported
     self.input_shape = tuple(model_from_spec(spec.model).input_shape)
-    self._draws_noise = any(d.name == "noise" for d, _ in spec.stack.defenses)
+    self._draws_noise = any(INTEGER_DEFENSES[d.name].draws_noise for d, _ in spec.stack.defenses
+                            if d.name in INTEGER_DEFENSES)
     with edge_device():  # on the CPU once, not at every call; int64 stays int64
       self._device_arrays = jax.device_put(arrays)
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxpart_jax.quant import FLOAT_BITS, quantize_activations, quantize_weights
+from maxpart_jax.registry import Registry
 
 FRACTION_BITS = 32
 """Fractional bits of the wide activations: a resolution of 2.3e-10, finer than float32's
@@ -372,11 +373,12 @@ def _separable(run, x, block):
   return relu(run("pw", relu(run("dw", x))))
 
 
-BLOCKS: dict[str, BlockForward] = {
-    "ConvBN": _conv_bn_unit, "BasicBlock": _basic_block, "Bottleneck": _bottleneck,
-    "SeparableBlock": _separable,
-}
-"""Integer forward of each block class, by class name; a new block type registers here."""
+BLOCKS: Registry[BlockForward] = Registry("block type with an integer form")
+"""Integer forward of each block class, by class name; a new block type registers here
+(``BLOCKS.register("MyBlock", forward)``)."""
+for _kind, _forward in (("ConvBN", _conv_bn_unit), ("BasicBlock", _basic_block),
+                        ("Bottleneck", _bottleneck), ("SeparableBlock", _separable)):
+  BLOCKS.register(_kind, _forward)
 
 BATCH_NORM_OF = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "conv3": "bn3",
                  "proj": "proj_bn", "dw": "dw_bn", "pw": "pw_bn"}
@@ -385,8 +387,4 @@ BATCH_NORM_OF = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "conv3": "bn3",
 
 def block_forward(block: nn.Module) -> BlockForward:
   """The integer forward of ``block``; a clear error for a block type without one."""
-  kind = type(block).__name__
-  if kind not in BLOCKS:
-    raise ValueError(f"block type {kind} has no integer form; register one in "
-                     f"maxpart_jax.deploy.integer.BLOCKS (known: {', '.join(BLOCKS)})")
-  return BLOCKS[kind]
+  return BLOCKS.get(type(block).__name__)

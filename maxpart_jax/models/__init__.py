@@ -22,16 +22,16 @@ from maxpart_jax.models.mobilenet import mobilenet_v1
 from maxpart_jax.models.resnet import resnet18, resnet50
 from maxpart_jax.models.vgg import vgg11
 from maxpart_jax.quant import QuantPolicy
+from maxpart_jax.registry import Registry
 
 Variables = dict[str, Any]
 
-MODELS: dict[str, Callable[..., Chain]] = {
-    "vgg11": vgg11,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-    "mobilenet_v1": mobilenet_v1,
-}
-ALIASES = {"mobilenet": "mobilenet_v1"}
+MODELS: Registry[Callable[..., Chain]] = Registry("model", aliases={"mobilenet": "mobilenet_v1"})
+"""Builders of the block chains by name; a new model registers here
+(``MODELS.register("name", builder)``)."""
+for _name, _builder in (("vgg11", vgg11), ("resnet18", resnet18), ("resnet50", resnet50),
+                        ("mobilenet_v1", mobilenet_v1)):
+  MODELS.register(_name, _builder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,7 @@ def _apply(chain: Chain, variables: Variables, x: jax.Array, **kwargs: Any) -> A
 
 def available_models() -> list[str]:
   """Names accepted by :func:`get_model` (aliases included)."""
-  return sorted([*MODELS, *ALIASES])
+  return MODELS.names()
 
 
 def model_from_spec(spec: dict[str, Any], **kwargs: Any) -> SplitModel:
@@ -143,7 +143,5 @@ def model_from_spec(spec: dict[str, Any], **kwargs: Any) -> SplitModel:
 
 def get_model(name: str, **kwargs: Any) -> SplitModel:
   """Builds a registered model; ``kwargs`` go to its builder (width, num_classes, numerics, ...)."""
-  key = ALIASES.get(name, name)
-  if key not in MODELS:
-    raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-  return SplitModel(key, MODELS[key](**kwargs), kwargs=dict(kwargs))
+  builder = MODELS.get(name)
+  return SplitModel(MODELS.aliases.get(name, name), builder(**kwargs), kwargs=dict(kwargs))

@@ -32,7 +32,6 @@ from absl import logging
 from flax import struct
 
 from maxpart_jax import data, train
-from maxpart_jax.deploy import artifact, parity
 from maxpart_jax.genome import Genome, to_policy
 from maxpart_jax.models import SplitModel, Variables
 from maxpart_jax.privacy import attacks
@@ -198,38 +197,6 @@ def accuracy(d: DefendedSplit, split: data.Split, key: jax.Array, batch_size: in
     correct += int(_correct_batch(d, images, jnp.asarray(split.labels[i:i + batch_size]),
                                   image_keys(key, i, len(images))))
   return correct / len(split.images)
-
-
-def export(d: DefendedSplit, genome: Genome, model_spec: dict[str, Any], directory: str
-           ) -> tuple[artifact.EdgeProgram, artifact.CloudProgram]:
-  """Writes the defended deployment as an integer edge artifact and a cloud artifact
-  (:func:`maxpart_jax.deploy.artifact.export_split`): the edge runs the genome's layers,
-  then the defenses' device work (a bottleneck as one more integer layer at the IR's bits,
-  noise from each image's key) and sends the message's codes; the cloud opens it with the
-  defenses' ``receive``. ``genome`` is the one ``d`` was made from."""
-  policy = to_policy(d.model.info, genome, d.policy.per_channel, d.policy.activation_levels)
-  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), policy, d.policy)
-  if int(genome.p) != d.split or not all(jax.tree.leaves(same)):
-    raise ValueError(f"genome (split {int(genome.p)}) is not the one this defended split "
-                     f"(split {d.split}) was made from")
-  return artifact.export_split(
-      d.model, jax.device_get(d.variables), genome, model_spec, directory, dataset=d.dataset,
-      per_channel=d.policy.per_channel, activation_levels=d.policy.activation_levels,
-      stack=d.stack, defense_params=jax.device_get(d.defense_params))
-
-
-def export_parity(d: DefendedSplit, edge: artifact.EdgeProgram, cloud: artifact.CloudProgram,
-                  images: np.ndarray, key: jax.Array, labels: np.ndarray | None = None
-                  ) -> dict[str, Any]:
-  """The exported edge and cloud against the fake-quantized defended deployment on uint8
-  ``images``, both drawing noise from ``key``
-  (:func:`maxpart_jax.deploy.parity.compare`)."""
-  def reference(batch, batch_key):
-    floats = jnp.asarray(batch.astype(np.float32) / 255.0)
-    keys = image_keys(batch_key, 0, len(batch))  # as the edge program draws them
-    return np.asarray(message(d, floats, keys)), np.asarray(logits(d, floats, keys))
-
-  return parity.compare(edge, cloud, images, reference, labels, key=key)
 
 
 # ------------------------------------------------------------------------- fine-tuning
@@ -498,3 +465,40 @@ def _whitebox_step(config, carry, key, d, targets, scale):
   grads, loss = jax.grad(objective, has_aux=True)(x)
   updates, opt_state = optax.adam(config.learning_rate).update(grads, opt_state, x)
   return (jnp.clip(optax.apply_updates(x, updates), 0.0, 1.0), opt_state), loss
+
+
+def attack_both_sets(d: DefendedSplit, aux_images: np.ndarray, selection_victims: np.ndarray,
+                     test_victims: np.ndarray, whitebox_images: int,
+                     keys: tuple[jax.Array, jax.Array], decoder_config: attacks.DecoderConfig,
+                     whitebox_config: attacks.WhiteboxConfig, inner: FinetuneConfig | None
+                     ) -> dict[str, Any]:
+  """Both adaptive attacks on the victims that choose and on the test victims that report.
+
+  One decoder (trained on ``aux_images``' messages, key ``keys[0]``) decodes both sets; the
+  white-box attack (key ``keys[1]``) inverts the first ``whitebox_images`` of each. Returns
+  ``{"selection" | "test": {"decoder" | "whitebox": {"ssim", "psnr"}}, "decoder_final_loss",
+  "seconds": {"decoder", "whitebox"}, "reconstructions": {"decoder", "whitebox"}}``, the
+  reconstructions those of the test victims.
+  """
+  n_sel, n_wb = len(selection_victims), whitebox_images
+  t0 = time.time()
+  dec = adaptive_decoder_attack(d, aux_images, np.concatenate([selection_victims, test_victims]),
+                                keys[0], decoder_config, inner)
+  t1 = time.time()
+  wb = whitebox_attack(d, np.concatenate([selection_victims[:n_wb], test_victims[:n_wb]]),
+                       keys[1], whitebox_config)
+  t2 = time.time()
+
+  def scores(attack: dict[str, Any], lo: int, hi: int) -> dict[str, float]:
+    return {"ssim": float(attack["ssim_per_image"][lo:hi].mean()),
+            "psnr": float(attack["psnr_per_image"][lo:hi].mean())}
+
+  return {
+      "selection": {"decoder": scores(dec, 0, n_sel), "whitebox": scores(wb, 0, n_wb)},
+      "test": {"decoder": scores(dec, n_sel, len(dec["ssim_per_image"])),
+               "whitebox": scores(wb, n_wb, 2 * n_wb)},
+      "decoder_final_loss": float(dec["losses"][-1]),
+      "seconds": {"decoder": t1 - t0, "whitebox": t2 - t1},
+      "reconstructions": {"decoder": dec["reconstructions"][n_sel:],
+                          "whitebox": wb["reconstructions"][n_wb:]},
+  }

@@ -46,10 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxpart_jax.energy import (PJ_PER_MJ, DeviceConfig, Energy, Latency, link_cost, mac_seconds,
+from maxpart_jax.energy import (PJ_PER_MJ, DeviceConfig, Energy, Latency, layer_costs, link_cost,
                                 population_energy, population_latency)
 from maxpart_jax.genome import Genome, effective_bits
 from maxpart_jax.models.metadata import ModelInfo
+from maxpart_jax.registry import Registry
 
 Params = Any
 DCOR_EPS = 1e-9
@@ -117,24 +118,24 @@ class Defense:
     return s
 
 
-DEFENSES: dict[str, Defense] = {}
+def _check_name(name: str, defense: Defense) -> None:
+  if name != defense.name:
+    raise ValueError(f"defense {defense.name!r} registered as {name!r}")
+  if ":" in name or "," in name:
+    raise ValueError(f"defense names cannot contain ':' or ',': {name!r}")
+
+
+DEFENSES: Registry[Defense] = Registry("defense", check=_check_name)
 
 
 def register(defense: Defense) -> Defense:
   """Adds ``defense`` to :data:`DEFENSES` (a name can be registered once)."""
-  if defense.name in DEFENSES:
-    raise ValueError(f"a defense named {defense.name!r} is already registered")
-  if ":" in defense.name or "," in defense.name:
-    raise ValueError(f"defense names cannot contain ':' or ',': {defense.name!r}")
-  DEFENSES[defense.name] = defense
-  return defense
+  return DEFENSES.register(defense.name, defense)
 
 
 def get_defense(name: str) -> Defense:
   """The registered defense ``name``, or a ``ValueError`` listing the registered ones."""
-  if name not in DEFENSES:
-    raise ValueError(f"unknown defense {name!r}; registered: {sorted(DEFENSES)}")
-  return DEFENSES[name]
+  return DEFENSES.get(name)
 
 
 # ---------------------------------------------------------------------------- the defenses
@@ -438,15 +439,13 @@ def population_costs(info: ModelInfo, genomes: Genome, stack: Stack,
   bits = jax.vmap(lambda g: effective_bits(info, g)[2])(genomes).astype(jnp.float32)
   base = population_energy(info, genomes, device, transmission=False)
   base_time = population_latency(info, genomes, device)
-  macs, stored = jnp.asarray(t.macs)[i], jnp.asarray(t.params + t.in_elems)[i]
-  extra_pj = (macs * (device.mac_pj_per_bit * bits + device.mac_pj_offset)
-              + stored * device.mem_pj_per_bit * bits)
+  extra_pj, extra_s = layer_costs(jnp.asarray(t.macs)[i], jnp.asarray(t.params)[i],
+                                  jnp.asarray(t.in_elems)[i], bits, bits, device)
   tx_mj, tx_ms = link_cost(jnp.asarray(t.message_elems, jnp.float32)[i] * bits, device)
   legal = jnp.asarray(t.legal)[i]
   energy = Energy(jnp.where(legal, base.compute_mj + extra_pj / PJ_PER_MJ, jnp.inf),
                   tx_mj if transmission else jnp.zeros_like(tx_mj))
-  latency = Latency(jnp.where(legal, base_time.compute_ms + macs * mac_seconds(bits, device)
-                              * 1e3, jnp.inf), tx_ms)
+  latency = Latency(jnp.where(legal, base_time.compute_ms + extra_s * 1e3, jnp.inf), tx_ms)
   return energy, latency
 
 

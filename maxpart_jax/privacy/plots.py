@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from maxpart_jax import plotting
 
 
 def reconstruction_grid(lines: list[tuple[str, np.ndarray]], path: str, title: str,
@@ -14,7 +12,7 @@ def reconstruction_grid(lines: list[tuple[str, np.ndarray]], path: str, title: s
   """One row per ``(label, images)`` (images (n, H, W, 3) in [0, 1]; the first row's count
   sets the columns, shorter rows leave blanks), written to ``path``."""
   n = len(lines[0][1])
-  fig, axes = plt.subplots(len(lines), n, figsize=(1.1 * n + label_width, 1.1 * len(lines)),
+  fig, axes = plotting.subplots(len(lines), n, figsize=(1.1 * n + label_width, 1.1 * len(lines)),
                            squeeze=False)
   for i, (label, images) in enumerate(lines):
     for j in range(n):
@@ -25,4 +23,3 @@ def reconstruction_grid(lines: list[tuple[str, np.ndarray]], path: str, title: s
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -43,6 +43,7 @@ from maxpart_jax.genome import Genome
 from maxpart_jax.search import evolution, nsga2
 from maxpart_jax.search.fitness import FAILED_VIOLATION
 from maxpart_jax.search.operators import SearchSpace
+from maxpart_jax.registry import Registry
 
 
 @struct.dataclass
@@ -201,12 +202,14 @@ def solver_done(state: SolverState, space: SearchSpace) -> jax.Array:
   return ~jnp.any(_eligible(state, space))
 
 
-ALGORITHMS: dict[str, Algorithm] = {
-    "ga": Algorithm(evolution.init, _ga_tell_initial, evolution.ask, _ga_tell),
-    "nsga2": Algorithm(nsga2.init, nsga2.tell_initial, nsga2.ask, nsga2.tell),
-    "random": Algorithm(evolution.init, _ga_tell_initial, random_ask, random_tell),
-    "solver": Algorithm(solver_init, solver_tell_initial, solver_ask, solver_tell, solver_done),
-}
+ALGORITHMS: Registry[Algorithm] = Registry("search algorithm")
+"""The algorithms a config names (``search.algorithm``); a new one registers here."""
+ALGORITHMS.register("ga", Algorithm(evolution.init, _ga_tell_initial, evolution.ask, _ga_tell))
+ALGORITHMS.register("nsga2", Algorithm(nsga2.init, nsga2.tell_initial, nsga2.ask, nsga2.tell))
+ALGORITHMS.register("random", Algorithm(evolution.init, _ga_tell_initial, random_ask,
+                                        random_tell))
+ALGORITHMS.register("solver", Algorithm(solver_init, solver_tell_initial, solver_ask,
+                                        solver_tell, solver_done))
 
 NEEDS_PLAN = ("solver",)
 """Algorithms that run on the solver's plan (as does the ``solver`` init operator)."""
@@ -214,6 +217,4 @@ NEEDS_PLAN = ("solver",)
 
 def get_algorithm(name: str) -> Algorithm:
   """The algorithm registered as ``name``, or a ``ValueError`` listing them."""
-  if name not in ALGORITHMS:
-    raise ValueError(f"unknown search algorithm {name!r}; choose from {sorted(ALGORITHMS)}")
-  return ALGORITHMS[name]
+  return ALGORITHMS.get(name)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from maxpart_jax.genome import Genome
+from maxpart_jax.registry import Registry
 
 
 @struct.dataclass
@@ -60,8 +61,9 @@ class SearchSpace:
   member: jax.Array | int = 0
 
 
-OPERATORS: dict[str, dict[str, Callable]] = {
-    "init": {}, "sample": {}, "select": {}, "mutate": {}, "crossover": {}, "replace": {}}
+OPERATORS: dict[str, Registry[Callable]] = {
+    role: Registry(f"{role} operator")
+    for role in ("init", "sample", "select", "mutate", "crossover", "replace")}
 
 
 def _check_role(role: str) -> None:
@@ -73,21 +75,13 @@ def register(role: str, name: str) -> Callable[[Callable], Callable]:
   """Decorator adding an operator under ``OPERATORS[role][name]``."""
   _check_role(role)
 
-  def add(fn: Callable) -> Callable:
-    if name in OPERATORS[role]:
-      raise ValueError(f"a {role} operator named {name!r} is already registered")
-    OPERATORS[role][name] = fn
-    return fn
-
-  return add
+  return OPERATORS[role].register(name)
 
 
 def get_operator(role: str, name: str) -> Callable:
   """The operator registered as ``name`` for ``role``, or a ``ValueError`` listing the options."""
   _check_role(role)
-  if name not in OPERATORS[role]:
-    raise ValueError(f"unknown {role} operator {name!r}; registered: {sorted(OPERATORS[role])}")
-  return OPERATORS[role][name]
+  return OPERATORS[role].get(name)
 
 
 def initial_population(key: jax.Array, space: SearchSpace, init: Callable, n: int) -> Genome:

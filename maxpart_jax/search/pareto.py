@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from maxpart_jax import plotting
 from maxpart_jax.search.fitness import FitnessConfig, violations
 
 OBJECTIVES = (("privacy", True), ("energy_mj", False), ("accuracy", True))
@@ -115,11 +116,8 @@ def plot_front(result: dict[str, Any], evaluations: Sequence[dict[str, Any]], pa
                baselines: Sequence[dict[str, Any]] = (), title: str = "") -> None:
   """Privacy against edge energy: every evaluation in gray, the front coloured by accuracy,
   the feasible region shaded (E < E_b), and the baselines as reference points."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
+  fig, ax = plotting.subplots(figsize=(7.5, 5), layout="constrained")
   ax.scatter([e["energy_mj"] for e in evaluations], [e["privacy"] for e in evaluations],
              s=12, color="0.75", label="evaluated")
   pts = result["points"]
@@ -149,4 +147,3 @@ def plot_front(result: dict[str, Any], evaluations: Sequence[dict[str, Any]], pa
          title=title or "Pareto front: privacy, energy and accuracy")
   ax.legend(fontsize=7, loc="lower right")
   fig.savefig(path, dpi=110)
-  plt.close(fig)

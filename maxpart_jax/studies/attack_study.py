@@ -25,20 +25,18 @@ from typing import Any
 
 from absl import logging
 import jax
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 from scipy import stats
 
+from maxpart_jax import plotting
 from maxpart_jax import checkpoint, data, privacy, runs, train
 from maxpart_jax.genome import Genome, to_policy, validate_genome
 from maxpart_jax.privacy import attacks, profile
 from maxpart_jax.privacy.plots import reconstruction_grid
 from maxpart_jax.quant import FLOAT_BITS, QuantPolicy, check_bits
-from maxpart_jax.studies.rows import load_rows, save_rows
+from maxpart_jax.jobs.rows import load_rows, save_rows
 
 
 
@@ -269,7 +267,7 @@ def _plots(result: dict[str, Any], recon: dict[str, dict[str, np.ndarray]],
   models = result["models"]
   metrics = list(config.metrics)
   # P against the attacks' SSIM, one panel per metric
-  fig, axes = plt.subplots(2, len(metrics), figsize=(4.2 * len(metrics) + 1, 7.5), squeeze=False,
+  fig, axes = plotting.subplots(2, len(metrics), figsize=(4.2 * len(metrics) + 1, 7.5), squeeze=False,
                            layout="constrained")
   markers = dict(zip(models, "os^v"))
   for j, metric in enumerate(metrics):
@@ -289,12 +287,11 @@ def _plots(result: dict[str, Any], recon: dict[str, dict[str, np.ndarray]],
   fig.colorbar(sc, ax=axes, label="split (edge blocks)", shrink=0.5)
   fig.suptitle("Privacy score vs. inversion attacks (red edge: searched genomes)")
   fig.savefig(os.path.join(out, "scatter.png"), dpi=110)
-  plt.close(fig)
   for name in models:
     mine = [r for r in rows if r["model"] == name and r["source"] == "ir_only"]
     if not mine:
       continue
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plotting.subplots(1, 2, figsize=(11, 4))
     for bits in config.ir_bits:
       sel = sorted((r for r in mine if r["ir_bits"] == bits), key=lambda r: r["split"])
       label = "float IR" if bits == FLOAT_BITS else f"{bits}-bit IR"
@@ -311,7 +308,6 @@ def _plots(result: dict[str, Any], recon: dict[str, dict[str, np.ndarray]],
     ax2.set(ylabel=f"P ({metrics[0]})", title=f"{name}: the paper's score")
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"splits_{name}.png"), dpi=110)
-    plt.close(fig)
     _grid(name, [r for r in rows if r["model"] == name], recon[name], originals, out)
 
 

@@ -22,22 +22,19 @@ import time
 from typing import Any
 
 import jax
-import matplotlib
+import ml_collections
+import numpy as np
+from absl import logging
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from maxpart_jax import checkpoint, data, privacy, runs, train  # noqa: E402
-from maxpart_jax.energy import DeviceConfig  # noqa: E402
-from maxpart_jax.genome import Genome, uniform_genome, validate_genome  # noqa: E402
-from maxpart_jax.privacy import attacks, defended, defenses  # noqa: E402
-from maxpart_jax.privacy.plots import reconstruction_grid  # noqa: E402
-from maxpart_jax.search import settings  # noqa: E402
-from maxpart_jax.studies.rows import load_rows, save_rows  # noqa: E402
+from maxpart_jax import checkpoint, data, plotting, privacy, runs, train
+from maxpart_jax.energy import DeviceConfig
+from maxpart_jax.genome import Genome, uniform_genome, validate_genome
+from maxpart_jax.privacy import attacks, defended, defenses
+from maxpart_jax.privacy.plots import reconstruction_grid
+from maxpart_jax.deploy import defended as deploy_defended
+from maxpart_jax.jobs import settings
+from maxpart_jax.jobs.rows import load_rows, save_rows
 
 
 
@@ -140,11 +137,6 @@ def _fine_tuned(model, variables, genome: Genome, stack: defenses.Stack, sets: d
   return d, history, ft
 
 
-def _attack_scores(attack: dict[str, Any], lo: int, hi: int) -> dict[str, float]:
-  return {"ssim": float(attack["ssim_per_image"][lo:hi].mean()),
-          "psnr": float(attack["psnr_per_image"][lo:hi].mean())}
-
-
 def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: dict[str, Any],
                 config: ml_collections.ConfigDict, key: jax.Array, float_accuracy: dict[str, float],
                 finetune: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -165,21 +157,14 @@ def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: d
   victims = sets["victims"]
   msgs = defended.messages(d, victims, eval_key)
   p_mse = float(privacy.mean_privacy(victims, msgs, "mse"))
-  n_sel, n_wb = len(sets["selection_victims"]), config.whitebox_images
-  t = time.time()
-  dec = defended.adaptive_decoder_attack(
-      d, sets["aux"], np.concatenate([sets["selection_victims"], victims]), attack_key,
-      attacks.DecoderConfig(**config.decoder), ft)
-  decoder_s = time.time() - t
-  t = time.time()
-  wb = defended.whitebox_attack(
-      d, np.concatenate([sets["selection_victims"][:n_wb], victims[:n_wb]]), wb_key,
-      attacks.WhiteboxConfig(**config.whitebox))
-  whitebox_s = time.time() - t
+  attack = defended.attack_both_sets(
+      d, sets["aux"], sets["selection_victims"], victims, config.whitebox_images,
+      (attack_key, wb_key), attacks.DecoderConfig(**config.decoder),
+      attacks.WhiteboxConfig(**config.whitebox), ft)
   device = DeviceConfig(budget_mj=config.budget_mj)
   energy = defenses.defended_energy(model.info, genome, stack, device, config.transmission)
   val_eps = float_accuracy["val"] - val_accuracy
-  sel_dec, sel_wb = _attack_scores(dec, 0, n_sel), _attack_scores(wb, 0, n_wb)
+  sel, test, seconds = attack["selection"], attack["test"], attack["seconds"]
   row = {
       "p": int(genome.p), "block": model.info.blocks[int(genome.p) - 1].label,
       "defenses": stack.spec(), "genome": genome.to_json(), "finetune": finetune,
@@ -190,19 +175,17 @@ def measure_row(model, variables, genome: Genome, stack: defenses.Stack, sets: d
       "message_shape": list(d.message_shape),
       "message_bits": float(defenses.message_bits(model.info, genome, stack)),
       "privacy_mse": p_mse,
-      "selection": {"decoder": sel_dec, "whitebox": sel_wb,
-                    "privacy": 1.0 - max(sel_dec["ssim"], sel_wb["ssim"])},
-      "decoder": {**_attack_scores(dec, n_sel, len(dec["ssim_per_image"])),
-                  "final_loss": float(dec["losses"][-1]), "seconds": round(decoder_s, 1)},
-      "whitebox": {**_attack_scores(wb, n_wb, 2 * n_wb), "seconds": round(whitebox_s, 1)},
+      "selection": {**sel, "privacy": 1.0 - max(sel["decoder"]["ssim"], sel["whitebox"]["ssim"])},
+      "decoder": {**test["decoder"], "final_loss": attack["decoder_final_loss"],
+                  "seconds": round(seconds["decoder"], 1)},
+      "whitebox": {**test["whitebox"], "seconds": round(seconds["whitebox"], 1)},
       "inner_decoder_mse": float(np.mean(history["decoder_mse"][-50:])),
       "finetune_final_ce": float(np.mean(history["ce"][-50:])),
       "finetune_seconds": round(finetune_s, 1),
       "feasible": feasible(float(energy.total_mj), val_eps, config),
   }
   n = config.grid_images
-  return row, {"decoder": dec["reconstructions"][n_sel:n_sel + n],
-               "whitebox": wb["reconstructions"][n_wb:n_wb + n]}
+  return row, {k: v[:n] for k, v in attack["reconstructions"].items()}
 
 
 def feasible(energy_mj: float, val_eps: float, config: ml_collections.ConfigDict) -> bool:
@@ -310,10 +293,10 @@ def export_row(config: ml_collections.ConfigDict, workdir: str, row: str, out: s
   _, _, genome, stack, finetune = plan[row]
   init_key = jax.random.split(_row_key(config, index), 4)[0]  # as measure_row splits it
   d, _, _ = _fine_tuned(model, variables, genome, stack, sets, config, init_key, finetune)
-  edge, cloud = defended.export(d, genome, meta["model"], os.path.join(workdir, "export"))
+  edge, cloud = deploy_defended.export(d, genome, meta["model"], os.path.join(workdir, "export"))
   test = sets["test"]
   result = {"row": row, "stored_test_accuracy": stored["test_accuracy"],
-            **defended.export_parity(d, edge, cloud, test.images, jax.random.key(config.seed + 2),
+            **deploy_defended.export_parity(d, edge, cloud, test.images, jax.random.key(config.seed + 2),
                                      test.labels)}
   checkpoint.write_json(os.path.join(out, "export_parity.json"), result)
   return result
@@ -343,7 +326,7 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
   """``privacy_accuracy.png``: what chose (validation top-1, selection victims) beside what is
   held out (test top-1, test victims); ``grid.png``: test victims and their reconstructions."""
   rows = result["rows"]
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+  fig, axes = plotting.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
   panels = (("val", lambda r: r["selection"], "chosen on: val top-1, training victims"),
             ("test", lambda r: r, "held out: test top-1, test victims"))
   for ax, (split, scores, title) in zip(axes, panels):
@@ -365,7 +348,6 @@ def _plots(result: dict[str, Any], recon: dict[str, np.ndarray], originals: np.n
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
   fig.savefig(os.path.join(out, "privacy_accuracy.png"), dpi=110)
-  plt.close(fig)
   lines = [("original", originals)]
   shown = list(config.get("grid_rows", ())) or [r["row"] for r in rows]
   for r in sorted((r for r in rows if r["row"] in shown), key=lambda r: shown.index(r["row"])):

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maxpart_jax import plotting
 from maxpart_jax.energy import population_energy, population_latency
 from maxpart_jax.genome import Genome
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.search import settings, storage
+from maxpart_jax.jobs import settings, storage
 from maxpart_jax.search.fitness import FitnessConfig, violation_degree
 from maxpart_jax.studies.baselines import raw_image_energy_mj, raw_image_latency_ms
 
@@ -70,11 +71,8 @@ def plot(energy_only: list[dict], bounded: list[dict], tx: list[float], bandwidt
          max_split: int, path: str, latency_bound: float) -> None:
   """Left: the best split against the link's energy per bit (energy bound only). Right: the
   best split (colour) and its privacy over energy per bit and bandwidth, latency bounded."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained",
+  fig, (left, right) = plotting.subplots(1, 2, figsize=(12, 4.4), layout="constrained",
                                     width_ratios=(1, 1.4))
   fits = [r for r in energy_only if r.get("best")]
   left.plot([r["tx_pj_per_bit"] for r in fits], [r["best"]["p"] for r in fits], "o-")
@@ -102,7 +100,6 @@ def plot(energy_only: list[dict], bounded: list[dict], tx: list[float], bandwidt
   right.set(xlabel="link energy (pJ per bit)", ylabel="bandwidth (Mbps)",
             title=f"energy bound and latency < {latency_bound:g} ms")
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def table(rows: list[dict]) -> str:

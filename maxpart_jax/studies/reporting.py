@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+
+from maxpart_jax import plotting
 
 NAMES = {"full_precision": "Full precision", "uniform8": "8-bit uniform",
          "conv_fc8": "8-bit conv/fc", "same_split8": "8-bit uniform, same split",
@@ -151,7 +149,7 @@ def energy_at_split(report: dict[str, Any], path: str) -> None:
   p = len(fig11["searched"]["blocks"])
   labels = report["blocks"][:p] + ["transmit"]
   x = np.arange(p + 1)
-  fig, ax = plt.subplots(figsize=(max(6, 0.55 * (p + 1)), 3.8))
+  fig, ax = plotting.subplots(figsize=(max(6, 0.55 * (p + 1)), 3.8))
   for offset, (key, name) in zip((-0.2, 0.2), (("uniform8", "8-bit uniform"),
                                                ("searched", "searched"))):
     values = fig11[key]["blocks"] + [fig11[key]["transmission_mj"]]
@@ -162,14 +160,13 @@ def energy_at_split(report: dict[str, Any], path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def strategies(report: dict[str, Any], path: str) -> None:
   """Table 4 at a glance: blocks offloaded, privacy and accuracy of every strategy."""
   keys = ["full_precision", "uniform8", "conv_fc8", "searched"]
   s = report["strategies"]
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+  fig, axes = plotting.subplots(1, 3, figsize=(11, 3.4))
   for ax, (field, title) in zip(axes, (("num_blocks", "#B (blocks on edge)"),
                                        ("privacy", "privacy P"), ("test_accuracy", "test top-1"))):
     ax.bar(range(len(keys)), [s[k][field] for k in keys],
@@ -182,7 +179,6 @@ def strategies(report: dict[str, Any], path: str) -> None:
                fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def summary_markdown(reports: list[dict[str, Any]]) -> str:

@@ -24,10 +24,10 @@ from maxpart_jax import checkpoint, distributed, runs
 from maxpart_jax.energy import PJ_PER_MJ, DeviceConfig, edge_energy, layer_energy_pj
 from maxpart_jax.genome import Genome, effective_bits, uniform_genome
 from maxpart_jax.models.metadata import ModelInfo
-from maxpart_jax.search import build, driver, settings, storage
+from maxpart_jax.jobs import build, driver, settings, storage
 from maxpart_jax.search.fitness import check_same_layers
 from maxpart_jax.studies import baselines as baselines_lib, reporting
-from maxpart_jax.train import model_spec
+from maxpart_jax.jobs.pretrain import model_spec
 
 def block_energy_mj(info: ModelInfo, genome: Genome, device: DeviceConfig) -> np.ndarray:
   """(p,) compute energy of every edge block of ``genome`` in mJ (transmission excluded)."""

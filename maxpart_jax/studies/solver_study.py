@@ -11,7 +11,8 @@ from absl import logging
 import numpy as np
 from scipy import stats
 
-from maxpart_jax.search import solver, storage
+from maxpart_jax.search import solver
+from maxpart_jax.jobs import storage
 from maxpart_jax.studies.strategy_study import best_feasible_privacy
 
 
@@ -53,11 +54,15 @@ def earlier_runs(path: str) -> tuple[dict[str, list[dict]], dict[str, dict], dic
                   "seconds": earlier["search_seconds"]}]}, {}, None
 
 
-def collect(baselines: list[str], run_dirs: list[str]
+def collect(baselines: list[str], run_dirs: list[str], supersede: bool = False
             ) -> tuple[dict[str, list[dict]], dict[str, dict], dict[str, dict]]:
   """Every run of ``baselines`` (:func:`earlier_runs`) and of the finished searches in
   ``run_dirs``, by algorithm; the distinct genomes they evaluated, by key (a search's own
-  entry wins over an earlier file's); the rankings of earlier studies without genomes."""
+  entry wins over an earlier file's); the rankings of earlier studies without genomes.
+
+  ``supersede``: the searches of ``run_dirs`` replace the baselines' runs of the same
+  algorithm (a rerun of those rows after a change to the algorithm) instead of joining them.
+  """
   runs: dict[str, list[dict]] = {}
   evaluated: dict[str, dict] = {}
   rankings: dict[str, dict] = {}
@@ -69,6 +74,7 @@ def collect(baselines: list[str], run_dirs: list[str]
     if ranking is not None:
       rankings[path] = ranking
   folders = sorted(f for runs_dir in run_dirs for f in glob.glob(os.path.join(runs_dir, "*_seed*")))
+  rerun: set[str] = set()
   for folder in folders:
     algorithm = os.path.basename(folder).rsplit("_seed", 1)[0]
     if not os.path.exists(os.path.join(folder, "best.json")):
@@ -81,6 +87,9 @@ def collect(baselines: list[str], run_dirs: list[str]
     evaluations = storage.load_evaluations(folder)
     for e in evaluations:
       evaluated[e["key"]] = e
+    if supersede and algorithm not in rerun:
+      rerun.add(algorithm)
+      runs[algorithm] = []
     runs.setdefault(algorithm, []).append({
         "from": folder,
         "best_feasible_privacy": best_feasible_privacy(evaluations),

@@ -10,6 +10,7 @@ import itertools
 import ml_collections
 import numpy as np
 
+from maxpart_jax import plotting
 from maxpart_jax.search import pareto
 from maxpart_jax.search.fitness import FitnessConfig
 
@@ -73,11 +74,8 @@ def summarize(runs: list[dict]) -> dict:
 
 def plot(results: dict, path: str, title: str) -> None:
   """Hypervolume and best feasible privacy against distinct evaluations, one line per seed."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+  fig, axes = plotting.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
   colors = ("tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:red")
   for color, (algorithm, runs) in zip(colors, results.items()):
     for i, run in enumerate(runs):
@@ -92,4 +90,3 @@ def plot(results: dict, path: str, title: str) -> None:
   axes[0].legend()
   fig.suptitle(title)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
