@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 T = TypeVar("T")
+_REQUIRED = object()
 
 
 class Registry(Mapping[str, T], Generic[T]):
@@ -66,13 +67,15 @@ class Registry(Mapping[str, T], Generic[T]):
       raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
     return self._entries.pop(name)
 
-  def get(self, name: str) -> T:  # type: ignore[override]
-    """The entry registered as ``name`` (or an alias of it), or a ``ValueError`` listing
-    every registered name."""
+  def get(self, name: str, default: Any = _REQUIRED) -> Any:
+    """The entry registered as ``name`` (or an alias of it); for an unknown name, ``default``
+    if one is given (as ``dict.get``), else a ``ValueError`` listing every registered name."""
     key = self.aliases.get(name, name)
-    if key not in self._entries:
-      raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
-    return self._entries[key]
+    if key in self._entries:
+      return self._entries[key]
+    if default is not _REQUIRED:
+      return default
+    raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
 
   def names(self) -> list[str]:
     """Every name :meth:`get` accepts, aliases included, sorted."""

@@ -284,13 +284,12 @@ def integer_form(defense: defenses_lib.Defense, ir_shape: tuple[int, int, int],
                  strength: float) -> IntegerDefense | None:
   """The integer form of ``defense`` (None: it does nothing on the device); ``ValueError``
   naming the registry for a defense with device work and no integer form."""
-  if defense.name in INTEGER_DEFENSES:
-    return INTEGER_DEFENSES[defense.name]
-  if defense.edge_layer(ir_shape, strength) != (0, 0):
+  form = INTEGER_DEFENSES.get(defense.name, None)
+  if form is None and defense.edge_layer(ir_shape, strength) != (0, 0):
     raise ValueError(f"defense {defense.name!r} works on the device but has no integer form "
                      "in the edge program: register one in "
                      "maxpart_jax.deploy.artifact.INTEGER_DEFENSES")
-  return None
+  return form
 
 
 def _defense_layers(ir_shape: tuple[int, int, int], split: int, ir_bits: int,
@@ -320,7 +319,7 @@ def _device_defenses(spec: EdgeSpec, x: jax.Array, keys: jax.Array | None,
   :mod:`maxpart_jax.privacy.defended` does it in float."""
   work = DeviceWork(spec, keys, layers, clipped_where)
   for i, (defense, strength) in enumerate(spec.stack.defenses):
-    form = INTEGER_DEFENSES.get(defense.name) if defense.name in INTEGER_DEFENSES else None
+    form = INTEGER_DEFENSES.get(defense.name, None)
     if form is not None:
       x = form.run(work, x, i, strength)
       work.on_ir = False
@@ -425,8 +424,8 @@ class EdgeProgram:
                exported: jax_export.Exported):
     self.spec, self.arrays, self.exported = spec, arrays, exported
     self.input_shape = tuple(model_from_spec(spec.model).input_shape)
-    self._draws_noise = any(INTEGER_DEFENSES[d.name].draws_noise for d, _ in spec.stack.defenses
-                            if d.name in INTEGER_DEFENSES)
+    self._draws_noise = any(getattr(INTEGER_DEFENSES.get(d.name, None), "draws_noise", False)
+                            for d, _ in spec.stack.defenses)
     with edge_device():  # on the CPU once, not at every call; int64 stays int64
       self._device_arrays = jax.device_put(arrays)
 

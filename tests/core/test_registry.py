@@ -22,6 +22,7 @@ def test_a_registry_refuses_twice_checks_at_registration_and_names_every_option(
   assert reg.register("narrow")(1) == 1  # as a decorator
   assert seen == ["wide", "narrow"] and dict(reg) == {"wide": 3, "narrow": 1}
   assert reg.get("w") == 3 and "w" not in reg and reg.names() == ["narrow", "w", "wide"]
+  assert reg.get("wid", None) is None and reg.get("w", None) == 3  # dict.get with a default
   with pytest.raises(ValueError, match="a widget named 'wide' is already registered"):
     reg.register("wide", 4)
   with pytest.raises(ValueError, match="a widget named 'w' is already registered"):
